@@ -1,0 +1,35 @@
+"""mpaudit: can I train this model in mixed precision, how much faster and smaller, which layers hurt?
+
+Public API::
+
+    import mpaudit
+    result = mpaudit.audit("model.py", steps=100)   # -> AuditResult
+    mpaudit.write_report(result, "reports/model")   # report.json + report.html
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from mpaudit.audit import AuditConfig, audit
+from mpaudit.errors import MpauditError, ResultError, TaskError, UsageError
+from mpaudit.report import write_report
+from mpaudit.result import SCHEMA_VERSION, ArmResult, AuditResult, Flag, Gate, GateCheck, LossScale
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ArmResult",
+    "AuditConfig",
+    "AuditResult",
+    "Flag",
+    "Gate",
+    "GateCheck",
+    "LossScale",
+    "MpauditError",
+    "ResultError",
+    "TaskError",
+    "UsageError",
+    "__version__",
+    "audit",
+    "write_report",
+]

@@ -1,0 +1,5 @@
+"""``python -m mpaudit`` is the ``mpaudit`` command."""
+
+from mpaudit.cli import main
+
+main()

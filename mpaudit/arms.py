@@ -1,0 +1,70 @@
+"""The arms: one precision recipe each, trained from the same seed on the same batches.
+
+| arm    | forward/backward                       | weights & optimizer | loss scaling            |
+| ------ | -------------------------------------- | ------------------- | ----------------------- |
+| fp32   | fp32 (TF32 off unless asked)           | fp32                | none                    |
+| bf16   | ``torch.autocast(dtype=torch.bfloat16)`` | fp32 master weights | none                    |
+| fp16   | ``torch.autocast(dtype=torch.float16)``  | fp32 master weights | ``torch.amp.GradScaler`` |
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mpaudit.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Arm:
+    """A precision recipe: the autocast dtype (None for fp32) and whether a GradScaler scales the loss."""
+
+    name: str
+    autocast_dtype: torch.dtype | None
+    grad_scaler: bool
+    description: str
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.autocast_dtype is None
+
+    @contextlib.contextmanager
+    def autocast(self, device_type: str) -> Iterator[None]:
+        """The forward context of this arm: autocast to its dtype, or plain fp32."""
+        if self.autocast_dtype is None:
+            yield
+            return
+        with torch.autocast(device_type=device_type, dtype=self.autocast_dtype):
+            yield
+
+    def make_scaler(self, device_type: str) -> torch.amp.GradScaler | None:
+        """A fresh GradScaler with PyTorch's defaults for fp16 arms, None otherwise."""
+        return torch.amp.GradScaler(device_type) if self.grad_scaler else None
+
+
+ARMS: dict[str, Arm] = {
+    "fp32": Arm("fp32", None, False, "fp32 forward and backward, fp32 weights"),
+    "bf16": Arm("bf16", torch.bfloat16, False, "bf16 autocast, fp32 master weights"),
+    "fp16": Arm("fp16", torch.float16, True, "fp16 autocast, fp32 master weights, GradScaler"),
+}
+DEFAULT_ARMS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+BASELINE = "fp32"
+
+
+def parse_arms(names: str | Sequence[str]) -> list[Arm]:
+    """Turn ``"fp32,fp16"`` (or a list of names) into arms, in the order given, without repeats."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    if not names:
+        raise UsageError("No arm given; pick from " + ", ".join(ARMS) + ".")
+    arms: list[Arm] = []
+    for name in names:
+        if name not in ARMS:
+            raise UsageError(f"Unknown arm {name!r}; pick from " + ", ".join(ARMS) + ".")
+        if ARMS[name] in arms:
+            raise UsageError(f"Arm {name!r} is given twice.")
+        arms.append(ARMS[name])
+    return arms

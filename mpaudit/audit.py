@@ -1,0 +1,147 @@
+"""``audit()``: the whole flow of ``design.md`` as one call — load, check, train each arm, gate."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mpaudit.arms import BASELINE, DEFAULT_ARMS, parse_arms
+from mpaudit.env import collect_env, resolve_device, tf32_setting
+from mpaudit.errors import UsageError
+from mpaudit.gate import evaluate_gate, lower_is_better
+from mpaudit.result import ArmResult, AuditResult
+from mpaudit.task import Task, load_task, preflight
+from mpaudit.train import Progress, TrainSpec, train_arm
+
+DEFAULT_STEPS = 200
+"""Optimizer steps per arm when neither ``steps`` nor ``epochs`` is given: under a minute for a small model on a CPU."""
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """What to run. Mirrors the options of ``mpaudit run``."""
+
+    arms: tuple[str, ...] = DEFAULT_ARMS
+    steps: int | None = None
+    epochs: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    tf32: bool = False
+    max_drop: dict[str, float] = field(default_factory=dict)
+    max_loss_gap: float | None = None
+
+    def validated(self) -> AuditConfig:
+        """Check the options make sense together; fill the default length."""
+        parse_arms(self.arms)
+        if self.steps is not None and self.epochs is not None:
+            raise UsageError("Give --steps or --epochs, not both.")
+        if self.steps is not None and self.steps < 1:
+            raise UsageError("--steps must be at least 1.")
+        if self.epochs is not None and self.epochs < 1:
+            raise UsageError("--epochs must be at least 1.")
+        gated = bool(self.max_drop) or self.max_loss_gap is not None
+        if gated and BASELINE not in self.arms:
+            raise UsageError("A gate compares against fp32, so --arms must include fp32.")
+        if gated and len(self.arms) < 2:
+            raise UsageError("A gate needs at least one mixed-precision arm beside fp32.")
+        if self.max_loss_gap is not None and self.max_loss_gap < 0:
+            raise UsageError("--max-loss-gap must be >= 0.")
+        steps = self.steps if self.steps is not None or self.epochs is not None else DEFAULT_STEPS
+        return AuditConfig(**{**asdict(self), "steps": steps, "arms": tuple(self.arms)})
+
+
+def audit(
+    task: str | Path | Task,
+    config: AuditConfig | None = None,
+    *,
+    progress: Progress | None = None,
+    command: Sequence[str] | None = None,
+    **overrides: Any,
+) -> AuditResult:
+    """Train ``task`` once per arm from identical weights on identical batches, and return the result.
+
+    Args:
+        task: path to a ``model.py`` (or an already loaded :class:`~mpaudit.task.Task`).
+        config: the options; keyword ``overrides`` replace single fields (``audit("m.py", steps=50)``).
+        progress: receives per-step events (the CLI draws a progress bar from them).
+        command: the command line recorded for reproduction (defaults to ``sys.argv``).
+
+    Raises:
+        TaskError: the task file breaks the contract (checked before any arm trains).
+        UsageError: the options contradict each other.
+    """
+    base = config or AuditConfig()
+    if overrides:
+        base = AuditConfig(**{**asdict(base), **overrides})
+    cfg = base.validated()
+    if not isinstance(task, Task):
+        task = load_task(task)
+    device = resolve_device(cfg.device)
+    arms = parse_arms(cfg.arms)
+
+    with tf32_setting(cfg.tf32):
+        env = collect_env(device, cfg.seed, task.path, task.sha256, list(command or sys.argv))
+        metric_names = preflight(task, device)
+        _check_metrics_requested(cfg, metric_names)
+        spec = TrainSpec(device=device, seed=cfg.seed, steps=cfg.steps, epochs=cfg.epochs)
+        results: dict[str, ArmResult] = {}
+        for arm in arms:
+            results[arm.name] = train_arm(task, arm, spec, progress)
+
+    gate = evaluate_gate(results, cfg.max_drop, cfg.max_loss_gap)
+    from mpaudit import __version__
+
+    return AuditResult(
+        task=task.name,
+        env=env,
+        config=_config_dict(cfg),
+        arms=results,
+        gate=gate,
+        flags=[],
+        warnings=_warnings(results),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        mpaudit_version=__version__,
+    )
+
+
+def _config_dict(cfg: AuditConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    d["arms"] = list(cfg.arms)
+    return d
+
+
+def _check_metrics_requested(cfg: AuditConfig, metric_names: list[str]) -> None:
+    """A --max-drop on a metric evaluate() never returns is a typo: say so before training, not after."""
+    for metric in cfg.max_drop:
+        if not metric_names:
+            raise UsageError(f"--max-drop names metric {metric!r}, but the task has no evaluate() to compute it.")
+        if metric not in metric_names:
+            raise UsageError(
+                f"--max-drop names metric {metric!r}, but evaluate() returns only: {', '.join(metric_names)}."
+            )
+
+
+def _warnings(results: dict[str, ArmResult]) -> list[str]:
+    """Loud, plain-language warnings that void or qualify the comparison."""
+    out: list[str] = []
+    prints = {name: r.fingerprints for name, r in results.items() if r.fingerprints}
+    if len({p.weights for p in prints.values()}) > 1:
+        detail = ", ".join(f"{n}={p.weights}" for n, p in prints.items())
+        out.append(
+            "The arms did not start from the same initial weights (" + detail + "): build_model() is not "
+            "deterministic under a fixed seed, so the comparison between arms is meaningless."
+        )
+    if len({p.batches for p in prints.values()}) > 1:
+        detail = ", ".join(f"{n}={p.batches}" for n, p in prints.items())
+        out.append(
+            "The arms did not see the same first batches (" + detail + "): train_loader() is not "
+            "deterministic under a fixed seed, so the comparison between arms is meaningless."
+        )
+    return out
+
+
+__all__ = ["DEFAULT_STEPS", "AuditConfig", "audit", "lower_is_better"]

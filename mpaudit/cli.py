@@ -1,0 +1,201 @@
+"""The ``mpaudit`` command: parse options, call the library, map errors to exit codes, print.
+
+Exit codes: 0 ran and every gate passed; 1 a gate failed; 2 usage or task-contract error (also an
+unreadable result file); 3 an unexpected internal error (a bug: rerun with ``--debug`` and report it).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from mpaudit.errors import MpauditError, ResultError, TaskError, UsageError
+
+EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+app = typer.Typer(
+    help="Audit a PyTorch model for mixed precision: train it matched in fp32, bf16 and fp16, "
+    "report what changed, and gate CI on the accuracy delta.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _exits(debug_arg: str = "debug") -> Callable[[F], F]:
+    """Map mpaudit's exceptions to one sentence on stderr and a documented exit code."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            debug = bool(kwargs.get(debug_arg))
+            try:
+                return fn(*args, **kwargs)
+            except typer.Exit:
+                raise
+            except (TaskError, UsageError, ResultError) as exc:
+                if debug:
+                    raise
+                err.print(f"[red]error:[/red] {exc}", markup=True)
+                raise typer.Exit(EXIT_USAGE) from None
+            except KeyboardInterrupt:
+                err.print("interrupted")
+                raise typer.Exit(130) from None
+            except Exception as exc:
+                if debug:
+                    raise
+                err.print(f"[red]internal error:[/red] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                          markup=True)
+                raise typer.Exit(EXIT_INTERNAL) from None
+
+        return inner  # type: ignore[return-value]
+
+    return wrap
+
+
+@app.command()
+@_exits()
+def run(
+    task: Annotated[Path, typer.Argument(help="The task file (model.py) to audit.", show_default=False)],
+    arms: Annotated[str, typer.Option(help="Comma-separated arms to train, in order: fp32, bf16, fp16.")] = "fp32,bf16,fp16",
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps per arm (default 200 unless --epochs).", show_default=False)] = None,
+    epochs: Annotated[int | None, typer.Option(help="Passes over train_loader() per arm, instead of --steps.", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seed for Python, NumPy and torch before build_model() and train_loader().")] = 0,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default reports/<task name>/).", show_default=False)] = None,
+    max_drop: Annotated[list[str] | None, typer.Option("--max-drop", help="Gate: METRIC=DELTA, fail when an arm's metric is DELTA worse than fp32 (repeatable).", show_default=False)] = None,
+    max_loss_gap: Annotated[float | None, typer.Option(help="Gate: fail when an arm's final training loss exceeds fp32's by more than this.", show_default=False)] = None,
+    tf32: Annotated[bool, typer.Option("--tf32/--no-tf32", help="Allow TF32 matmuls in the fp32 baseline (CUDA only; off by default).")] = False,
+    plotlyjs: Annotated[str, typer.Option(help="inline (self-contained, works offline) or cdn (small file).")] = "inline",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display and no summary, only errors and gate failures.")] = False,
+    debug: Annotated[bool, typer.Option(help="Show full tracebacks instead of one-line errors.")] = False,
+) -> None:
+    """Train the task once per arm from identical weights on identical batches; write report.json and report.html."""
+    from mpaudit.audit import AuditConfig, audit
+    from mpaudit.gate import parse_max_drop
+    from mpaudit.progress import RichProgress, progress_enabled
+    from mpaudit.report import write_report
+    from mpaudit.task import load_task
+
+    if plotlyjs not in ("inline", "cdn"):
+        raise UsageError(f"--plotlyjs must be inline or cdn, not {plotlyjs!r}.")
+    config = AuditConfig(
+        arms=tuple(a.strip() for a in arms.split(",") if a.strip()),
+        steps=steps, epochs=epochs, seed=seed, device=device, tf32=tf32,
+        max_drop=parse_max_drop(max_drop or []), max_loss_gap=max_loss_gap,
+    ).validated()
+    loaded = load_task(task)
+    target = out_dir or Path("reports") / loaded.name
+    command = ["mpaudit", *sys.argv[1:]]
+    if progress_enabled(quiet):
+        with RichProgress() as progress:
+            result = audit(loaded, config, progress=progress, command=command)
+    else:
+        result = audit(loaded, config, command=command)
+    paths = write_report(result, target, plotlyjs=plotlyjs)
+    if not quiet:
+        _print_summary(result)
+        out.print(f"report: {paths['html']}\nresult: {paths['json']}")
+    _finish_gate(result)
+
+
+@app.command()
+@_exits()
+def report(
+    result_json: Annotated[Path, typer.Argument(help="A report.json written by mpaudit run.", show_default=False)],
+    out_file: Annotated[Path | None, typer.Option("--out", help="HTML file to write (default: report.html beside the JSON).", show_default=False)] = None,
+    plotlyjs: Annotated[str, typer.Option(help="inline (self-contained, works offline) or cdn (small file).")] = "inline",
+    debug: Annotated[bool, typer.Option(help="Show full tracebacks instead of one-line errors.")] = False,
+) -> None:
+    """Re-render report.html from a saved report.json (no training)."""
+    from mpaudit.atomic import atomic_write_text
+    from mpaudit.report import render_html
+
+    result = _read_result(result_json)
+    target = out_file or result_json.with_name("report.html")
+    atomic_write_text(target, render_html(result, plotlyjs=plotlyjs))
+    out.print(f"report: {target}")
+
+
+@app.command()
+@_exits()
+def gate(
+    result_json: Annotated[Path, typer.Argument(help="A report.json written by mpaudit run.", show_default=False)],
+    max_drop: Annotated[list[str] | None, typer.Option("--max-drop", help="METRIC=DELTA: fail when an arm's metric is DELTA worse than fp32 (repeatable).", show_default=False)] = None,
+    max_loss_gap: Annotated[float | None, typer.Option(help="Fail when an arm's final training loss exceeds fp32's by more than this.", show_default=False)] = None,
+    debug: Annotated[bool, typer.Option(help="Show full tracebacks instead of one-line errors.")] = False,
+) -> None:
+    """Re-evaluate the gate on a saved report.json without training; exit 1 when it fails."""
+    from dataclasses import replace
+
+    from mpaudit.gate import evaluate_gate, parse_max_drop
+
+    result = _read_result(result_json)
+    limits = parse_max_drop(max_drop or [])
+    if not limits and max_loss_gap is None:
+        raise UsageError("Give at least one --max-drop or --max-loss-gap to gate on.")
+    if "fp32" not in result.arms:
+        raise UsageError(f"{result_json} has no fp32 arm to compare against.")
+    result = replace(result, gate=evaluate_gate(result.arms, limits, max_loss_gap))
+    for check in result.gate.checks:
+        out.print(("PASS " if check.passed else "FAIL ") + check.message)
+    _finish_gate(result)
+
+
+def _read_result(path: Path) -> Any:
+    from mpaudit.result import AuditResult
+
+    if not path.is_file():
+        raise ResultError(f"Result file {path} does not exist.")
+    return AuditResult.from_json(path.read_text(encoding="utf-8"))
+
+
+def _print_summary(result: Any) -> None:
+    from rich.table import Table
+
+    from mpaudit.report.html import fmt
+
+    metrics = list(dict.fromkeys(m for a in result.arms.values() for m in a.metrics))
+    table = Table(title=f"mpaudit: {result.task}", title_justify="left")
+    for col in ["arm", "status", "steps", "final loss", *metrics, "step ms", "skipped"]:
+        table.add_column(col, justify="left" if col in ("arm", "status") else "right")
+    for name, arm in result.arms.items():
+        table.add_row(
+            name, arm.status if not arm.error else f"{arm.status}: {arm.error}", str(arm.steps), fmt(arm.final_loss),
+            *[fmt(arm.metrics.get(m)) for m in metrics],
+            fmt(arm.speed.step_s_median * 1e3, 3) if arm.speed else "–",
+            str(arm.loss_scale.skipped) if arm.loss_scale else "",
+        )
+    out.print(table)
+    for w in result.warnings:
+        err.print(f"[bold red]WARNING:[/bold red] {w}", markup=True)
+
+
+def _finish_gate(result: Any) -> None:
+    if not result.gate.given:
+        return
+    if result.gate.passed:
+        out.print(f"gate passed ({len(result.gate.checks)} checks)")
+        return
+    for check in result.gate.failures:
+        err.print(f"GATE FAILED: {check.message} (limit {check.kind} {check.metric} {check.limit:g})")
+    raise typer.Exit(EXIT_GATE_FAILED)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

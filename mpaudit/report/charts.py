@@ -1,0 +1,75 @@
+"""Plotly figures built from the result (never from live torch objects)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import plotly.graph_objects as go
+
+from mpaudit.result import AuditResult
+
+ARM_COLORS = {"fp32": "#1f77b4", "bf16": "#2ca02c", "fp16": "#d62728"}
+
+
+def _finite_or_none(xs: list[float]) -> list[float | None]:
+    return [x if math.isfinite(x) else None for x in xs]
+
+
+def loss_curves(result: AuditResult) -> go.Figure:
+    """Training loss per step, every arm on one axis; non-finite losses leave gaps and are marked."""
+    fig = go.Figure()
+    for name, arm in result.arms.items():
+        if not arm.loss:
+            continue
+        steps = list(range(1, len(arm.loss) + 1))
+        fig.add_trace(
+            go.Scatter(x=steps, y=_finite_or_none(arm.loss), mode="lines", name=name,
+                       line={"color": ARM_COLORS.get(name)})
+        )
+        bad = [s for s, v in zip(steps, arm.loss, strict=True) if not math.isfinite(v)]
+        if bad:
+            fig.add_trace(
+                go.Scatter(x=bad, y=[0.02] * len(bad), mode="markers", name=f"{name}: non-finite loss",
+                           marker={"symbol": "x", "color": ARM_COLORS.get(name), "size": 8}, yaxis="y2")
+            )
+    fig.update_layout(
+        title="Training loss per step", xaxis_title="optimizer step", yaxis_title="loss",
+        yaxis2={"overlaying": "y", "visible": False, "range": [0, 1]},
+        height=380, margin={"l": 60, "r": 20, "t": 50, "b": 50}, legend={"orientation": "h", "y": -0.2},
+    )
+    return fig
+
+
+def loss_scale(result: AuditResult) -> go.Figure | None:
+    """The fp16 GradScaler scale per step (log axis) with skipped steps marked; None without an fp16 arm."""
+    fig = go.Figure()
+    any_arm = False
+    for name, arm in result.arms.items():
+        ls = arm.loss_scale
+        if ls is None or not ls.history:
+            continue
+        any_arm = True
+        steps = list(range(1, len(ls.history) + 1))
+        fig.add_trace(go.Scatter(x=steps, y=ls.history, mode="lines", name=f"{name} loss scale",
+                                 line={"shape": "hv", "color": ARM_COLORS.get(name)}))
+        if ls.skipped_steps:
+            fig.add_trace(go.Scatter(
+                x=[s + 1 for s in ls.skipped_steps], y=[ls.history[s] for s in ls.skipped_steps],
+                mode="markers", name=f"{name} skipped step ({ls.skipped})",
+                marker={"symbol": "x", "size": 8, "color": "black"},
+            ))
+    if not any_arm:
+        return None
+    fig.update_layout(
+        title="fp16 loss scale (GradScaler)", xaxis_title="optimizer step", yaxis_title="scale",
+        yaxis_type="log", height=320, margin={"l": 60, "r": 20, "t": 50, "b": 50},
+        legend={"orientation": "h", "y": -0.25},
+    )
+    return fig
+
+
+def all_charts(result: AuditResult) -> dict[str, dict[str, Any]]:
+    """Every chart of the report as plotly JSON (``{"data": ..., "layout": ...}``), keyed by div id."""
+    figs = {"chart-loss": loss_curves(result), "chart-scale": loss_scale(result)}
+    return {key: fig.to_plotly_json() for key, fig in figs.items() if fig is not None}

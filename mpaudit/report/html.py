@@ -1,0 +1,94 @@
+"""``report.html``: a self-contained page rendered by jinja2 (autoescape on) from the result alone."""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Any
+
+import jinja2
+import plotly.io
+import plotly.offline
+
+from mpaudit.gate import lower_is_better
+from mpaudit.report.charts import all_charts
+from mpaudit.result import AuditResult
+
+PLOTLY_CDN = "https://cdn.plot.ly/plotly-{version}.min.js"
+
+_ENV = jinja2.Environment(
+    loader=jinja2.PackageLoader("mpaudit.report", "templates"),
+    autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+def script_json(data: Any) -> str:
+    """JSON that is safe inside a ``<script>`` element: no ``</script>``, ``<!--`` or line separators escape."""
+    text = plotly.io.json.to_json_plotly(data)
+    return (
+        text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+        .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    )
+
+
+@lru_cache(maxsize=1)
+def _plotly_js() -> str:
+    return plotly.offline.get_plotlyjs()
+
+
+def fmt(x: Any, digits: int = 4) -> str:
+    """A number for people: 4 significant digits, non-finite spelled out, None as a dash."""
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "NaN"
+        if math.isinf(x):
+            return "+Inf" if x > 0 else "-Inf"
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def _rows(result: AuditResult) -> list[dict[str, Any]]:
+    """One summary row per arm: status, final loss, metrics and their delta vs fp32, speed, loss scale."""
+    base = result.baseline
+    rows = []
+    for name, arm in result.arms.items():
+        deltas: dict[str, str] = {}
+        for metric, value in arm.metrics.items():
+            if base is None or name == "fp32" or metric not in base.metrics:
+                deltas[metric] = ""
+                continue
+            d = value - base.metrics[metric]
+            worse = d > 0 if lower_is_better(metric) else d < 0
+            deltas[metric] = ("worse " if worse and abs(d) > 0 else "") + f"{d:+.4g}"
+        speedup = None
+        if base and base.speed and arm.speed and name != "fp32" and arm.speed.step_s_median > 0:
+            speedup = base.speed.step_s_median / arm.speed.step_s_median
+        rows.append({
+            "name": name, "arm": arm, "final_loss": fmt(arm.final_loss), "deltas": deltas,
+            "step_ms": fmt(arm.speed.step_s_median * 1e3, 3) if arm.speed else "–",
+            "speedup": fmt(speedup, 3) if speedup else "",
+        })
+    return rows
+
+
+def render_html(result: AuditResult, *, plotlyjs: str = "inline") -> str:
+    """The report page. ``plotlyjs="inline"`` embeds plotly.js (works offline); ``"cdn"`` links it."""
+    if plotlyjs not in ("inline", "cdn"):
+        raise ValueError("plotlyjs must be 'inline' or 'cdn'")
+    metrics = list(dict.fromkeys(m for arm in result.arms.values() for m in arm.metrics))
+    template = _ENV.get_template("report.html.j2")
+    return template.render(
+        r=result,
+        rows=_rows(result),
+        metrics=metrics,
+        fmt=fmt,
+        charts_json=script_json(all_charts(result)),
+        plotly_inline=_plotly_js() if plotlyjs == "inline" else None,
+        plotly_cdn=PLOTLY_CDN.format(version=plotly.offline.get_plotlyjs_version()),
+        lower_is_better=lower_is_better,
+    )

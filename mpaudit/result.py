@@ -1,0 +1,328 @@
+"""The one result model every renderer, the gate and ``compare`` read: plain frozen dataclasses.
+
+``AuditResult.to_json()`` writes the versioned ``report.json`` (documented in the README) and
+``AuditResult.from_json()`` reads it back, so a report can be re-rendered or gated without torch
+objects. Non-finite floats are written as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``
+(strict JSON has no literal for them) and read back as floats. Derived numbers (``final_loss``,
+``loss_scale.skipped``, ``fingerprints_match``) are written for readers outside Python but are
+computed properties here, never stored twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+from mpaudit.errors import ResultError
+
+SCHEMA_VERSION = 1
+"""Bumped whenever a key CI scripts read changes meaning or moves; readers accept every older version."""
+
+STATUSES = ("ok", "diverged", "failed")
+FINAL_LOSS_WINDOW = 0.1
+"""``final_loss`` is the mean training loss over this last fraction of steps (at least one step)."""
+
+_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _enc_float(x: float) -> float | str:
+    if math.isnan(x):
+        return "NaN"
+    if math.isinf(x):
+        return "Infinity" if x > 0 else "-Infinity"
+    return x
+
+
+def _dec_float(x: Any) -> float:
+    if isinstance(x, str):
+        if x in _NONFINITE:
+            return _NONFINITE[x]
+        raise ValueError(f"not a number: {x!r}")
+    if x is None:
+        return math.nan
+    return float(x)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Plain JSON-ready data from dataclasses, dicts, lists and floats (non-finite as strings)."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        out = {f.name: to_jsonable(getattr(obj, f.name)) for f in fields(obj)}
+        for name in getattr(type(obj), "_derived", ()):
+            out[name] = to_jsonable(getattr(obj, name))
+        return out
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return _enc_float(obj)
+    return obj
+
+
+@dataclass(frozen=True)
+class LossScale:
+    """GradScaler trajectory of an fp16 arm: the scale in force at each step and the skipped steps."""
+
+    history: list[float]
+    skipped_steps: list[int]
+
+    _derived = ("skipped",)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_steps)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LossScale:
+        return cls(history=[_dec_float(x) for x in d["history"]], skipped_steps=[int(s) for s in d["skipped_steps"]])
+
+
+@dataclass(frozen=True)
+class Fingerprints:
+    """Hashes of an arm's initial weights and first training batches; equal across arms or the comparison is void."""
+
+    weights: str
+    batches: str
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Fingerprints:
+        return cls(weights=str(d["weights"]), batches=str(d["batches"]))
+
+
+@dataclass(frozen=True)
+class Speed:
+    """Step time of an arm. ``source`` says where it was measured (``train_loop``: the audited run itself)."""
+
+    step_s_median: float
+    step_s_iqr: float
+    steps_timed: int
+    samples_per_s: float | None
+    source: str = "train_loop"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Speed:
+        sps = d.get("samples_per_s")
+        return cls(
+            step_s_median=_dec_float(d["step_s_median"]),
+            step_s_iqr=_dec_float(d.get("step_s_iqr", math.nan)),
+            steps_timed=int(d.get("steps_timed", 0)),
+            samples_per_s=None if sps is None else _dec_float(sps),
+            source=str(d.get("source", "train_loop")),
+        )
+
+
+@dataclass(frozen=True)
+class ArmResult:
+    """What one arm did: status, per-step losses, final metrics, loss-scale history, fingerprints."""
+
+    name: str
+    status: str
+    loss: list[float]
+    metrics: dict[str, float]
+    steps: int
+    train_s: float
+    error: str | None = None
+    loss_scale: LossScale | None = None
+    fingerprints: Fingerprints | None = None
+    speed: Speed | None = None
+    fp16_mode: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    _derived = ("final_loss",)
+
+    @property
+    def final_loss(self) -> float | None:
+        """Mean training loss over the last :data:`FINAL_LOSS_WINDOW` of steps; None without steps."""
+        if not self.loss:
+            return None
+        n = max(1, math.ceil(len(self.loss) * FINAL_LOSS_WINDOW))
+        tail = self.loss[-n:]
+        return sum(tail) / len(tail)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ArmResult:
+        return cls(
+            name=str(d["name"]),
+            status=str(d["status"]),
+            loss=[_dec_float(x) for x in d.get("loss", [])],
+            metrics={str(k): _dec_float(v) for k, v in d.get("metrics", {}).items()},
+            steps=int(d.get("steps", len(d.get("loss", [])))),
+            train_s=_dec_float(d.get("train_s", math.nan)),
+            error=d.get("error"),
+            loss_scale=LossScale.from_dict(d["loss_scale"]) if d.get("loss_scale") else None,
+            fingerprints=Fingerprints.from_dict(d["fingerprints"]) if d.get("fingerprints") else None,
+            speed=Speed.from_dict(d["speed"]) if d.get("speed") else None,
+            fp16_mode=d.get("fp16_mode"),
+            notes=[str(n) for n in d.get("notes", [])],
+        )
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A rule that fired: which layer, in which arm, what kind, how bad, the numbers, and what to do."""
+
+    layer: str
+    arm: str
+    kind: str
+    severity: str
+    evidence: dict[str, Any]
+    recommendation: str
+    rule: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Flag:
+        return cls(
+            layer=str(d["layer"]),
+            arm=str(d["arm"]),
+            kind=str(d["kind"]),
+            severity=str(d["severity"]),
+            evidence=dict(d.get("evidence", {})),
+            recommendation=str(d.get("recommendation", "")),
+            rule=str(d.get("rule", "")),
+        )
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    """One comparison of an arm against the fp32 baseline under a limit given by the user."""
+
+    arm: str
+    metric: str
+    kind: str
+    limit: float
+    passed: bool
+    message: str
+    baseline: float | None = None
+    value: float | None = None
+    delta: float | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GateCheck:
+        def opt(k: str) -> float | None:
+            return None if d.get(k) is None else _dec_float(d[k])
+
+        return cls(
+            arm=str(d["arm"]),
+            metric=str(d["metric"]),
+            kind=str(d["kind"]),
+            limit=_dec_float(d["limit"]),
+            passed=bool(d["passed"]),
+            message=str(d.get("message", "")),
+            baseline=opt("baseline"),
+            value=opt("value"),
+            delta=opt("delta"),
+        )
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The CI gate: every check, and whether all passed (true when no gate was asked for)."""
+
+    checks: list[GateCheck] = field(default_factory=list)
+    max_drop: dict[str, float] = field(default_factory=dict)
+    max_loss_gap: float | None = None
+
+    _derived = ("passed", "given")
+
+    @property
+    def given(self) -> bool:
+        return bool(self.max_drop) or self.max_loss_gap is not None
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def failures(self) -> list[GateCheck]:
+        return [c for c in self.checks if not c.passed]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Gate:
+        mlg = d.get("max_loss_gap")
+        return cls(
+            checks=[GateCheck.from_dict(c) for c in d.get("checks", [])],
+            max_drop={str(k): _dec_float(v) for k, v in d.get("max_drop", {}).items()},
+            max_loss_gap=None if mlg is None else _dec_float(mlg),
+        )
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """Everything one ``mpaudit run`` found. Renderers read only this."""
+
+    task: str
+    env: dict[str, Any]
+    config: dict[str, Any]
+    arms: dict[str, ArmResult]
+    gate: Gate = field(default_factory=Gate)
+    flags: list[Flag] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    created: str = ""
+    mpaudit_version: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    _derived = ("fingerprints_match",)
+
+    @property
+    def baseline(self) -> ArmResult | None:
+        """The fp32 arm, when it ran and finished (ok or diverged)."""
+        arm = self.arms.get("fp32")
+        return arm if arm is not None and arm.status != "failed" else None
+
+    @property
+    def primary_metric(self) -> str | None:
+        """The first key ``evaluate`` returned (the primary metric), if any arm has metrics."""
+        for arm in self.arms.values():
+            if arm.metrics:
+                return next(iter(arm.metrics))
+        return None
+
+    @property
+    def fingerprints_match(self) -> bool:
+        """True when every arm that started saw the same initial weights and first batches."""
+        prints = {(a.fingerprints.weights, a.fingerprints.batches) for a in self.arms.values() if a.fingerprints}
+        return len(prints) <= 1
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = to_jsonable(self)
+        # schema_version first, for humans reading the file
+        return {"schema_version": d.pop("schema_version"), **d}
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AuditResult:
+        if not isinstance(d, dict) or "schema_version" not in d:
+            raise ResultError("This file is not an mpaudit result: it has no schema_version.")
+        version = d["schema_version"]
+        if not isinstance(version, int) or version < 1 or version > SCHEMA_VERSION:
+            raise ResultError(
+                f"This result has schema_version {version!r}, which this mpaudit (reads 1..{SCHEMA_VERSION}) "
+                "does not know; upgrade mpaudit."
+            )
+        try:
+            return cls(
+                task=str(d["task"]),
+                env=dict(d.get("env", {})),
+                config=dict(d.get("config", {})),
+                arms={k: ArmResult.from_dict(v) for k, v in d["arms"].items()},
+                gate=Gate.from_dict(d.get("gate", {})),
+                flags=[Flag.from_dict(f) for f in d.get("flags", [])],
+                warnings=[str(w) for w in d.get("warnings", [])],
+                created=str(d.get("created", "")),
+                mpaudit_version=str(d.get("mpaudit_version", "")),
+                schema_version=version,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ResultError(f"This mpaudit result is malformed: {type(exc).__name__}: {exc}.") from exc
+
+    @classmethod
+    def from_json(cls, text: str) -> AuditResult:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ResultError(f"This file is not valid JSON: {exc}.") from exc
+        return cls.from_dict(data)

@@ -1,0 +1,263 @@
+"""Loading the task file (``model.py``) and checking it keeps the contract in ``design.md``.
+
+A task file is plain Python with module-level functions: ``build_model``, ``train_loader`` and
+``loss_fn`` are required; ``eval_loader``, ``evaluate`` and ``build_optimizer`` are optional. Every
+breach is reported as a :class:`~mpaudit.errors.TaskError` with one sentence naming the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import itertools
+import math
+import numbers
+import sys
+import traceback
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpaudit.errors import TaskError
+
+REQUIRED = ("build_model", "train_loader", "loss_fn")
+OPTIONAL = ("eval_loader", "evaluate", "build_optimizer")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A loaded task file: its path, content hash and the contract functions it defines."""
+
+    path: Path
+    sha256: str
+    module: ModuleType
+
+    @property
+    def name(self) -> str:
+        """The task's name: the file stem, or the folder name for a ``model.py`` inside a suite."""
+        if self.path.stem == "model" and self.path.parent.name:
+            return self.path.parent.name
+        return self.path.stem
+
+    def fn(self, name: str) -> Callable[..., Any] | None:
+        """The contract function ``name``, or None when the optional function is absent."""
+        return getattr(self.module, name, None)
+
+    @property
+    def has_evaluate(self) -> bool:
+        return self.fn("evaluate") is not None
+
+    # The calls below wrap user code so that a raise is reported as the user's error, not ours.
+
+    def build_model(self) -> nn.Module:
+        model = _call(self, "build_model")
+        if not isinstance(model, nn.Module):
+            raise TaskError(
+                f"build_model() in {self.path.name} must return a torch.nn.Module, "
+                f"but it returned {_describe(model)}."
+            )
+        return model
+
+    def train_loader(self) -> Iterable[Any]:
+        return _iterable(self, "train_loader", _call(self, "train_loader"))
+
+    def eval_loader(self) -> Iterable[Any] | None:
+        if self.fn("eval_loader") is None:
+            return None
+        return _iterable(self, "eval_loader", _call(self, "eval_loader"))
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        if self.fn("build_optimizer") is None:
+            return torch.optim.AdamW(model.parameters(), lr=1e-3)
+        opt = _call(self, "build_optimizer", model)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TaskError(
+                f"build_optimizer(model) in {self.path.name} must return a torch.optim.Optimizer, "
+                f"but it returned {_describe(opt)}."
+            )
+        return opt
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Call ``loss_fn`` and check it returned a scalar floating-point tensor."""
+        loss = self.module.loss_fn(model, batch)
+        if not isinstance(loss, torch.Tensor):
+            raise TaskError(
+                f"loss_fn(model, batch) in {self.path.name} must return a scalar tensor, "
+                f"but it returned {_describe(loss)}."
+            )
+        if loss.numel() != 1 or loss.dim() > 1:
+            raise TaskError(
+                f"loss_fn(model, batch) in {self.path.name} must return a scalar tensor, "
+                f"but it returned a tensor of shape {tuple(loss.shape)}."
+            )
+        if not loss.is_floating_point():
+            raise TaskError(
+                f"loss_fn(model, batch) in {self.path.name} must return a floating-point tensor, "
+                f"but it returned dtype {loss.dtype}."
+            )
+        return loss.reshape(())
+
+    def evaluate(self, model: nn.Module, loader: Iterable[Any]) -> dict[str, float]:
+        """Call ``evaluate`` and check it returned a dict of numbers (converted to floats)."""
+        metrics = _call(self, "evaluate", model, loader)
+        return check_metrics(metrics, self.path.name)
+
+
+def check_metrics(metrics: Any, filename: str) -> dict[str, float]:
+    """Return ``metrics`` as ``{str: float}`` or raise TaskError naming what is wrong with it."""
+    if not isinstance(metrics, Mapping):
+        raise TaskError(
+            f"evaluate(model, loader) in {filename} must return a dict of numbers, "
+            f"but it returned {_describe(metrics)}."
+        )
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TaskError(
+                f"evaluate(model, loader) in {filename} must return a dict of numbers, "
+                f"but metric {str(key)!r} is {_describe(value)}."
+            )
+        out[str(key)] = float(value)
+    return out
+
+
+def load_task(path: str | Path) -> Task:
+    """Import a task file and check the required functions exist; raise TaskError otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise TaskError(f"Task file {path} does not exist.")
+    if path.is_dir():
+        if (path / "model.py").is_file():
+            path = path / "model.py"
+        else:
+            raise TaskError(f"{path} is a folder without a model.py; pass the task file itself.")
+    if path.suffix != ".py":
+        raise TaskError(f"Task file {path} is not a Python file (expected a .py file).")
+    source = path.read_bytes()
+    sha = hashlib.sha256(source).hexdigest()
+    try:
+        compile(source, str(path), "exec")
+    except (SyntaxError, ValueError) as exc:
+        line = f" line {exc.lineno}:" if isinstance(exc, SyntaxError) and exc.lineno else ""
+        msg = exc.msg if isinstance(exc, SyntaxError) else str(exc)
+        raise TaskError(f"Task file {path.name} is not valid Python:{line} {msg}.") from exc
+
+    module = _import(path, sha)
+    for name in REQUIRED:
+        if not hasattr(module, name):
+            raise TaskError(f"Task file {path.name} has no {name}() function, which the contract requires.")
+    for name in REQUIRED + OPTIONAL:
+        if hasattr(module, name) and not callable(getattr(module, name)):
+            raise TaskError(f"{name} in {path.name} must be a function, but it is {_describe(getattr(module, name))}.")
+    if hasattr(module, "evaluate") and not hasattr(module, "eval_loader"):
+        raise TaskError(f"Task file {path.name} defines evaluate() but no eval_loader() to feed it.")
+    return Task(path=path.resolve(), sha256=sha, module=module)
+
+
+def preflight(task: Task, device: torch.device) -> list[str]:
+    """Exercise every contract function once in fp32 so a broken task fails before any arm trains.
+
+    Catches: a non-Module model, an empty loader, a non-scalar or gradient-free loss, a bad optimizer,
+    an evaluate that returns something other than a dict of numbers. Returns the metric names.
+    """
+    from mpaudit.batches import move_to_device
+
+    model = task.build_model().to(device)
+    batch = first_batch(task, "train_loader", task.train_loader())
+    batch = move_to_device(batch, device)
+    task.build_optimizer(model)
+    model.train()
+    loss = _guard(task, "loss_fn", lambda: task.loss(model, batch))
+    if not loss.requires_grad:
+        raise TaskError(
+            f"loss_fn(model, batch) in {task.path.name} returned a tensor that does not require grad; "
+            "compute it from the model's outputs without torch.no_grad() or .detach()."
+        )
+    loader = task.eval_loader()
+    if loader is None:
+        return []
+    first_batch(task, "eval_loader", loader)
+    model.eval()
+    with torch.no_grad():
+        return list(task.evaluate(model, task.eval_loader() or []))
+
+
+def first_batch(task: Task, name: str, loader: Iterable[Any]) -> Any:
+    """The first batch of ``loader``; TaskError when it yields nothing."""
+    try:
+        batches = list(itertools.islice(iter(loader), 1))
+    except TaskError:
+        raise
+    except Exception as exc:
+        raise TaskError(f"Iterating {name}() in {task.path.name} raised {_user_error(exc, task.path)}.") from exc
+    if not batches:
+        raise TaskError(f"{name}() in {task.path.name} yielded no batch; the loader is empty.")
+    return batches[0]
+
+
+def _import(path: Path, sha: str) -> ModuleType:
+    mod_name = f"mpaudit_task_{path.stem}_{sha[:12]}"
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    if spec is None or spec.loader is None:
+        raise TaskError(f"Task file {path} cannot be imported as a Python module.")
+    module = importlib.util.module_from_spec(spec)
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)  # so the task may import files beside it
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise TaskError(f"Task file {path.name} failed to import: {_user_error(exc, path)}.") from exc
+    finally:
+        if sys.path and sys.path[0] == folder:
+            sys.path.pop(0)
+    return module
+
+
+def _call(task: Task, name: str, *args: Any) -> Any:
+    return _guard(task, name, lambda: getattr(task.module, name)(*args))
+
+
+def _guard(task: Task, name: str, thunk: Callable[[], Any]) -> Any:
+    try:
+        return thunk()
+    except TaskError:
+        raise
+    except Exception as exc:
+        raise TaskError(f"{name}() in {task.path.name} raised {_user_error(exc, task.path)}.") from exc
+
+
+def _iterable(task: Task, name: str, obj: Any) -> Iterable[Any]:
+    if isinstance(obj, (str, bytes)) or not isinstance(obj, Iterable):
+        raise TaskError(
+            f"{name}() in {task.path.name} must return an iterable of batches, but it returned {_describe(obj)}."
+        )
+    return obj
+
+
+def _user_error(exc: BaseException, path: Path) -> str:
+    """``ExcType: message`` plus the line of the user's file where it was raised, when there is one."""
+    text = f"{type(exc).__name__}: {exc}".rstrip(": ")
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).resolve() == path.resolve()]
+    if frames:
+        text += f" (at {path.name} line {frames[-1].lineno}: {(frames[-1].line or '').strip()})"
+    return text
+
+
+def _describe(obj: Any) -> str:
+    if obj is None:
+        return "None"
+    if isinstance(obj, torch.Tensor):
+        return f"a tensor of shape {tuple(obj.shape)}"
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return repr(obj)
+    text = repr(obj)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"a {type(obj).__name__} ({text})"

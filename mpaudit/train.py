@@ -1,0 +1,216 @@
+"""The training loop of one arm: same seed, same batches, the arm's precision recipe, every step recorded."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from mpaudit.arms import Arm
+from mpaudit.batches import batch_size, move_to_device
+from mpaudit.result import ArmResult, Fingerprints, LossScale, Speed
+from mpaudit.seeding import BatchFingerprint, fingerprint_model, seed_everything
+from mpaudit.task import Task
+
+DIVERGE_PATIENCE = 25
+"""An fp16 arm is called diverged after this many consecutive non-finite losses (GradScaler skips each
+such step, so a few are expected while it finds its scale; a run of them means the forward overflows)."""
+
+WARMUP_FRACTION = 0.1
+"""Leading fraction of steps (at least 1) left out of the training-loop step-time median."""
+
+
+class Progress(Protocol):
+    """Receives progress events; the CLI shows them, a notebook may ignore them."""
+
+    def arm_started(self, arm: str, total: int | None) -> None: ...
+    def step(self, arm: str, step: int, loss: float) -> None: ...
+    def arm_finished(self, result: ArmResult) -> None: ...
+
+
+class NoProgress:
+    """A progress sink that shows nothing."""
+
+    def arm_started(self, arm: str, total: int | None) -> None:
+        pass
+
+    def step(self, arm: str, step: int, loss: float) -> None:
+        pass
+
+    def arm_finished(self, result: ArmResult) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """How long and where an arm trains. Exactly one of ``steps`` / ``epochs`` is set."""
+
+    device: torch.device
+    seed: int
+    steps: int | None
+    epochs: int | None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _epoch_batches(task: Task, first: Any, spec: TrainSpec) -> Iterator[Any]:
+    """Batches epoch after epoch. Each later epoch reseeds (seed + epoch) so every arm sees the same order."""
+    loader = first
+    epoch = 0
+    while spec.epochs is None or epoch < spec.epochs:
+        if epoch > 0:
+            seed_everything(spec.seed + epoch)
+            if iter(loader) is loader:  # a one-shot iterator: ask the task for a fresh one
+                loader = task.train_loader()
+        n = 0
+        for batch in loader:
+            n += 1
+            yield batch
+        if n == 0:
+            return
+        epoch += 1
+
+
+def _planned_steps(loader: Any, spec: TrainSpec) -> int | None:
+    if spec.steps is not None:
+        return spec.steps
+    try:
+        return len(loader) * (spec.epochs or 1)
+    except TypeError:
+        return None
+
+
+def _error_text(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def train_arm(task: Task, arm: Arm, spec: TrainSpec, progress: Progress | None = None) -> ArmResult:
+    """Train ``arm`` from the seeded initial weights on the seeded batches and evaluate it in fp32.
+
+    Never raises for the user's errors: an exception marks the arm ``failed`` with its message, so the
+    other arms still run. A non-finite loss marks it ``diverged``.
+    """
+    progress = progress or NoProgress()
+    device = spec.device
+    losses: list[float] = []
+    scales: list[float] = []
+    skipped: list[int] = []
+    step_times: list[float] = []
+    fingerprints: Fingerprints | None = None
+    status, error = "ok", None
+    metrics: dict[str, float] = {}
+    notes: list[str] = []
+    samples: int | None = None
+    t_start = time.perf_counter()
+    model = optimizer = None
+    try:
+        seed_everything(spec.seed)
+        model = task.build_model()
+        weights_fp = fingerprint_model(model)
+        model.to(device)
+        optimizer = task.build_optimizer(model)
+        scaler = arm.make_scaler(device.type)
+        seed_everything(spec.seed)
+        loader = task.train_loader()
+        batch_fp = BatchFingerprint()
+        total = _planned_steps(loader, spec)
+        progress.arm_started(arm.name, total)
+        model.train()
+        nonfinite_run = 0
+        for step, batch in enumerate(_epoch_batches(task, loader, spec)):
+            if spec.steps is not None and step >= spec.steps:
+                break
+            batch_fp.add(batch)
+            if samples is None:
+                samples = batch_size(batch)
+            batch = move_to_device(batch, device)
+            t0 = time.perf_counter()
+            with arm.autocast(device.type):
+                loss = task.loss(model, batch)
+            if scaler is not None:
+                scale = scaler.get_scale()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scales.append(scale)
+                if scaler.get_scale() < scale:
+                    skipped.append(step)
+            else:
+                loss.backward()
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            value = float(loss.detach().float().item())  # the one host sync of the step (progress, divergence)
+            _sync(device)
+            step_times.append(time.perf_counter() - t0)
+            losses.append(value)
+            progress.step(arm.name, step + 1, value)
+            if math.isfinite(value):
+                nonfinite_run = 0
+                continue
+            nonfinite_run += 1
+            if scaler is None or nonfinite_run >= DIVERGE_PATIENCE:
+                status = "diverged"
+                why = "" if scaler is None else f" for {nonfinite_run} steps in a row"
+                error = f"loss became {value} at step {step + 1}{why}"
+                break
+        if not losses:
+            raise RuntimeError("train_loader() yielded no batch for this arm")
+        fingerprints = Fingerprints(weights=weights_fp, batches=batch_fp.hexdigest())
+        if task.has_evaluate:
+            model.eval()
+            seed_everything(spec.seed)
+            with torch.no_grad():
+                metrics = task.evaluate(model, task.eval_loader() or [])
+    except Exception as exc:  # one failing arm never sinks the others
+        status, error = "failed", _error_text(exc)
+    finally:
+        del model, optimizer
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    result = ArmResult(
+        name=arm.name,
+        status=status,
+        error=error,
+        loss=losses,
+        metrics=metrics,
+        steps=len(losses),
+        train_s=time.perf_counter() - t_start,
+        loss_scale=LossScale(history=scales, skipped_steps=skipped) if arm.grad_scaler else None,
+        fingerprints=fingerprints,
+        speed=_loop_speed(step_times, samples),
+        fp16_mode=("native" if arm.autocast_dtype == torch.float16 else None),
+        notes=notes,
+    )
+    progress.arm_finished(result)
+    return result
+
+
+def _loop_speed(step_times: list[float], samples: int | None) -> Speed | None:
+    """Median and IQR of training-loop step times after warm-up (includes the per-step loss sync)."""
+    if not step_times:
+        return None
+    skip = max(1, math.ceil(len(step_times) * WARMUP_FRACTION)) if len(step_times) > 2 else 0
+    times = step_times[skip:]
+    median = statistics.median(times)
+    if len(times) >= 4:
+        q = statistics.quantiles(times, n=4)
+        iqr = q[2] - q[0]
+    else:
+        iqr = 0.0
+    return Speed(
+        step_s_median=median,
+        step_s_iqr=iqr,
+        steps_timed=len(times),
+        samples_per_s=(samples / median) if samples and median > 0 else None,
+        source="train_loop",
+    )
