@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -79,6 +79,39 @@ def _epoch_batches(task: Task, first: Any, spec: TrainSpec) -> Iterator[Any]:
         epoch += 1
 
 
+def train_step(
+    task: Task,
+    arm: Arm,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    batch: Any,
+    device_type: str,
+    after_backward: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """One real optimizer step of ``arm``: forward under its autocast, backward (scaled for fp16),
+    optimizer step (through the GradScaler for fp16), zero grads. Returns the detached loss; no host sync.
+
+    ``after_backward`` runs between backward and the optimizer step (gradients are populated and, in the
+    fp16 arm, still multiplied by the loss scale).
+    """
+    with arm.autocast(device_type):
+        loss = task.loss(model, batch)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if after_backward is not None:
+            after_backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if after_backward is not None:
+            after_backward()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def _planned_steps(loader: Any, spec: TrainSpec) -> int | None:
     if spec.steps is not None:
         return spec.steps
@@ -134,21 +167,13 @@ def train_arm(task: Task, arm: Arm, spec: TrainSpec, progress: Progress | None =
                 samples = batch_size(batch)
             batch = move_to_device(batch, device)
             t0 = time.perf_counter()
-            with arm.autocast(device.type):
-                loss = task.loss(model, batch)
-            if scaler is not None:
-                scale = scaler.get_scale()
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+            scale = scaler.get_scale() if scaler is not None else None
+            loss = train_step(task, arm, model, optimizer, scaler, batch, device.type)
+            if scaler is not None and scale is not None:
                 scales.append(scale)
                 if scaler.get_scale() < scale:
                     skipped.append(step)
-            else:
-                loss.backward()
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            value = float(loss.detach().float().item())  # the one host sync of the step (progress, divergence)
+            value = float(loss.float().item())  # the one host sync of the step (progress, divergence)
             _sync(device)
             step_times.append(time.perf_counter() - t0)
             losses.append(value)
