@@ -15,7 +15,7 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Mapping):
         moved = {k: move_to_device(v, device) for k, v in batch.items()}
         try:
-            return type(batch)(moved)  # dict, OrderedDict, BatchEncoding, UserDict ...
+            return type(batch)(moved)  # type: ignore[call-arg]  # dict, OrderedDict, BatchEncoding, UserDict ...
         except TypeError:
             return moved
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple

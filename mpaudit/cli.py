@@ -15,7 +15,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from mpaudit.errors import MpauditError, ResultError, TaskError, UsageError
+from mpaudit.errors import ResultError, TaskError, UsageError
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 

@@ -61,7 +61,9 @@ def dtype_support(device: torch.device) -> dict[str, bool]:
     return {"bf16": bool(flags & {"avx512_bf16", "amx_bf16"}), "fp16": bool(flags & {"avx512_fp16", "amx_fp16"})}
 
 
-def collect_env(device: torch.device, seed: int, task_path: Path, task_sha256: str, command: list[str]) -> dict[str, Any]:
+def collect_env(
+    device: torch.device, seed: int, task_path: Path, task_sha256: str, command: list[str]
+) -> dict[str, Any]:
     """A JSON-ready description of where and how the audit ran."""
     from mpaudit import __version__
 

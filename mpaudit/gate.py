@@ -86,12 +86,12 @@ def _check(base: ArmResult | None, arm: ArmResult, kind: str, metric: str, limit
         return fail(f"{arm.name} {metric} = {v} is not finite (fp32 {b:.4g}).", baseline=b, value=v)
     worse = _worse_by(metric, b, v)
     passed = worse <= limit
-    direction = "rose" if lower_is_better(metric) else "fell"
+    if worse > 0:
+        change = f"{'rose' if lower_is_better(metric) else 'fell'} by {worse:.4g}"
+    else:
+        change = "no worse" if worse == 0 else f"better by {-worse:.4g}"
     verb = "within" if passed else "beyond"
-    msg = (
-        f"{arm.name} {metric} = {v:.4g} vs fp32 {b:.4g}: {direction} by {worse:+.4g}, "
-        f"{verb} the allowed {limit:g}."
-    )
+    msg = f"{arm.name} {metric} = {v:.4g} vs fp32 {b:.4g}: {change}, {verb} the allowed {limit:g}."
     return GateCheck(
         arm=arm.name, metric=metric, kind=kind, limit=limit, passed=passed, message=msg,
         baseline=b, value=v, delta=v - b,

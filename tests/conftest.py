@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny task files written to a temp folder, so every test runs in seconds on 2 cores."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+# A tiny, learnable 3-class problem. Widths are small because native fp16 on a CPU is slow.
+TINY_TASK = '''
+import torch
+from torch import nn
+
+def _data(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 8, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return [(x[i:i + 32], y[i:i + 32]) for i in range(0, 256, 32)]
+
+def build_model():
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+
+def build_optimizer(model):
+    return torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+def train_loader():
+    return _data(1)
+
+def eval_loader():
+    return _data(2)
+
+def loss_fn(model, batch):
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+def evaluate(model, loader):
+    correct = total = 0
+    for x, y in loader:
+        correct += (model(x).argmax(-1) == y).sum().item()
+        total += len(y)
+    return {"accuracy": correct / total}
+'''
+
+# Same problem, but a layer amplifies activations past fp16's max (65504) and the next scales them back:
+# fine in fp32 and bf16, inf in fp16 at module path "amp".
+OVERFLOW_TASK = TINY_TASK.replace(
+    "def build_model():\n    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))",
+    '''class Scale(nn.Module):
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+    def forward(self, x):
+        return x * self.factor
+
+def build_model():
+    return nn.Sequential(OrderedDict(
+        fc1=nn.Linear(8, 32), amp=Scale(1e6), fc2=nn.Linear(32, 32), down=Scale(1e-6),
+        act=nn.ReLU(), head=nn.Linear(32, 3),
+    ))''',
+).replace("import torch\n", "from collections import OrderedDict\nimport torch\n", 1)
+
+
+@pytest.fixture
+def write_task(tmp_path: Path) -> Callable[..., Path]:
+    """Write a task file into the test's temp folder and return its path."""
+
+    def write(source: str = TINY_TASK, name: str = "model.py", **replace: str) -> Path:
+        text = textwrap.dedent(source)
+        for old, new in replace.items():
+            text = text.replace(old, new)
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write
+
+
+@pytest.fixture
+def tiny_task(write_task: Callable[..., Path]) -> Path:
+    return write_task(TINY_TASK)
+
+
+@pytest.fixture
+def overflow_task(write_task: Callable[..., Path]) -> Path:
+    return write_task(OVERFLOW_TASK, name="overflow.py")

@@ -1,0 +1,88 @@
+"""The command line end to end: outputs, exit codes, gate lines, re-rendering and re-gating saved results."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from mpaudit.cli import EXIT_GATE_FAILED, EXIT_OK, EXIT_USAGE, app
+
+runner = CliRunner()
+
+
+def test_run_writes_json_and_html(tiny_task: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", str(tiny_task), "--steps", "5", "--out", str(out)])
+    assert result.exit_code == EXIT_OK, result.output
+    data = json.loads((out / "report.json").read_text())
+    assert set(data["arms"]) == {"fp32", "bf16", "fp16"}
+    assert all(a["status"] == "ok" for a in data["arms"].values())
+    assert (out / "report.html").read_text().startswith("<!doctype html>")
+    assert "fp16" in result.output and "report.html" in result.output
+    assert data["env"]["command"][:2] == ["mpaudit", "run"] or data["env"]["command"][0] == "mpaudit"
+
+
+def test_default_out_dir_is_reports_task_name(tiny_task: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["run", str(tiny_task), "--steps", "2", "--arms", "fp32", "-q"])
+    assert result.exit_code == EXIT_OK, result.output
+    assert (tmp_path / "reports" / tiny_task.parent.name / "report.json").is_file()
+
+
+def test_gate_passes_exit_0(tiny_task: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["run", str(tiny_task), "--steps", "20", "--out", str(tmp_path / "o"),
+                                 "--max-drop", "accuracy=0.05", "--max-loss-gap", "0.1", "-q"])
+    assert result.exit_code == EXIT_OK, result.output
+
+
+def test_fp16_overflow_fails_the_gate_exit_1(overflow_task: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["run", str(overflow_task), "--steps", "30", "--out", str(tmp_path / "o"),
+                                 "--max-drop", "accuracy=0.05", "-q"])
+    assert result.exit_code == EXIT_GATE_FAILED, result.output
+    failing = [line for line in result.output.splitlines() if line.startswith("GATE FAILED")]
+    assert len(failing) == 1  # bf16 passes, fp16 fails
+    assert "fp16" in failing[0] and "accuracy" in failing[0] and "0.05" in failing[0]
+    data = json.loads((tmp_path / "o" / "report.json").read_text())  # results are still written
+    assert data["gate"]["passed"] is False
+
+
+def test_gate_and_report_commands_reuse_a_saved_result(overflow_task: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    assert runner.invoke(app, ["run", str(overflow_task), "--steps", "30", "--out", str(out), "-q"]).exit_code == 0
+    saved = out / "report.json"
+    regate = runner.invoke(app, ["gate", str(saved), "--max-drop", "accuracy=0.05"])
+    assert regate.exit_code == EXIT_GATE_FAILED
+    assert "FAIL fp16 accuracy" in regate.output and "PASS bf16 accuracy" in regate.output
+    loose = runner.invoke(app, ["gate", str(saved), "--max-drop", "accuracy=1"])
+    assert loose.exit_code == EXIT_GATE_FAILED and "the arm diverged" in loose.output  # a diverged arm never passes
+    (out / "report.html").unlink()
+    rerender = runner.invoke(app, ["report", str(saved)])
+    assert rerender.exit_code == EXIT_OK, rerender.output
+    assert "fp16" in (out / "report.html").read_text()
+
+
+def test_unreadable_result_is_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "report.json"
+    bad.write_text("not json")
+    result = runner.invoke(app, ["gate", str(bad), "--max-drop", "accuracy=0.1"])
+    assert result.exit_code == EXIT_USAGE and "not valid JSON" in result.output
+
+
+def test_usage_errors_exit_2(tiny_task: Path) -> None:
+    for args in (["--arms", "fp64"], ["--max-drop", "accuracy"], ["--steps", "1", "--epochs", "1"],
+                 ["--device", "cuda"] if not __import__("torch").cuda.is_available() else ["--arms", ""]):
+        result = runner.invoke(app, ["run", str(tiny_task), "-q", *args])
+        assert result.exit_code == EXIT_USAGE, (args, result.output)
+        assert "error:" in result.output
+
+
+def test_console_script_help_lists_every_option() -> None:
+    proc = subprocess.run([sys.executable, "-m", "mpaudit", "run", "--help"], capture_output=True, text=True,
+                          check=True, env={"COLUMNS": "200", "PATH": ""})
+    for option in ("--arms", "--steps", "--epochs", "--seed", "--device", "--out", "--max-drop", "--max-loss-gap",
+                   "--quiet", "--debug"):
+        assert option in proc.stdout

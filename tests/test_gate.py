@@ -1,0 +1,82 @@
+"""Gate arithmetic: which direction is worse, limits, failed and diverged arms, malformed specs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from mpaudit.errors import UsageError
+from mpaudit.gate import evaluate_gate, lower_is_better, parse_max_drop
+from mpaudit.result import ArmResult
+
+
+def arm(name: str, status: str = "ok", loss: float = 0.5, **metrics: float) -> ArmResult:
+    return ArmResult(name=name, status=status, loss=[1.0, loss], metrics=dict(metrics), steps=2, train_s=0.1)
+
+
+def test_parse_max_drop() -> None:
+    assert parse_max_drop(["accuracy=0.01", " eval_loss = 0.2"]) == {"accuracy": 0.01, "eval_loss": 0.2}
+    for bad in ["accuracy", "=0.1", "accuracy=abc", "accuracy=-1", "accuracy=nan"]:
+        with pytest.raises(UsageError):
+            parse_max_drop([bad])
+
+
+def test_lower_is_better_by_name() -> None:
+    assert lower_is_better("eval_loss") and lower_is_better("perplexity")
+    assert not lower_is_better("accuracy") and not lower_is_better("f1")
+
+
+def test_drop_within_and_beyond_limit() -> None:
+    arms = {"fp32": arm("fp32", accuracy=0.90), "bf16": arm("bf16", accuracy=0.895),
+            "fp16": arm("fp16", accuracy=0.85)}
+    gate = evaluate_gate(arms, {"accuracy": 0.01}, None)
+    by_arm = {c.arm: c for c in gate.checks}
+    assert by_arm["bf16"].passed and not by_arm["fp16"].passed
+    assert not gate.passed
+    assert by_arm["fp16"].delta == pytest.approx(-0.05)
+    assert "fp16 accuracy = 0.85 vs fp32 0.9" in by_arm["fp16"].message
+    assert "0.01" in by_arm["fp16"].message
+
+
+def test_improvement_passes() -> None:
+    arms = {"fp32": arm("fp32", accuracy=0.8), "bf16": arm("bf16", accuracy=0.9)}
+    gate = evaluate_gate(arms, {"accuracy": 0.0}, None)
+    assert gate.passed
+
+
+def test_loss_metric_fails_when_it_rises() -> None:
+    arms = {"fp32": arm("fp32", eval_loss=0.30), "bf16": arm("bf16", eval_loss=0.25),
+            "fp16": arm("fp16", eval_loss=0.50)}
+    gate = evaluate_gate(arms, {"eval_loss": 0.1}, None)
+    assert [c.passed for c in gate.checks] == [True, False]
+
+
+def test_max_loss_gap_on_final_training_loss() -> None:
+    arms = {"fp32": arm("fp32", loss=0.30), "bf16": arm("bf16", loss=0.32), "fp16": arm("fp16", loss=0.60)}
+    gate = evaluate_gate(arms, {}, 0.05)
+    assert [(c.arm, c.passed) for c in gate.checks] == [("bf16", True), ("fp16", False)]
+
+
+def test_failed_or_diverged_arm_fails_the_gate() -> None:
+    arms = {"fp32": arm("fp32", accuracy=0.9), "bf16": arm("bf16", status="failed"),
+            "fp16": arm("fp16", status="diverged", accuracy=0.9)}
+    gate = evaluate_gate(arms, {"accuracy": 0.5}, None)
+    assert not any(c.passed for c in gate.checks)
+    assert "diverged" in gate.checks[1].message
+
+
+def test_nonfinite_metric_fails() -> None:
+    arms = {"fp32": arm("fp32", accuracy=0.9), "fp16": arm("fp16", accuracy=math.nan)}
+    assert not evaluate_gate(arms, {"accuracy": 1.0}, None).passed
+
+
+def test_missing_baseline_fails_every_check() -> None:
+    arms = {"fp32": arm("fp32", status="failed"), "bf16": arm("bf16", accuracy=0.9)}
+    gate = evaluate_gate(arms, {"accuracy": 0.1}, None)
+    assert not gate.passed and "baseline failed" in gate.checks[0].message
+
+
+def test_no_gate_given_passes_with_no_checks() -> None:
+    gate = evaluate_gate({"fp32": arm("fp32"), "bf16": arm("bf16")}, {}, None)
+    assert gate.passed and not gate.given and gate.checks == []

@@ -1,0 +1,57 @@
+"""report.html: self-contained, escapes everything the user supplied, renders from JSON alone."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import mpaudit
+from conftest import TINY_TASK
+from mpaudit.report import render_html
+from mpaudit.result import AuditResult
+
+HOSTILE = "</script><img src=x onerror=alert(1)>"
+
+
+def test_user_supplied_text_is_escaped(write_task: Callable[..., Path]) -> None:
+    path = write_task(TINY_TASK.replace('return {"accuracy": correct / total}',
+                                        f'return {{"accuracy": correct / total, {HOSTILE!r}: 1.0}}'),
+                      name="evil<b>.py")
+    result = mpaudit.audit(path, steps=3, arms=("fp32", "bf16"))
+    html = render_html(result)
+    assert "<img src=x" not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html  # shown as text in the table
+    assert "evil&lt;b&gt;" in html
+    # the embedded chart JSON cannot close its script element
+    chart_json = re.search(r'<script id="mpaudit-charts" type="application/json">(.*?)</script>', html, re.S)
+    assert chart_json is not None and "</" not in chart_json.group(1)
+
+
+def test_report_is_self_contained_by_default(tiny_task: Path) -> None:
+    result = mpaudit.audit(tiny_task, steps=3, arms=("fp32", "fp16"))
+    html = render_html(result)
+    assert not re.search(r"<script[^>]+src=", html)
+    assert not re.search(r"<link[^>]+href=\"?https?:", html)
+    assert html.count("Plotly.newPlot") == 1
+    assert 'id="chart-loss"' in html and 'id="chart-scale"' in html
+    cdn = render_html(result, plotlyjs="cdn")
+    assert re.search(r'<script src="https://cdn.plot.ly/plotly-[\d.]+\.min\.js">', cdn)
+    assert len(cdn) < len(html) / 10
+
+
+def test_renders_from_json_alone(overflow_task: Path) -> None:
+    result = mpaudit.audit(overflow_task, steps=30, max_drop={"accuracy": 0.05})
+    again = AuditResult.from_json(result.to_json())
+    html = render_html(again)
+    assert "Gate FAILED" in html
+    assert "diverged" in html
+    assert "No layer flagged." in html
+
+
+def test_warning_banner_when_fingerprints_differ(tiny_task: Path) -> None:
+    from dataclasses import replace
+
+    result = mpaudit.audit(tiny_task, steps=2, arms=("fp32", "bf16"))
+    result = replace(result, warnings=["The arms did not start from the same initial weights."])
+    assert 'role="alert"' in render_html(result)
