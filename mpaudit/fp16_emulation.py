@@ -1,0 +1,222 @@
+"""fp16 tensor-core numerics on a CPU at fp32 speed.
+
+A GPU tensor core multiplies fp16 inputs, accumulates in fp32 and rounds the result to fp16 once. A CPU
+without native fp16 matrix units runs ``torch.autocast("cpu", dtype=torch.float16)`` faithfully but its
+fp16 matmuls and convolutions are about 100x slower than fp32, too slow to audit a real model. Inside
+:func:`emulated_fp16`, the heavy ops of :data:`INTERCEPTED_OPS` that receive float16 CPU tensors are
+computed the tensor-core way instead: upcast the fp16 inputs to fp32 (exact), compute in fp32, round each
+result to fp16 (round to nearest even; overflow becomes inf, tiny values become subnormal or zero, as on
+the GPU). Every other op, and every op without a float16 input, runs untouched, so autocast's choices
+(which ops run in fp16, which in fp32), GradScaler and the optimizer behave exactly as natively.
+
+Caveat: this emulates fp16 *numerics* (overflow, underflow, rounding of every matmul/conv output), not
+fp16 *speed*. A step time measured here says nothing about a GPU's fp16 speedup. Fused attention kernels
+keep their softmax probabilities in fp32 here, where a GPU kernel may round them to fp16 before the second
+matmul; the output is still rounded to fp16.
+
+How it composes:
+
+* autocast runs above Python dispatch modes, so the mode sees the tensors autocast already cast to fp16.
+* backward: the autograd engine snapshots thread-local state, the dispatch-mode stack included, when
+  ``backward()`` is called and restores it on whichever thread runs each backward node. Backward ops are
+  therefore emulated when ``backward()`` is *called* inside the block (where the forward ran does not
+  matter).
+* threads: the mode stack is thread-local; entering the block on one thread never affects another.
+* other dispatch modes: enter this block first (outermost) so modes entered later still see the fp16 ops
+  autocast produced; ops reach this mode after them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch._ops import OpOverload
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_aten = torch.ops.aten
+
+INTERCEPTED_OPS: tuple[OpOverload, ...] = (
+    # Linear layers: linear/matmul decompose into these before reaching dispatch (forward and backward).
+    _aten.mm.default,
+    _aten.addmm.default,
+    _aten._addmm_activation.default,
+    # Batched matmul (torch.matmul on >2-D tensors, nn.MultiheadAttention with need_weights=True).
+    _aten.bmm.default,
+    _aten.baddbmm.default,
+    _aten.addbmm.default,
+    # torch.matmul with a 1-D operand.
+    _aten.mv.default,
+    _aten.dot.default,
+    # Conv1d/2d/3d and ConvTranspose*d, forward and backward.
+    _aten.convolution.default,
+    _aten.convolution_backward.default,
+    # F.scaled_dot_product_attention (and nn.MultiheadAttention with need_weights=False) on CPU.
+    _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
+)
+"""The aten ops computed as fp16-in, fp32-accumulate, fp16-out when a float16 CPU tensor reaches them.
+
+These are what CPU fp16 autocast actually dispatches for Linear, Conv1d/2d, matmul/bmm,
+nn.MultiheadAttention and F.scaled_dot_product_attention, forward and backward. ``aten.linear``,
+``aten.matmul`` and ``aten.scaled_dot_product_attention`` never reach a dispatch mode (they decompose
+into the ops above first). SDPA with dropout takes the math path, which on CPU already upcasts fp16 to
+fp32, so nothing of it runs in fp16 to emulate. Out-variants (``out=``) and in-place variants run natively.
+"""
+
+_INTERCEPTED = frozenset(INTERCEPTED_OPS)
+
+FP32_BY_CONTRACT = frozenset({"logsumexp"})
+"""Schema names of arguments and results that the native kernels keep in fp32 even for fp16 inputs (the
+attention kernels' softmax statistics): they are neither required to be fp16 nor rounded to fp16."""
+
+_EMULATED_DTYPE = torch.float16
+_COMPUTE_DTYPE = torch.float32
+_REDUCED_FP32_PRECISIONS = frozenset({"bf16", "medium"})
+"""fp32 precision settings that let oneDNN compute fp32 matmuls/convs in bf16, which would round the
+emulated products below fp16 precision (TF32 keeps fp16's 10 mantissa bits and stays exact)."""
+
+
+class EmulatedFp16(TorchDispatchMode):
+    """A dispatch mode that computes :data:`INTERCEPTED_OPS` on float16 CPU inputs as a tensor core does.
+
+    ``calls`` counts the emulated calls per op name (Python-side, no device sync), e.g. to show that
+    backward ops were emulated too.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+        self._workspace = _Workspace()
+
+    def __enter__(self) -> EmulatedFp16:
+        reduced = _reduced_fp32_precision()
+        if reduced is not None:
+            warnings.warn(
+                f"fp32 matmul/conv precision is set to {reduced!r}, so emulated fp16 ops may be computed "
+                "with bf16 products and differ from a GPU's fp16; set "
+                "torch.set_float32_matmul_precision('highest') for exact emulation.",
+                stacklevel=2,
+            )
+        super().__enter__()
+        return self
+
+    def __torch_dispatch__(
+        self,
+        func: OpOverload,
+        types: Sequence[type],
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        # ``types`` lists tensor subclasses with their own dispatch (fake, distributed, ...): leave those be.
+        if func not in _INTERCEPTED or types or not _wants_emulation(func, args, kwargs):
+            return func(*args, **kwargs)
+        self.calls[func.name()] += 1
+        return self._emulate(func, args, kwargs)
+
+    def _emulate(self, func: OpOverload, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+        """Upcast the fp16 inputs to fp32, run ``func`` in fp32, round its results to fp16."""
+        slots = iter(range(len(args) + len(kwargs)))
+        up_args = tuple(self._upcast(a, next(slots)) for a in args)
+        up_kwargs = {k: self._upcast(v, next(slots)) for k, v in kwargs.items()}
+        out = func(*up_args, **up_kwargs)
+        if isinstance(out, torch.Tensor):
+            return _round(out)
+        names = [r.name for r in func._schema.returns]
+        return type(out)(
+            o if name in FP32_BY_CONTRACT else _round(o) for o, name in zip(out, names, strict=True)
+        )
+
+    def _upcast(self, value: Any, slot: int) -> Any:
+        if isinstance(value, torch.Tensor) and value.dtype == _EMULATED_DTYPE:
+            return self._workspace.upcast(value, slot)
+        return value
+
+
+@contextlib.contextmanager
+def emulated_fp16() -> Iterator[EmulatedFp16]:
+    """Emulate fp16 tensor-core numerics for the ops in :data:`INTERCEPTED_OPS` inside this block.
+
+    Wrap the whole training step (forward, ``backward()``, optimizer and GradScaler calls); fp32 and bf16
+    ops pass through untouched. Yields the active mode (its ``calls`` counter). Nesting is harmless.
+    """
+    with EmulatedFp16() as mode:
+        yield mode
+
+
+def _wants_emulation(func: OpOverload, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
+    """True when ``func`` gets at least one float16 CPU tensor and every other floating tensor is float16
+    too (or fp32 by contract). Mixed dtypes go to the native kernel, which raises just as it would."""
+    arguments = func._schema.arguments
+    named = [(arguments[i].name, a) for i, a in enumerate(args)] + list(kwargs.items())
+    seen_fp16 = False
+    for name, value in named:
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            continue
+        if name in FP32_BY_CONTRACT:
+            continue
+        if value.dtype != _EMULATED_DTYPE or value.device.type != "cpu":
+            return False
+        seen_fp16 = True
+    return seen_fp16
+
+
+def _round(value: Any) -> Any:
+    """fp32 result -> fp16, round to nearest even (a tensor core's output conversion)."""
+    if isinstance(value, torch.Tensor) and value.dtype == _COMPUTE_DTYPE:
+        return value.to(_EMULATED_DTYPE)
+    return value
+
+
+def _reduced_fp32_precision() -> str | None:
+    """The fp32 matmul/conv precision setting when it allows bf16 compute, else None."""
+    settings = [torch.get_float32_matmul_precision()]
+    mkldnn = torch.backends.mkldnn
+    for backend in ("matmul", "conv"):
+        settings.append(str(getattr(getattr(mkldnn, backend, None), "fp32_precision", "")))
+    return next((s for s in settings if s in _REDUCED_FP32_PRECISIONS), None)
+
+
+class _Workspace:
+    """Reusable fp32 buffers for the upcast inputs, one per argument slot and thread.
+
+    A fresh fp32 copy of a large weight costs page faults on every step (several times the conversion
+    itself); copying into a buffer kept from the previous call avoids them. A buffer is only read by the
+    op it was filled for, which returns new tensors, so reuse on the next call is safe.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def upcast(self, tensor: torch.Tensor, slot: int) -> torch.Tensor:
+        """``tensor`` as fp32 with the same sizes and strides, in this thread's buffer for ``slot``."""
+        span = _storage_span(tensor)
+        if span is None:  # overlapping (expanded) or negative-stride views: a plain, fresh copy
+            return tensor.to(_COMPUTE_DTYPE)
+        buffers: dict[int, torch.Tensor] = self._local.__dict__.setdefault("buffers", {})
+        buffer = buffers.get(slot)
+        if buffer is None or buffer.numel() < span:
+            # Never an inference tensor, so the buffer can be refilled outside inference_mode later.
+            with torch.inference_mode(False):
+                buffer = torch.empty(span, dtype=_COMPUTE_DTYPE)
+            buffers[slot] = buffer
+        view = buffer.as_strided(tensor.size(), tensor.stride())
+        view.copy_(tensor)
+        return view
+
+
+def _storage_span(tensor: torch.Tensor) -> int | None:
+    """Elements spanned by a non-overlapping, dense view (a permutation of a contiguous layout), else None."""
+    sizes_strides = sorted((st, sz) for sz, st in zip(tensor.size(), tensor.stride(), strict=True) if sz != 1)
+    expected = 1
+    for stride, size in sizes_strides:
+        if stride != expected:
+            return None
+        expected *= size
+    return max(expected, 1)
