@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -52,6 +53,28 @@ ARMS: dict[str, Arm] = {
 }
 DEFAULT_ARMS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 BASELINE = "fp32"
+
+
+FP16_CPU_MODES = ("emulate", "native")
+"""How fp16 arms run on a CPU: ``emulate`` (default) computes matmuls and convolutions from fp16 inputs with fp32
+accumulation and rounds to fp16, as a GPU tensor core does, at fp32 speed; ``native`` uses PyTorch's CPU half
+kernels (~100x slower where the CPU has no fp16 units). On CUDA fp16 is always real."""
+
+
+def fp16_mode(arm: Arm, device_type: str, fp16_cpu: str) -> str | None:
+    """``"emulated"`` or ``"native"`` for an fp16 arm, None for other arms."""
+    if arm.autocast_dtype != torch.float16:
+        return None
+    return "emulated" if device_type == "cpu" and fp16_cpu == "emulate" else "native"
+
+
+def step_context(arm: Arm, device_type: str, fp16_cpu: str) -> contextlib.AbstractContextManager[Any]:
+    """The context a whole training step (forward, backward, optimizer) of ``arm`` runs in."""
+    if fp16_mode(arm, device_type, fp16_cpu) == "emulated":
+        from mpaudit.fp16_emulation import emulated_fp16
+
+        return emulated_fp16()
+    return contextlib.nullcontext()
 
 
 def parse_arms(names: str | Sequence[str]) -> list[Arm]:

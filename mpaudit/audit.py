@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mpaudit.arms import BASELINE, DEFAULT_ARMS, parse_arms
+from mpaudit.arms import BASELINE, DEFAULT_ARMS, FP16_CPU_MODES, parse_arms
 from mpaudit.env import collect_env, resolve_device, tf32_setting
 from mpaudit.errors import UsageError
 from mpaudit.gate import evaluate_gate, lower_is_better
@@ -31,6 +31,7 @@ class AuditConfig:
     seed: int = 0
     device: str = "auto"
     tf32: bool = False
+    fp16_cpu: str = "emulate"
     max_drop: dict[str, float] = field(default_factory=dict)
     max_loss_gap: float | None = None
 
@@ -48,6 +49,8 @@ class AuditConfig:
             raise UsageError("A gate compares against fp32, so --arms must include fp32.")
         if gated and len(self.arms) < 2:
             raise UsageError("A gate needs at least one mixed-precision arm beside fp32.")
+        if self.fp16_cpu not in FP16_CPU_MODES:
+            raise UsageError(f"--fp16-cpu must be one of {', '.join(FP16_CPU_MODES)}, not {self.fp16_cpu!r}.")
         if self.max_loss_gap is not None and self.max_loss_gap < 0:
             raise UsageError("--max-loss-gap must be >= 0.")
         steps = self.steps if self.steps is not None or self.epochs is not None else DEFAULT_STEPS
@@ -87,7 +90,7 @@ def audit(
         env = collect_env(device, cfg.seed, task.path, task.sha256, list(command or sys.argv))
         metric_names = preflight(task, device)
         _check_metrics_requested(cfg, metric_names)
-        spec = TrainSpec(device=device, seed=cfg.seed, steps=cfg.steps, epochs=cfg.epochs)
+        spec = TrainSpec(device=device, seed=cfg.seed, steps=cfg.steps, epochs=cfg.epochs, fp16_cpu=cfg.fp16_cpu)
         results: dict[str, ArmResult] = {}
         for arm in arms:
             results[arm.name] = train_arm(task, arm, spec, progress)

@@ -76,9 +76,10 @@ def run(
     max_drop: Annotated[list[str] | None, typer.Option("--max-drop", help="Gate: METRIC=DELTA, fail when an arm's metric is DELTA worse than fp32 (repeatable).", show_default=False)] = None,
     max_loss_gap: Annotated[float | None, typer.Option(help="Gate: fail when an arm's final training loss exceeds fp32's by more than this.", show_default=False)] = None,
     tf32: Annotated[bool, typer.Option("--tf32/--no-tf32", help="Allow TF32 matmuls in the fp32 baseline (CUDA only; off by default).")] = False,
+    fp16_cpu: Annotated[str, typer.Option(help="fp16 on a CPU: emulate (tensor-core numerics at fp32 speed) or native (PyTorch's slow half kernels).")] = "emulate",
     plotlyjs: Annotated[str, typer.Option(help="inline (self-contained, works offline) or cdn (small file).")] = "inline",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display and no summary, only errors and gate failures.")] = False,
-    debug: Annotated[bool, typer.Option(help="Show full tracebacks instead of one-line errors.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
 ) -> None:
     """Train the task once per arm from identical weights on identical batches; write report.json and report.html."""
     from mpaudit.audit import AuditConfig, audit
@@ -91,7 +92,7 @@ def run(
         raise UsageError(f"--plotlyjs must be inline or cdn, not {plotlyjs!r}.")
     config = AuditConfig(
         arms=tuple(a.strip() for a in arms.split(",") if a.strip()),
-        steps=steps, epochs=epochs, seed=seed, device=device, tf32=tf32,
+        steps=steps, epochs=epochs, seed=seed, device=device, tf32=tf32, fp16_cpu=fp16_cpu,
         max_drop=parse_max_drop(max_drop or []), max_loss_gap=max_loss_gap,
     ).validated()
     loaded = load_task(task)
@@ -115,7 +116,7 @@ def report(
     result_json: Annotated[Path, typer.Argument(help="A report.json written by mpaudit run.", show_default=False)],
     out_file: Annotated[Path | None, typer.Option("--out", help="HTML file to write (default: report.html beside the JSON).", show_default=False)] = None,
     plotlyjs: Annotated[str, typer.Option(help="inline (self-contained, works offline) or cdn (small file).")] = "inline",
-    debug: Annotated[bool, typer.Option(help="Show full tracebacks instead of one-line errors.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
 ) -> None:
     """Re-render report.html from a saved report.json (no training)."""
     from mpaudit.atomic import atomic_write_text
@@ -133,7 +134,7 @@ def gate(
     result_json: Annotated[Path, typer.Argument(help="A report.json written by mpaudit run.", show_default=False)],
     max_drop: Annotated[list[str] | None, typer.Option("--max-drop", help="METRIC=DELTA: fail when an arm's metric is DELTA worse than fp32 (repeatable).", show_default=False)] = None,
     max_loss_gap: Annotated[float | None, typer.Option(help="Fail when an arm's final training loss exceeds fp32's by more than this.", show_default=False)] = None,
-    debug: Annotated[bool, typer.Option(help="Show full tracebacks instead of one-line errors.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
 ) -> None:
     """Re-evaluate the gate on a saved report.json without training; exit 1 when it fails."""
     from dataclasses import replace

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import torch
 
-from mpaudit.arms import Arm
+from mpaudit.arms import Arm, fp16_mode, step_context
 from mpaudit.batches import batch_size, move_to_device
 from mpaudit.result import ArmResult, Fingerprints, LossScale, Speed
 from mpaudit.seeding import BatchFingerprint, fingerprint_model, seed_everything
@@ -54,6 +54,7 @@ class TrainSpec:
     seed: int
     steps: int | None
     epochs: int | None
+    fp16_cpu: str = "emulate"
 
 
 def _sync(device: torch.device) -> None:
@@ -168,7 +169,8 @@ def train_arm(task: Task, arm: Arm, spec: TrainSpec, progress: Progress | None =
             batch = move_to_device(batch, device)
             t0 = time.perf_counter()
             scale = scaler.get_scale() if scaler is not None else None
-            loss = train_step(task, arm, model, optimizer, scaler, batch, device.type)
+            with step_context(arm, device.type, spec.fp16_cpu):
+                loss = train_step(task, arm, model, optimizer, scaler, batch, device.type)
             if scaler is not None and scale is not None:
                 scales.append(scale)
                 if scaler.get_scale() < scale:
@@ -213,7 +215,7 @@ def train_arm(task: Task, arm: Arm, spec: TrainSpec, progress: Progress | None =
         loss_scale=LossScale(history=scales, skipped_steps=skipped) if arm.grad_scaler else None,
         fingerprints=fingerprints,
         speed=_loop_speed(step_times, samples),
-        fp16_mode=("native" if arm.autocast_dtype == torch.float16 else None),
+        fp16_mode=fp16_mode(arm, device.type, spec.fp16_cpu),
         notes=notes,
     )
     progress.arm_finished(result)
