@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -12,7 +13,7 @@ from typing import Any
 from mpaudit.arms import BASELINE, DEFAULT_ARMS, FP16_CPU_MODES, parse_arms
 from mpaudit.env import collect_env, resolve_device, tf32_setting
 from mpaudit.errors import UsageError
-from mpaudit.gate import evaluate_gate, lower_is_better
+from mpaudit.gate import AUTO, DEFAULT_NOISE_K, evaluate_gate, lower_is_better
 from mpaudit.result import ArmResult, AuditResult
 from mpaudit.task import Task, load_task, preflight
 from mpaudit.train import Progress, TrainSpec, train_arm
@@ -32,8 +33,15 @@ class AuditConfig:
     device: str = "auto"
     tf32: bool = False
     fp16_cpu: str = "emulate"
-    max_drop: dict[str, float] = field(default_factory=dict)
+    max_drop: dict[str, float | str] = field(default_factory=dict)
     max_loss_gap: float | None = None
+    seeds: int = 1
+    noise_k: float = DEFAULT_NOISE_K
+
+    @property
+    def seed_list(self) -> list[int]:
+        """The seeds every arm trains with: ``seed`` first, then the noise-floor replicates."""
+        return [self.seed + i for i in range(self.seeds)]
 
     def validated(self) -> AuditConfig:
         """Check the options make sense together; fill the default length."""
@@ -53,6 +61,13 @@ class AuditConfig:
             raise UsageError(f"--fp16-cpu must be one of {', '.join(FP16_CPU_MODES)}, not {self.fp16_cpu!r}.")
         if self.max_loss_gap is not None and self.max_loss_gap < 0:
             raise UsageError("--max-loss-gap must be >= 0.")
+        if self.seeds < 1:
+            raise UsageError("--seeds must be at least 1.")
+        if not (math.isfinite(self.noise_k) and self.noise_k > 0):
+            raise UsageError("--noise-k must be a positive number.")
+        for metric, limit in self.max_drop.items():
+            if limit == AUTO and (self.seeds < 2 or BASELINE not in self.arms):
+                raise UsageError(f"--max-drop {metric}=auto needs --seeds 2 or more, to measure fp32's seed noise.")
         steps = self.steps if self.steps is not None or self.epochs is not None else DEFAULT_STEPS
         return AuditConfig(**{**asdict(self), "steps": steps, "arms": tuple(self.arms)})
 
@@ -90,12 +105,19 @@ def audit(
         env = collect_env(device, cfg.seed, task.path, task.sha256, list(command or sys.argv))
         metric_names = preflight(task, device)
         _check_metrics_requested(cfg, metric_names)
-        spec = TrainSpec(device=device, seed=cfg.seed, steps=cfg.steps, epochs=cfg.epochs, fp16_cpu=cfg.fp16_cpu)
         results: dict[str, ArmResult] = {}
-        for arm in arms:
-            results[arm.name] = train_arm(task, arm, spec, progress)
+        replicates: dict[str, list[ArmResult]] = {}
+        for i, seed in enumerate(cfg.seed_list):
+            spec = TrainSpec(device=device, seed=seed, steps=cfg.steps, epochs=cfg.epochs,
+                             fp16_cpu=cfg.fp16_cpu, data_seed=cfg.seed)
+            for arm in arms:
+                run = train_arm(task, arm, spec, progress, label=arm.name if i == 0 else f"{arm.name} s{seed}")
+                if i == 0:
+                    results[arm.name] = run
+                else:
+                    replicates.setdefault(arm.name, []).append(run)
 
-    gate = evaluate_gate(results, cfg.max_drop, cfg.max_loss_gap)
+    gate = evaluate_gate(results, cfg.max_drop, cfg.max_loss_gap, replicates, cfg.noise_k)
     from mpaudit import __version__
 
     return AuditResult(
@@ -105,7 +127,8 @@ def audit(
         arms=results,
         gate=gate,
         flags=[],
-        warnings=_warnings(results),
+        replicates=replicates,
+        warnings=_warnings(results, replicates),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         mpaudit_version=__version__,
     )
@@ -114,6 +137,7 @@ def audit(
 def _config_dict(cfg: AuditConfig) -> dict[str, Any]:
     d = asdict(cfg)
     d["arms"] = list(cfg.arms)
+    d["seeds"] = cfg.seed_list
     return d
 
 
@@ -128,8 +152,22 @@ def _check_metrics_requested(cfg: AuditConfig, metric_names: list[str]) -> None:
             )
 
 
-def _warnings(results: dict[str, ArmResult]) -> list[str]:
+def _warnings(results: dict[str, ArmResult], replicates: dict[str, list[ArmResult]]) -> list[str]:
     """Loud, plain-language warnings that void or qualify the comparison."""
+    out = _fingerprint_warnings(results)
+    n_replicates = max((len(v) for v in replicates.values()), default=0)
+    for i in range(n_replicates):
+        group = {name: runs[i] for name, runs in replicates.items() if i < len(runs)}
+        out += [f"Seed replicate {i + 1}: {w}" for w in _fingerprint_warnings(group)]
+    every_run = [*results.values(), *(r for runs in replicates.values() for r in runs)]
+    batch_prints = {r.fingerprints.batches for r in every_run if r.fingerprints}
+    if len(batch_prints) > 1 and not out:
+        out.append("The seed replicates did not see the same first batches as the main run: train_loader() "
+                   "depends on more than the seed mpaudit sets, so the noise floor mixes data-order noise in.")
+    return out
+
+
+def _fingerprint_warnings(results: dict[str, ArmResult]) -> list[str]:
     out: list[str] = []
     prints = {name: r.fingerprints for name, r in results.items() if r.fingerprints}
     if len({p.weights for p in prints.values()}) > 1:

@@ -75,6 +75,8 @@ def run(
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default reports/<task name>/).", show_default=False)] = None,
     max_drop: Annotated[list[str] | None, typer.Option("--max-drop", help="Gate: METRIC=DELTA, fail when an arm's metric is DELTA worse than fp32 (repeatable).", show_default=False)] = None,
     max_loss_gap: Annotated[float | None, typer.Option(help="Gate: fail when an arm's final training loss exceeds fp32's by more than this.", show_default=False)] = None,
+    seeds: Annotated[int, typer.Option(help="Train every arm with this many seeds (same data order) to measure fp32's seed noise; needed by METRIC=auto.")] = 1,
+    noise_k: Annotated[float, typer.Option(help="--max-drop METRIC=auto allows a drop of this many standard deviations of fp32's seed noise.")] = 3.0,
     tf32: Annotated[bool, typer.Option("--tf32/--no-tf32", help="Allow TF32 matmuls in the fp32 baseline (CUDA only; off by default).")] = False,
     fp16_cpu: Annotated[str, typer.Option(help="fp16 on a CPU: emulate (tensor-core numerics at fp32 speed) or native (PyTorch's slow half kernels).")] = "emulate",
     plotlyjs: Annotated[str, typer.Option(help="inline (self-contained, works offline) or cdn (small file).")] = "inline",
@@ -93,7 +95,7 @@ def run(
     config = AuditConfig(
         arms=tuple(a.strip() for a in arms.split(",") if a.strip()),
         steps=steps, epochs=epochs, seed=seed, device=device, tf32=tf32, fp16_cpu=fp16_cpu,
-        max_drop=parse_max_drop(max_drop or []), max_loss_gap=max_loss_gap,
+        max_drop=parse_max_drop(max_drop or []), max_loss_gap=max_loss_gap, seeds=seeds, noise_k=noise_k,
     ).validated()
     loaded = load_task(task)
     target = out_dir or Path("reports") / loaded.name
@@ -134,6 +136,7 @@ def gate(
     result_json: Annotated[Path, typer.Argument(help="A report.json written by mpaudit run.", show_default=False)],
     max_drop: Annotated[list[str] | None, typer.Option("--max-drop", help="METRIC=DELTA: fail when an arm's metric is DELTA worse than fp32 (repeatable).", show_default=False)] = None,
     max_loss_gap: Annotated[float | None, typer.Option(help="Fail when an arm's final training loss exceeds fp32's by more than this.", show_default=False)] = None,
+    noise_k: Annotated[float, typer.Option(help="METRIC=auto allows a drop of this many standard deviations of fp32's seed noise.")] = 3.0,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
 ) -> None:
     """Re-evaluate the gate on a saved report.json without training; exit 1 when it fails."""
@@ -147,7 +150,7 @@ def gate(
         raise UsageError("Give at least one --max-drop or --max-loss-gap to gate on.")
     if "fp32" not in result.arms:
         raise UsageError(f"{result_json} has no fp32 arm to compare against.")
-    result = replace(result, gate=evaluate_gate(result.arms, limits, max_loss_gap))
+    result = replace(result, gate=evaluate_gate(result.arms, limits, max_loss_gap, result.replicates, noise_k))
     for check in result.gate.checks:
         out.print(("PASS " if check.passed else "FAIL ") + check.message)
     _finish_gate(result)

@@ -1,33 +1,54 @@
-"""The CI gate: does any mixed-precision arm fall too far behind fp32?
+"""The CI gate: does any mixed-precision arm fall too far behind fp32 — beyond what seed noise explains?
 
-``--max-drop METRIC=DELTA`` fails when an arm's metric is more than DELTA *below* fp32's (for a
-metric whose name contains ``loss``, more than DELTA *above*). ``--max-loss-gap DELTA`` does the
-same on the final training loss. A diverged or failed arm fails every gate. The gate reads only an
-:class:`~mpaudit.result.AuditResult`, so a saved result can be gated again without training.
+``--max-drop METRIC=DELTA`` fails when an arm's metric is more than DELTA *below* fp32's (for a metric
+whose name says loss, perplexity or error, more than DELTA *above*). ``--max-loss-gap DELTA`` does the
+same on the final training loss. With ``--seeds K`` every arm trains with K seeds; a check then uses the
+mean paired drop over the seeds (with a 95% t-interval), and ``METRIC=auto`` sets the limit to
+``k·σ`` where σ is fp32's seed-to-seed standard deviation of that metric (the *noise floor*) and k is
+:data:`DEFAULT_NOISE_K` (``--noise-k``). A diverged or failed run fails every check. The gate reads only
+results, so a saved ``report.json`` can be gated again without training.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
 
 from mpaudit.arms import BASELINE
 from mpaudit.errors import UsageError
-from mpaudit.result import ArmResult, Gate, GateCheck
+from mpaudit.result import ArmResult, Gate, GateCheck, NoiseFloor
+
+AUTO = "auto"
+DEFAULT_NOISE_K = 3.0
+"""``--max-drop METRIC=auto`` allows a drop of k standard deviations of fp32's seed-to-seed spread. Three
+sigma keeps the false-alarm rate of a clean model low even with few seeds, where σ itself is uncertain."""
+
+# Two-sided 95% Student-t quantiles by degrees of freedom (1..30); beyond that the normal 1.96.
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042)
+
+Limit = float | str
 
 
-def parse_max_drop(specs: Iterable[str]) -> dict[str, float]:
-    """``["accuracy=0.01", "loss=0.1"]`` -> ``{"accuracy": 0.01, "loss": 0.1}``; UsageError when malformed."""
-    out: dict[str, float] = {}
+def parse_max_drop(specs: Iterable[str]) -> dict[str, Limit]:
+    """``["accuracy=0.01", "loss=auto"]`` -> ``{"accuracy": 0.01, "loss": "auto"}``; UsageError when malformed."""
+    out: dict[str, Limit] = {}
     for spec in specs:
         metric, sep, value = spec.partition("=")
-        metric = metric.strip()
+        metric, value = metric.strip(), value.strip()
         if not sep or not metric:
-            raise UsageError(f"--max-drop {spec!r} is not of the form METRIC=DELTA (e.g. accuracy=0.01).")
+            raise UsageError(
+                f"--max-drop {spec!r} is not of the form METRIC=DELTA (e.g. accuracy=0.01 or accuracy=auto)."
+            )
+        if value == AUTO:
+            out[metric] = AUTO
+            continue
         try:
             delta = float(value)
         except ValueError:
-            raise UsageError(f"--max-drop {spec!r}: {value!r} is not a number.") from None
+            raise UsageError(f"--max-drop {spec!r}: {value!r} is neither a number nor 'auto'.") from None
         if not math.isfinite(delta) or delta < 0:
             raise UsageError(f"--max-drop {spec!r}: the allowed drop must be a finite number >= 0.")
         out[metric] = delta
@@ -40,59 +61,130 @@ def lower_is_better(metric: str) -> bool:
     return any(word in name for word in ("loss", "perplexity", "ppl", "error"))
 
 
-def _worse_by(metric: str, baseline: float, value: float) -> float:
-    """How much worse ``value`` is than ``baseline`` (positive = worse)."""
-    return value - baseline if lower_is_better(metric) else baseline - value
+def t_interval(xs: Sequence[float]) -> tuple[float, float, float]:
+    """Mean and two-sided 95% Student-t interval of ``xs`` (the interval is the mean itself for one value)."""
+    mean = statistics.fmean(xs)
+    if len(xs) < 2:
+        return mean, mean, mean
+    half = _T95[min(len(xs) - 2, len(_T95) - 1)] * statistics.stdev(xs) / math.sqrt(len(xs))
+    return mean, mean - half, mean + half
 
 
-def evaluate_gate(arms: dict[str, ArmResult], max_drop: dict[str, float], max_loss_gap: float | None) -> Gate:
-    """Check every non-baseline arm against fp32 under the given limits."""
-    gate = Gate(max_drop=dict(max_drop), max_loss_gap=max_loss_gap)
-    if not gate.given:
-        return gate
-    checks: list[GateCheck] = []
-    base = arms.get(BASELINE)
-    others = [a for name, a in arms.items() if name != BASELINE]
-    limits: list[tuple[str, str, float]] = [("max_drop", m, d) for m, d in max_drop.items()]
-    if max_loss_gap is not None:
-        limits.append(("max_loss_gap", "final_loss", max_loss_gap))
-
-    for arm in others:
-        for kind, metric, limit in limits:
-            checks.append(_check(base, arm, kind, metric, limit))
-    return Gate(checks=checks, max_drop=dict(max_drop), max_loss_gap=max_loss_gap)
+def noise_floor(values: Sequence[float]) -> NoiseFloor:
+    """Spread of fp32 metric values over seeds (sample standard deviation)."""
+    return NoiseFloor(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else 0.0,
+                      min=min(values), max=max(values), n=len(values))
 
 
 def _value(arm: ArmResult, metric: str) -> float | None:
-    if metric == "final_loss":
-        return arm.final_loss
-    return arm.metrics.get(metric)
+    return arm.final_loss if metric == "final_loss" else arm.metrics.get(metric)
 
 
-def _check(base: ArmResult | None, arm: ArmResult, kind: str, metric: str, limit: float) -> GateCheck:
+def evaluate_gate(
+    arms: Mapping[str, ArmResult],
+    max_drop: Mapping[str, Limit],
+    max_loss_gap: float | None,
+    replicates: Mapping[str, Sequence[ArmResult]] | None = None,
+    noise_k: float = DEFAULT_NOISE_K,
+) -> Gate:
+    """Check every non-fp32 arm against fp32 under the given limits.
+
+    ``replicates`` holds, per arm, its runs with the extra seeds (paired by position with fp32's); with
+    them the checks use mean paired drops and the gate records fp32's noise floor for every metric.
+    """
+    replicates = replicates or {}
+    runs = {name: [arm, *replicates.get(name, [])] for name, arm in arms.items()}
+    floors = _noise_floors(runs.get(BASELINE, []))
+    for metric, limit in max_drop.items():
+        if limit == AUTO and (metric not in floors or floors[metric].n < 2):
+            raise UsageError(f"--max-drop {metric}=auto needs --seeds 2 or more, to measure fp32's seed noise.")
+    gate = Gate(max_drop=dict(max_drop), max_loss_gap=max_loss_gap, noise_floor=floors,
+                noise_k=noise_k if floors else None)
+    if not gate.given:
+        return gate
+    limits: list[tuple[str, str, Limit]] = [("max_drop", m, d) for m, d in max_drop.items()]
+    if max_loss_gap is not None:
+        limits.append(("max_loss_gap", "final_loss", max_loss_gap))
+    checks = [
+        _check(runs.get(BASELINE, []), arm_runs, kind, metric, limit, floors, noise_k)
+        for name, arm_runs in runs.items() if name != BASELINE
+        for kind, metric, limit in limits
+    ]
+    return Gate(checks=checks, max_drop=dict(max_drop), max_loss_gap=max_loss_gap, noise_floor=floors,
+                noise_k=gate.noise_k)
+
+
+def _noise_floors(base_runs: Sequence[ArmResult]) -> dict[str, NoiseFloor]:
+    ok = [r for r in base_runs if r.status == "ok"]
+    if len(ok) < 2:
+        return {}
+    floors = {}
+    for metric in ok[0].metrics:
+        values = [r.metrics[metric] for r in ok if metric in r.metrics and math.isfinite(r.metrics[metric])]
+        if len(values) >= 2:
+            floors[metric] = noise_floor(values)
+    return floors
+
+
+def _check(
+    base_runs: Sequence[ArmResult],
+    arm_runs: Sequence[ArmResult],
+    kind: str,
+    metric: str,
+    limit_spec: Limit,
+    floors: Mapping[str, NoiseFloor],
+    noise_k: float,
+) -> GateCheck:
+    name = arm_runs[0].name
+    floor = floors.get(metric)
+    if limit_spec == AUTO:
+        assert floor is not None  # checked by evaluate_gate
+        limit = noise_k * floor.std
+        limit_text = f"{limit:.4g} (= {noise_k:g}σ of fp32's seed noise, σ={floor.std:.3g} over {floor.n} seeds)"
+    else:
+        limit = float(limit_spec)
+        limit_text = f"{limit:g}"
+        if floor is not None:
+            limit_text += f" (fp32 seed noise σ={floor.std:.3g} over {floor.n} seeds)"
+
     def fail(msg: str, **kw: float | None) -> GateCheck:
-        return GateCheck(arm=arm.name, metric=metric, kind=kind, limit=limit, passed=False, message=msg, **kw)
+        return GateCheck(arm=name, metric=metric, kind=kind, limit=limit, passed=False, message=msg,
+                         seeds=len(arm_runs), **kw)
 
-    if base is None or base.status == "failed":
+    base = base_runs[0] if base_runs else None
+    if base is None or any(r.status == "failed" for r in base_runs):
         why = "did not run" if base is None else "failed"
-        return fail(f"{arm.name} {metric}: cannot compare, the fp32 baseline {why}.")
-    if arm.status != "ok":
-        detail = f" ({arm.error})" if arm.error else ""
-        return fail(f"{arm.name} {metric}: the arm {arm.status}{detail}.", value=_value(arm, metric))
-    b, v = _value(base, metric), _value(arm, metric)
-    if b is None or v is None:
-        return fail(f"{arm.name} {metric}: the metric is missing from evaluate()'s result.", baseline=b, value=v)
-    if not math.isfinite(v):
-        return fail(f"{arm.name} {metric} = {v} is not finite (fp32 {b:.4g}).", baseline=b, value=v)
-    worse = _worse_by(metric, b, v)
+        return fail(f"{name} {metric}: cannot compare, the fp32 baseline {why}.")
+    bad = next((r for r in arm_runs if r.status != "ok"), None)
+    if bad is not None:
+        detail = f" ({bad.error})" if bad.error else ""
+        return fail(f"{name} {metric}: the arm {bad.status}{detail}; the allowed drop was {limit_text}.",
+                    value=_value(bad, metric))
+    pairs = [(_value(b, metric), _value(a, metric)) for b, a in zip(base_runs, arm_runs, strict=False)]
+    if any(b is None or v is None for b, v in pairs):
+        return fail(f"{name} {metric}: the metric is missing from evaluate()'s result.")
+    bs = [float(b) for b, _ in pairs]  # type: ignore[arg-type]
+    vs = [float(v) for _, v in pairs]  # type: ignore[arg-type]
+    if not all(math.isfinite(v) for v in vs + bs):
+        return fail(f"{name} {metric} is not finite ({vs} vs fp32 {bs}).", value=vs[0], baseline=bs[0])
+    sign = 1.0 if lower_is_better(metric) else -1.0
+    worse, low, high = t_interval([sign * (v - b) for b, v in zip(bs, vs, strict=True)])
+    b_mean, v_mean = statistics.fmean(bs), statistics.fmean(vs)
     passed = worse <= limit
     if worse > 0:
         change = f"{'rose' if lower_is_better(metric) else 'fell'} by {worse:.4g}"
     else:
         change = "no worse" if worse == 0 else f"better by {-worse:.4g}"
+    seeds = ""
+    if len(pairs) > 1:
+        seeds = f" (mean of {len(pairs)} seeds, 95% CI of the drop {low:.3g}..{high:.3g})"
     verb = "within" if passed else "beyond"
-    msg = f"{arm.name} {metric} = {v:.4g} vs fp32 {b:.4g}: {change}, {verb} the allowed {limit:g}."
+    msg = f"{name} {metric} = {v_mean:.4g} vs fp32 {b_mean:.4g}: {change}{seeds}, {verb} the allowed {limit_text}."
+    delta = v_mean - b_mean
     return GateCheck(
-        arm=arm.name, metric=metric, kind=kind, limit=limit, passed=passed, message=msg,
-        baseline=b, value=v, delta=v - b,
+        arm=name, metric=metric, kind=kind, limit=limit, passed=passed, message=msg,
+        baseline=b_mean, value=v_mean, delta=delta,
+        delta_low=min(sign * low, sign * high) if len(pairs) > 1 else None,
+        delta_high=max(sign * low, sign * high) if len(pairs) > 1 else None,
+        seeds=len(pairs),
     )

@@ -17,7 +17,7 @@ class RichProgress:
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)
         self._bar = Progress(
-            TextColumn("[bold]{task.fields[arm]:>5}"),
+            TextColumn("[bold]{task.fields[arm]:>9}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"),
@@ -41,12 +41,12 @@ class RichProgress:
         text = f"{loss:.4g}" if math.isfinite(loss) else str(loss)
         self._bar.update(self._ids[arm], completed=step, loss=text)  # type: ignore[arg-type]
 
-    def arm_finished(self, result: ArmResult) -> None:
-        task_id = self._ids.get(result.name)
+    def arm_finished(self, arm: str, result: ArmResult) -> None:
+        task_id = self._ids.get(arm)
         if task_id is not None:
             self._bar.update(task_id, total=result.steps, completed=result.steps)  # type: ignore[arg-type]
         if result.status != "ok":
-            self.console.print(f"[red]{result.name}: {result.status}[/red] {result.error or ''}", markup=True)
+            self.console.print(f"[red]{arm}: {result.status}[/red] {result.error or ''}", markup=True)
 
 
 def progress_enabled(quiet: bool) -> bool:

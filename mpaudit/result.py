@@ -185,6 +185,22 @@ class Flag:
 
 
 @dataclass(frozen=True)
+class NoiseFloor:
+    """Seed-to-seed spread of one fp32 metric over ``n`` seeds: what "no real change" looks like."""
+
+    mean: float
+    std: float
+    min: float
+    max: float
+    n: int
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> NoiseFloor:
+        return cls(mean=_dec_float(d["mean"]), std=_dec_float(d["std"]), min=_dec_float(d["min"]),
+                   max=_dec_float(d["max"]), n=int(d["n"]))
+
+
+@dataclass(frozen=True)
 class GateCheck:
     """One comparison of an arm against the fp32 baseline under a limit given by the user."""
 
@@ -197,6 +213,9 @@ class GateCheck:
     baseline: float | None = None
     value: float | None = None
     delta: float | None = None
+    delta_low: float | None = None
+    delta_high: float | None = None
+    seeds: int = 1
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GateCheck:
@@ -213,6 +232,9 @@ class GateCheck:
             baseline=opt("baseline"),
             value=opt("value"),
             delta=opt("delta"),
+            delta_low=opt("delta_low"),
+            delta_high=opt("delta_high"),
+            seeds=int(d.get("seeds", 1)),
         )
 
 
@@ -221,8 +243,10 @@ class Gate:
     """The CI gate: every check, and whether all passed (true when no gate was asked for)."""
 
     checks: list[GateCheck] = field(default_factory=list)
-    max_drop: dict[str, float] = field(default_factory=dict)
+    max_drop: dict[str, float | str] = field(default_factory=dict)
     max_loss_gap: float | None = None
+    noise_floor: dict[str, NoiseFloor] = field(default_factory=dict)
+    noise_k: float | None = None
 
     _derived = ("passed", "given")
 
@@ -241,10 +265,13 @@ class Gate:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Gate:
         mlg = d.get("max_loss_gap")
+        k = d.get("noise_k")
         return cls(
             checks=[GateCheck.from_dict(c) for c in d.get("checks", [])],
-            max_drop={str(k): _dec_float(v) for k, v in d.get("max_drop", {}).items()},
+            max_drop={str(m): (v if v == "auto" else _dec_float(v)) for m, v in d.get("max_drop", {}).items()},
             max_loss_gap=None if mlg is None else _dec_float(mlg),
+            noise_floor={str(m): NoiseFloor.from_dict(v) for m, v in d.get("noise_floor", {}).items()},
+            noise_k=None if k is None else _dec_float(k),
         )
 
 
@@ -258,12 +285,24 @@ class AuditResult:
     arms: dict[str, ArmResult]
     gate: Gate = field(default_factory=Gate)
     flags: list[Flag] = field(default_factory=list)
+    replicates: dict[str, list[ArmResult]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     created: str = ""
     mpaudit_version: str = ""
     schema_version: int = SCHEMA_VERSION
 
     _derived = ("fingerprints_match",)
+
+    @property
+    def seeds(self) -> list[int]:
+        """Every seed an arm was trained with: the main seed first, then the noise-floor replicates."""
+        return [int(s) for s in self.config.get("seeds", [self.env.get("seed", 0)])]
+
+    def runs(self, arm: str) -> list[ArmResult]:
+        """All runs of ``arm``, one per seed (the main run first); empty when the arm did not run."""
+        if arm not in self.arms:
+            return []
+        return [self.arms[arm], *self.replicates.get(arm, [])]
 
     @property
     def baseline(self) -> ArmResult | None:
@@ -311,6 +350,7 @@ class AuditResult:
                 arms={k: ArmResult.from_dict(v) for k, v in d["arms"].items()},
                 gate=Gate.from_dict(d.get("gate", {})),
                 flags=[Flag.from_dict(f) for f in d.get("flags", [])],
+                replicates={k: [ArmResult.from_dict(a) for a in v] for k, v in d.get("replicates", {}).items()},
                 warnings=[str(w) for w in d.get("warnings", [])],
                 created=str(d.get("created", "")),
                 mpaudit_version=str(d.get("mpaudit_version", "")),

@@ -30,7 +30,7 @@ class Progress(Protocol):
 
     def arm_started(self, arm: str, total: int | None) -> None: ...
     def step(self, arm: str, step: int, loss: float) -> None: ...
-    def arm_finished(self, result: ArmResult) -> None: ...
+    def arm_finished(self, arm: str, result: ArmResult) -> None: ...
 
 
 class NoProgress:
@@ -42,19 +42,29 @@ class NoProgress:
     def step(self, arm: str, step: int, loss: float) -> None:
         pass
 
-    def arm_finished(self, result: ArmResult) -> None:
+    def arm_finished(self, arm: str, result: ArmResult) -> None:
         pass
 
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """How long and where an arm trains. Exactly one of ``steps`` / ``epochs`` is set."""
+    """How long and where an arm trains. Exactly one of ``steps`` / ``epochs`` is set.
+
+    ``seed`` seeds the model's initial weights and training randomness (dropout); ``data_seed`` seeds the
+    loaders, so noise-floor replicates with other seeds still see the same batches in the same order.
+    """
 
     device: torch.device
     seed: int
     steps: int | None
     epochs: int | None
     fp16_cpu: str = "emulate"
+    data_seed: int | None = None
+
+    @property
+    def loader_seed(self) -> int:
+        """The seed the loaders run under (``data_seed``, or ``seed`` when none is given)."""
+        return self.seed if self.data_seed is None else self.data_seed
 
 
 def _sync(device: torch.device) -> None:
@@ -63,21 +73,29 @@ def _sync(device: torch.device) -> None:
 
 
 def _epoch_batches(task: Task, first: Any, spec: TrainSpec) -> Iterator[Any]:
-    """Batches epoch after epoch. Each later epoch reseeds (seed + epoch) so every arm sees the same order."""
+    """Batches epoch after epoch, in the same order for every arm and every seed.
+
+    Each epoch's iterator is created and its first batch drawn under ``data_seed + epoch`` (a shuffling
+    DataLoader draws its order then); the generators are then reseeded with ``seed + epoch`` so dropout and
+    other training randomness follow the run's seed, not the data's.
+    """
     loader = first
     epoch = 0
     while spec.epochs is None or epoch < spec.epochs:
-        if epoch > 0:
-            seed_everything(spec.seed + epoch)
-            if iter(loader) is loader:  # a one-shot iterator: ask the task for a fresh one
-                loader = task.train_loader()
-        n = 0
-        for batch in loader:
-            n += 1
-            yield batch
-        if n == 0:
+        seed_everything(spec.loader_seed + epoch)
+        if epoch > 0 and iter(loader) is loader:  # a one-shot iterator: ask the task for a fresh one
+            loader = task.train_loader()
+        it = iter(loader)
+        head = next(it, _END)
+        seed_everything(spec.seed + epoch)
+        if head is _END:
             return
+        yield head
+        yield from it
         epoch += 1
+
+
+_END = object()
 
 
 def train_step(
@@ -127,13 +145,16 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def train_arm(task: Task, arm: Arm, spec: TrainSpec, progress: Progress | None = None) -> ArmResult:
+def train_arm(
+    task: Task, arm: Arm, spec: TrainSpec, progress: Progress | None = None, label: str | None = None
+) -> ArmResult:
     """Train ``arm`` from the seeded initial weights on the seeded batches and evaluate it in fp32.
 
     Never raises for the user's errors: an exception marks the arm ``failed`` with its message, so the
     other arms still run. A non-finite loss marks it ``diverged``.
     """
     progress = progress or NoProgress()
+    label = label or arm.name
     device = spec.device
     losses: list[float] = []
     scales: list[float] = []
@@ -153,11 +174,11 @@ def train_arm(task: Task, arm: Arm, spec: TrainSpec, progress: Progress | None =
         model.to(device)
         optimizer = task.build_optimizer(model)
         scaler = arm.make_scaler(device.type)
-        seed_everything(spec.seed)
+        seed_everything(spec.loader_seed)
         loader = task.train_loader()
         batch_fp = BatchFingerprint()
         total = _planned_steps(loader, spec)
-        progress.arm_started(arm.name, total)
+        progress.arm_started(label, total)
         model.train()
         nonfinite_run = 0
         for step, batch in enumerate(_epoch_batches(task, loader, spec)):
@@ -179,7 +200,7 @@ def train_arm(task: Task, arm: Arm, spec: TrainSpec, progress: Progress | None =
             _sync(device)
             step_times.append(time.perf_counter() - t0)
             losses.append(value)
-            progress.step(arm.name, step + 1, value)
+            progress.step(label, step + 1, value)
             if math.isfinite(value):
                 nonfinite_run = 0
                 continue
@@ -194,7 +215,7 @@ def train_arm(task: Task, arm: Arm, spec: TrainSpec, progress: Progress | None =
         fingerprints = Fingerprints(weights=weights_fp, batches=batch_fp.hexdigest())
         if task.has_evaluate:
             model.eval()
-            seed_everything(spec.seed)
+            seed_everything(spec.loader_seed)
             with torch.no_grad():
                 metrics = task.evaluate(model, task.eval_loader() or [])
     except Exception as exc:  # one failing arm never sinks the others
@@ -218,7 +239,7 @@ def train_arm(task: Task, arm: Arm, spec: TrainSpec, progress: Progress | None =
         fp16_mode=fp16_mode(arm, device.type, spec.fp16_cpu),
         notes=notes,
     )
-    progress.arm_finished(result)
+    progress.arm_finished(label, result)
     return result
 
 

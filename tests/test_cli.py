@@ -86,3 +86,29 @@ def test_console_script_help_lists_every_option() -> None:
     for option in ("--arms", "--steps", "--epochs", "--seed", "--device", "--out", "--max-drop", "--max-loss-gap",
                    "--quiet", "--debug"):
         assert option in proc.stdout
+
+
+def test_seed_noise_floor_gate_passes_clean_and_fails_overflow(tiny_task: Path, overflow_task: Path,
+                                                               tmp_path: Path) -> None:
+    clean = runner.invoke(app, ["run", str(tiny_task), "--steps", "25", "--seeds", "3", "--arms", "fp32,bf16,fp16",
+                                "--max-drop", "accuracy=auto", "--out", str(tmp_path / "c"), "-q"])
+    assert clean.exit_code == EXIT_OK, clean.output
+    data = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert data["gate"]["noise_floor"]["accuracy"]["n"] == 3
+    assert data["config"]["seeds"] == [0, 1, 2]
+    assert len(data["replicates"]["fp16"]) == 2
+    assert data["fingerprints_match"] is True and data["warnings"] == []
+    # replicates have other initial weights but the same batches
+    assert data["replicates"]["fp32"][0]["fingerprints"]["weights"] != data["arms"]["fp32"]["fingerprints"]["weights"]
+    assert data["replicates"]["fp32"][0]["fingerprints"]["batches"] == data["arms"]["fp32"]["fingerprints"]["batches"]
+
+    bad = runner.invoke(app, ["run", str(overflow_task), "--steps", "30", "--seeds", "2", "--arms", "fp32,fp16",
+                              "--max-drop", "accuracy=auto", "--out", str(tmp_path / "b"), "-q"])
+    assert bad.exit_code == EXIT_GATE_FAILED, bad.output
+    assert "GATE FAILED: fp16 accuracy" in bad.output
+    assert "seed noise" in bad.output and "over 2 seeds" in bad.output  # the noise floor is in the message
+
+
+def test_auto_gate_without_seeds_is_a_usage_error(tiny_task: Path) -> None:
+    result = runner.invoke(app, ["run", str(tiny_task), "--max-drop", "accuracy=auto", "-q"])
+    assert result.exit_code == EXIT_USAGE and "--seeds 2 or more" in result.output
