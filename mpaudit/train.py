@@ -107,12 +107,13 @@ def train_step(
     batch: Any,
     device_type: str,
     after_backward: Callable[[], None] | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """One real optimizer step of ``arm``: forward under its autocast, backward (scaled for fp16),
     optimizer step (through the GradScaler for fp16), zero grads. Returns the detached loss; no host sync.
 
     ``after_backward`` runs between backward and the optimizer step (gradients are populated and, in the
-    fp16 arm, still multiplied by the loss scale).
+    fp16 arm, still multiplied by the loss scale); ``after_step`` right after the optimizer step.
     """
     with arm.autocast(device_type):
         loss = task.loss(model, batch)
@@ -127,6 +128,8 @@ def train_step(
         if after_backward is not None:
             after_backward()
         optimizer.step()
+    if after_step is not None:
+        after_step()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach()
 

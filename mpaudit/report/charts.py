@@ -69,7 +69,33 @@ def loss_scale(result: AuditResult) -> go.Figure | None:
     return fig
 
 
+def noise_band(result: AuditResult) -> go.Figure | None:
+    """Each arm's mean delta vs fp32 (with its 95% interval) against fp32's seed-noise band (±k·σ)."""
+    floors = result.gate.noise_floor
+    checks = [c for c in result.gate.checks if c.metric in floors and c.delta is not None]
+    if not checks:
+        return None
+    k = result.gate.noise_k or 0.0
+    fig = go.Figure()
+    labels = [f"{c.arm} {c.metric}" for c in checks]
+    for label, c in zip(labels, checks, strict=True):
+        sigma = floors[c.metric].std
+        fig.add_trace(go.Bar(x=[label], y=[2 * k * sigma], base=[-k * sigma], name=f"±{k:g}σ fp32 noise",
+                             marker={"color": "rgba(120,120,120,0.25)"}, showlegend=label == labels[0],
+                             hoverinfo="skip"))
+    err_plus = [(c.delta_high - c.delta) if c.delta_high is not None and c.delta is not None else 0 for c in checks]
+    err_minus = [(c.delta - c.delta_low) if c.delta_low is not None and c.delta is not None else 0 for c in checks]
+    fig.add_trace(go.Scatter(
+        x=labels, y=[c.delta for c in checks], mode="markers", name="mean delta vs fp32 (95% CI)",
+        marker={"size": 11, "color": ["#1a7f37" if c.passed else "#c62828" for c in checks]},
+        error_y={"type": "data", "array": err_plus, "arrayminus": err_minus, "visible": True, "color": "#333"},
+    ))
+    fig.update_layout(title="Delta vs fp32 against the seed-noise band", yaxis_title="metric delta (arm − fp32)",
+                      barmode="overlay", height=340, margin={"l": 60, "r": 20, "t": 50, "b": 60})
+    return fig
+
+
 def all_charts(result: AuditResult) -> dict[str, dict[str, Any]]:
     """Every chart of the report as plotly JSON (``{"data": ..., "layout": ...}``), keyed by div id."""
-    figs = {"chart-loss": loss_curves(result), "chart-scale": loss_scale(result)}
+    figs = {"chart-loss": loss_curves(result), "chart-scale": loss_scale(result), "chart-noise": noise_band(result)}
     return {key: fig.to_plotly_json() for key, fig in figs.items() if fig is not None}
