@@ -17,10 +17,10 @@ matmul; the output is still rounded to fp16.
 How it composes:
 
 * autocast runs above Python dispatch modes, so the mode sees the tensors autocast already cast to fp16.
-* backward: the autograd engine snapshots thread-local state, the dispatch-mode stack included, when
-  ``backward()`` is called and restores it on whichever thread runs each backward node. Backward ops are
-  therefore emulated when ``backward()`` is *called* inside the block (where the forward ran does not
-  matter).
+* backward: when ``backward()`` is called, the autograd engine captures the caller's thread-local state
+  (``at::ThreadLocalState``, which holds the dispatch-mode stack) and runs every backward node under it,
+  on the calling thread for CPU graphs and on device threads otherwise. Backward ops are therefore
+  emulated when ``backward()`` is *called* inside the block; where the forward ran does not matter.
 * threads: the mode stack is thread-local; entering the block on one thread never affects another.
 * other dispatch modes: enter this block first (outermost) so modes entered later still see the fp16 ops
   autocast produced; ops reach this mode after them.
@@ -29,10 +29,11 @@ How it composes:
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -64,9 +65,10 @@ INTERCEPTED_OPS: tuple[OpOverload, ...] = (
 
 These are what CPU fp16 autocast actually dispatches for Linear, Conv1d/2d, matmul/bmm,
 nn.MultiheadAttention and F.scaled_dot_product_attention, forward and backward. ``aten.linear``,
-``aten.matmul`` and ``aten.scaled_dot_product_attention`` never reach a dispatch mode (they decompose
-into the ops above first). SDPA with dropout takes the math path, which on CPU already upcasts fp16 to
-fp32, so nothing of it runs in fp16 to emulate. Out-variants (``out=``) and in-place variants run natively.
+``aten.matmul`` and ``aten.scaled_dot_product_attention`` decompose into the ops above before they reach
+a dispatch mode (under ``torch.inference_mode`` they arrive whole and the mode decomposes them). SDPA with
+dropout takes the math path, which on CPU already upcasts fp16 to fp32, so none of it runs in fp16.
+Out-variants (``out=``) and in-place variants run natively.
 """
 
 _INTERCEPTED = frozenset(INTERCEPTED_OPS)
@@ -86,13 +88,13 @@ class EmulatedFp16(TorchDispatchMode):
     """A dispatch mode that computes :data:`INTERCEPTED_OPS` on float16 CPU inputs as a tensor core does.
 
     ``calls`` counts the emulated calls per op name (Python-side, no device sync), e.g. to show that
-    backward ops were emulated too.
+    backward ops were emulated too. The fp32 copies of the inputs go to per-thread buffers kept across
+    modes (see :func:`release_buffers`).
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.calls: Counter[str] = Counter()
-        self._workspace = _Workspace()
 
     def __enter__(self) -> EmulatedFp16:
         reduced = _reduced_fp32_precision()
@@ -115,27 +117,37 @@ class EmulatedFp16(TorchDispatchMode):
     ) -> Any:
         kwargs = kwargs or {}
         # ``types`` lists tensor subclasses with their own dispatch (fake, distributed, ...): leave those be.
-        if func not in _INTERCEPTED or types or not _wants_emulation(func, args, kwargs):
+        if types:
             return func(*args, **kwargs)
-        self.calls[func.name()] += 1
-        return self._emulate(func, args, kwargs)
+        if func in _INTERCEPTED:
+            if _wants_emulation(func, args, kwargs):
+                self.calls[func.name()] += 1
+                return self._emulate(func, args, kwargs)
+        elif _is_composite(func) and _has_fp16_cpu_tensor(args, kwargs):
+            # Only under inference_mode do composite ops (linear, conv2d, matmul, sdpa, einsum, ...) reach a
+            # dispatch mode undecomposed; decompose them here, as PyTorch would, so their parts come back here.
+            with self:
+                return func.decompose(*args, **kwargs)
+        return func(*args, **kwargs)
 
     def _emulate(self, func: OpOverload, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         """Upcast the fp16 inputs to fp32, run ``func`` in fp32, round its results to fp16."""
-        slots = iter(range(len(args) + len(kwargs)))
-        up_args = tuple(self._upcast(a, next(slots)) for a in args)
-        up_kwargs = {k: self._upcast(v, next(slots)) for k, v in kwargs.items()}
+        up_args = tuple(self._upcast(a, slot) for slot, a in enumerate(args))
+        up_kwargs = {k: self._upcast(v, len(args) + i) for i, (k, v) in enumerate(kwargs.items())}
+        out_shape = _MATMUL_OUT_SHAPES.get(func)
+        if out_shape is not None:
+            # The fp32 result only lives until it is rounded: compute it into a reused buffer.
+            result = _WORKSPACE.buffer(_OUT_SLOT, out_shape(*up_args))
+            return _round(func.overloadpacket.out(*up_args, **up_kwargs, out=result))
         out = func(*up_args, **up_kwargs)
         if isinstance(out, torch.Tensor):
             return _round(out)
         names = [r.name for r in func._schema.returns]
-        return type(out)(
-            o if name in FP32_BY_CONTRACT else _round(o) for o, name in zip(out, names, strict=True)
-        )
+        return type(out)(o if name in FP32_BY_CONTRACT else _round(o) for o, name in zip(out, names, strict=True))
 
     def _upcast(self, value: Any, slot: int) -> Any:
         if isinstance(value, torch.Tensor) and value.dtype == _EMULATED_DTYPE:
-            return self._workspace.upcast(value, slot)
+            return _WORKSPACE.upcast(value, slot)
         return value
 
 
@@ -148,6 +160,12 @@ def emulated_fp16() -> Iterator[EmulatedFp16]:
     """
     with EmulatedFp16() as mode:
         yield mode
+
+
+def release_buffers() -> None:
+    """Free this thread's fp32 input buffers (fp32 copies of the largest fp16 operands seen), e.g. once
+    an fp16 arm has finished. The next emulated op allocates them again."""
+    _WORKSPACE.release()
 
 
 def _wants_emulation(func: OpOverload, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
@@ -165,6 +183,38 @@ def _wants_emulation(func: OpOverload, args: tuple[Any, ...], kwargs: Mapping[st
             return False
         seen_fp16 = True
     return seen_fp16
+
+
+_OUT_SLOT = -1
+"""Workspace slot of the fp32 result buffer (input slots are argument positions, so never negative)."""
+_MATMUL_OUT_SHAPES: dict[OpOverload, Callable[..., tuple[int, ...]]] = {
+    _aten.mm.default: lambda a, b: (a.shape[0], b.shape[1]),
+    _aten.addmm.default: lambda _, a, b: (a.shape[0], b.shape[1]),
+    _aten.bmm.default: lambda a, b: (a.shape[0], a.shape[1], b.shape[2]),
+    _aten.baddbmm.default: lambda _, a, b: (a.shape[0], a.shape[1], b.shape[2]),
+}
+"""Result shapes of the matmuls whose fp32 result is computed into a reused buffer (``out=``): their
+results can be as large as a weight (a weight gradient), and a fresh one costs page faults every step."""
+
+_COMPOSITE: dict[OpOverload, bool] = {}
+
+
+def _is_composite(func: OpOverload) -> bool:
+    """Whether ``func`` is implemented by decomposition (CompositeImplicitAutograd), cached per op."""
+    composite = _COMPOSITE.get(func)
+    if composite is None:
+        composite = func.has_kernel_for_dispatch_key(torch._C.DispatchKey.CompositeImplicitAutograd)
+        _COMPOSITE[func] = composite
+    return composite
+
+
+def _has_fp16_cpu_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
+    """Whether a float16 CPU tensor is among the arguments (or inside a list argument, as for einsum)."""
+    for value in (*args, *kwargs.values()):
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(item, torch.Tensor) and item.dtype == _EMULATED_DTYPE and item.device.type == "cpu":
+                return True
+    return False
 
 
 def _round(value: Any) -> Any:
@@ -187,8 +237,8 @@ class _Workspace:
     """Reusable fp32 buffers for the upcast inputs, one per argument slot and thread.
 
     A fresh fp32 copy of a large weight costs page faults on every step (several times the conversion
-    itself); copying into a buffer kept from the previous call avoids them. A buffer is only read by the
-    op it was filled for, which returns new tensors, so reuse on the next call is safe.
+    itself); copying into a buffer kept from the previous call, or the previous step's mode, avoids them.
+    A buffer is only read by the op it was filled for, which returns new tensors, so reuse is safe.
     """
 
     def __init__(self) -> None:
@@ -197,26 +247,42 @@ class _Workspace:
     def upcast(self, tensor: torch.Tensor, slot: int) -> torch.Tensor:
         """``tensor`` as fp32 with the same sizes and strides, in this thread's buffer for ``slot``."""
         span = _storage_span(tensor)
-        if span is None:  # overlapping (expanded) or negative-stride views: a plain, fresh copy
+        if span is None:  # overlapping (expanded) views: a plain, fresh copy
             return tensor.to(_COMPUTE_DTYPE)
-        buffers: dict[int, torch.Tensor] = self._local.__dict__.setdefault("buffers", {})
-        buffer = buffers.get(slot)
-        if buffer is None or buffer.numel() < span:
-            # Never an inference tensor, so the buffer can be refilled outside inference_mode later.
-            with torch.inference_mode(False):
-                buffer = torch.empty(span, dtype=_COMPUTE_DTYPE)
-            buffers[slot] = buffer
-        view = buffer.as_strided(tensor.size(), tensor.stride())
+        view = self._flat(slot, span).as_strided(tensor.size(), tensor.stride())
         view.copy_(tensor)
         return view
+
+    def buffer(self, slot: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """An uninitialised contiguous fp32 tensor of ``shape`` in this thread's buffer for ``slot``."""
+        return self._flat(slot, math.prod(shape)).view(shape)
+
+    def _flat(self, slot: int, numel: int) -> torch.Tensor:
+        buffers: dict[int, torch.Tensor] = self._local.__dict__.setdefault("buffers", {})
+        buffer = buffers.get(slot)
+        if buffer is None or buffer.numel() < numel:
+            # Never an inference tensor, so the buffer can be refilled outside inference_mode later.
+            with torch.inference_mode(False):
+                buffer = torch.empty(numel, dtype=_COMPUTE_DTYPE)
+            buffers[slot] = buffer
+        return buffer[:numel]
+
+    def release(self) -> None:
+        """Drop this thread's buffers."""
+        self._local.__dict__.pop("buffers", None)
+
+
+_WORKSPACE = _Workspace()
 
 
 def _storage_span(tensor: torch.Tensor) -> int | None:
     """Elements spanned by a non-overlapping, dense view (a permutation of a contiguous layout), else None."""
+    if tensor.numel() == 0:
+        return None
     sizes_strides = sorted((st, sz) for sz, st in zip(tensor.size(), tensor.stride(), strict=True) if sz != 1)
     expected = 1
     for stride, size in sizes_strides:
         if stride != expected:
             return None
         expected *= size
-    return max(expected, 1)
+    return expected

@@ -225,6 +225,10 @@ def train_arm(
         status, error = "failed", _error_text(exc)
     finally:
         del model, optimizer
+        if fp16_mode(arm, device.type, spec.fp16_cpu) == "emulated":
+            from mpaudit.fp16_emulation import release_buffers
+
+            release_buffers()  # the emulation's reusable fp32 workspace
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
