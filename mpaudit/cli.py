@@ -80,6 +80,7 @@ def run(
     tf32: Annotated[bool, typer.Option("--tf32/--no-tf32", help="Allow TF32 matmuls in the fp32 baseline (CUDA only; off by default).")] = False,
     fp16_cpu: Annotated[str, typer.Option(help="fp16 on a CPU: emulate (tensor-core numerics at fp32 speed) or native (PyTorch's slow half kernels).")] = "emulate",
     plotlyjs: Annotated[str, typer.Option(help="inline (self-contained, works offline) or cdn (small file).")] = "inline",
+    junit: Annotated[Path | None, typer.Option(help="Also write each gate check as a JUnit test case to this XML file.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display and no summary, only errors and gate failures.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
 ) -> None:
@@ -106,6 +107,7 @@ def run(
     else:
         result = audit(loaded, config, command=command)
     paths = write_report(result, target, plotlyjs=plotlyjs)
+    _ci_outputs(result, junit)
     if not quiet:
         _print_summary(result)
         out.print(f"report: {paths['html']}\nresult: {paths['json']}")
@@ -137,6 +139,7 @@ def gate(
     max_drop: Annotated[list[str] | None, typer.Option("--max-drop", help="METRIC=DELTA: fail when an arm's metric is DELTA worse than fp32 (repeatable).", show_default=False)] = None,
     max_loss_gap: Annotated[float | None, typer.Option(help="Fail when an arm's final training loss exceeds fp32's by more than this.", show_default=False)] = None,
     noise_k: Annotated[float, typer.Option(help="METRIC=auto allows a drop of this many standard deviations of fp32's seed noise.")] = 3.0,
+    junit: Annotated[Path | None, typer.Option(help="Also write each gate check as a JUnit test case to this XML file.", show_default=False)] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
 ) -> None:
     """Re-evaluate the gate on a saved report.json without training; exit 1 when it fails."""
@@ -153,7 +156,45 @@ def gate(
     result = replace(result, gate=evaluate_gate(result.arms, limits, max_loss_gap, result.replicates, noise_k))
     for check in result.gate.checks:
         out.print(("PASS " if check.passed else "FAIL ") + check.message)
+    _ci_outputs(result, junit)
     _finish_gate(result)
+
+
+@app.command()
+@_exits()
+def compare(
+    base: Annotated[Path, typer.Argument(help="The baseline report.json (e.g. from main).", show_default=False)],
+    new: Annotated[Path, typer.Argument(help="The report.json to judge (e.g. from a pull request).", show_default=False)],
+    tolerance: Annotated[list[str] | None, typer.Option("--tolerance", help="METRIC=DELTA or METRIC=auto: how much an arm's gap to fp32 may grow (repeatable).", show_default=False)] = None,
+    speedup_tolerance: Annotated[float, typer.Option(help="Relative shrink of a benchmark speedup that counts as a regression.")] = 0.10,
+    noise_k: Annotated[float, typer.Option(help="METRIC=auto allows growth of this many standard deviations of fp32's seed noise.")] = 3.0,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print GitHub-flavoured Markdown (for a PR comment).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
+    junit: Annotated[Path | None, typer.Option(help="Also write each comparison check as a JUnit test case to this XML file.", show_default=False)] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
+) -> None:
+    """Compare two results of the same task across commits; exit 1 when precision got worse, 2 when not comparable."""
+    import json
+
+    from mpaudit import compare as cmp
+    from mpaudit.atomic import atomic_write_text
+    from mpaudit.gate import parse_max_drop
+    from mpaudit.report.junit import junit_xml_for_comparison
+
+    if markdown and as_json:
+        raise UsageError("Give --markdown or --json, not both.")
+    limits = parse_max_drop(tolerance or [])
+    c = cmp.compare(cmp.load_result(base), cmp.load_result(new), limits,
+                    speedup_tolerance=speedup_tolerance, noise_k=noise_k)
+    if as_json:
+        out.print(json.dumps(cmp.to_dict(c), indent=1, allow_nan=False), markup=False)
+    elif markdown:
+        out.print(cmp.to_markdown(c), markup=False)
+    else:
+        out.print(cmp.to_text(c), markup=False)
+    if junit is not None:
+        atomic_write_text(junit, junit_xml_for_comparison(c))
+    raise typer.Exit(c.exit_code)
 
 
 def _read_result(path: Path) -> Any:
@@ -183,6 +224,17 @@ def _print_summary(result: Any) -> None:
     out.print(table)
     for w in result.warnings:
         err.print(f"[bold red]WARNING:[/bold red] {w}", markup=True)
+
+
+def _ci_outputs(result: Any, junit: Path | None) -> None:
+    """The JUnit file when asked for, and summary.md appended to $GITHUB_STEP_SUMMARY when that is set."""
+    from mpaudit.atomic import atomic_write_text
+    from mpaudit.report.junit import junit_xml
+    from mpaudit.report.markdown import append_step_summary, summary_markdown
+
+    if junit is not None:
+        atomic_write_text(junit, junit_xml(result))
+    append_step_summary(summary_markdown(result))
 
 
 def _finish_gate(result: Any) -> None:

@@ -112,3 +112,53 @@ def test_seed_noise_floor_gate_passes_clean_and_fails_overflow(tiny_task: Path, 
 def test_auto_gate_without_seeds_is_a_usage_error(tiny_task: Path) -> None:
     result = runner.invoke(app, ["run", str(tiny_task), "--max-drop", "accuracy=auto", "-q"])
     assert result.exit_code == EXIT_USAGE and "--seeds 2 or more" in result.output
+
+
+def test_compare_exit_codes_and_outputs(tiny_task: Path, write_task, tmp_path: Path) -> None:
+    from conftest import OVERFLOW_TASK
+
+    args = ["--steps", "30", "--arms", "fp32,fp16", "-q"]
+    assert runner.invoke(app, ["run", str(tiny_task), "--out", str(tmp_path / "a"), *args]).exit_code == 0
+    assert runner.invoke(app, ["run", str(tiny_task), "--out", str(tmp_path / "b"), *args]).exit_code == 0
+    broken = write_task(OVERFLOW_TASK, name="model.py")  # the same task file, now overflowing in fp16
+    assert runner.invoke(app, ["run", str(broken), "--out", str(tmp_path / "c"), *args]).exit_code == 0
+    a, b, c = (str(tmp_path / x / "report.json") for x in "abc")
+
+    same = runner.invoke(app, ["compare", a, b, "--tolerance", "accuracy=0.02"])
+    assert same.exit_code == EXIT_OK, same.output
+    worse = runner.invoke(app, ["compare", a, c, "--tolerance", "accuracy=0.02", "--markdown",
+                                "--junit", str(tmp_path / "cmp.xml")])
+    assert worse.exit_code == EXIT_GATE_FAILED, worse.output
+    assert "fp16" in worse.output and "|" in worse.output
+    import xml.etree.ElementTree as ET
+
+    assert ET.parse(tmp_path / "cmp.xml").getroot() is not None
+    as_json = runner.invoke(app, ["compare", a, c, "--tolerance", "accuracy=0.02", "--json"])
+    assert json.loads(as_json.output)["exit_code"] == EXIT_GATE_FAILED
+
+
+def test_compare_not_comparable_is_exit_2(tiny_task: Path, tmp_path: Path) -> None:
+    assert runner.invoke(app, ["run", str(tiny_task), "--out", str(tmp_path / "a"), "--steps", "2", "--arms",
+                               "fp32", "-q"]).exit_code == 0
+    data = json.loads((tmp_path / "a" / "report.json").read_text())
+    data["arms"] = {"bf16": {**data["arms"]["fp32"], "name": "bf16"}}
+    (tmp_path / "other.json").write_text(json.dumps(data))
+    result = runner.invoke(app, ["compare", str(tmp_path / "a" / "report.json"), str(tmp_path / "other.json")])
+    assert result.exit_code == EXIT_USAGE, result.output
+    missing = runner.invoke(app, ["compare", str(tmp_path / "nope.json"), str(tmp_path / "other.json")])
+    assert missing.exit_code == EXIT_USAGE
+
+
+def test_run_writes_junit_summary_and_step_summary(overflow_task: Path, tmp_path: Path, monkeypatch) -> None:
+    import xml.etree.ElementTree as ET
+
+    step_summary = tmp_path / "step_summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step_summary))
+    result = runner.invoke(app, ["run", str(overflow_task), "--steps", "30", "--out", str(tmp_path / "o"), "-q",
+                                 "--max-drop", "accuracy=0.05", "--junit", str(tmp_path / "junit.xml")])
+    assert result.exit_code == EXIT_GATE_FAILED
+    suite = ET.parse(tmp_path / "junit.xml").getroot()
+    failures = suite.iter("failure")
+    assert any("fp16" in (f.get("message") or "") for f in failures)
+    summary = (tmp_path / "o" / "summary.md").read_text()
+    assert "fp16" in summary and step_summary.read_text() == summary

@@ -6,15 +6,20 @@ from pathlib import Path
 
 from mpaudit.atomic import atomic_write_text
 from mpaudit.report.html import render_html
+from mpaudit.report.markdown import summary_markdown
 from mpaudit.result import AuditResult
 
 
 def write_report(result: AuditResult, out_dir: str | Path, *, plotlyjs: str = "inline") -> dict[str, Path]:
-    """Write ``report.json`` then ``report.html`` into ``out_dir`` atomically; return their paths."""
+    """Write ``report.json``, then ``report.html`` and ``summary.md``, into ``out_dir`` atomically.
+
+    The JSON goes first: if rendering fails, the measured result is already safe on disk.
+    """
     out = Path(out_dir)
     paths = {"json": atomic_write_text(out / "report.json", result.to_json())}
     paths["html"] = atomic_write_text(out / "report.html", render_html(result, plotlyjs=plotlyjs))
+    paths["summary"] = atomic_write_text(out / "summary.md", summary_markdown(result))
     return paths
 
 
-__all__ = ["render_html", "write_report"]
+__all__ = ["render_html", "summary_markdown", "write_report"]

@@ -1,0 +1,123 @@
+"""summary.md: what a reviewer reads in a PR comment or the job summary, and tables user text cannot break."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+import mpaudit
+from mpaudit.gate import evaluate_gate
+from mpaudit.perf_result import Speedup
+from mpaudit.report.markdown import append_step_summary, md_escape, summary_markdown
+from mpaudit.result import ArmResult, AuditResult, Flag, LossScale
+
+
+@dataclass(frozen=True)
+class ResultWithSpeedups(AuditResult):
+    """An AuditResult carrying the planned ``speedups`` field (benchmark speedups per arm)."""
+
+    speedups: dict[str, Speedup] = field(default_factory=dict)
+
+
+def arm(name: str, status: str = "ok", error: str | None = None, skipped: int | None = None,
+        **metrics: float) -> ArmResult:
+    scale = LossScale(history=[65536.0] * 30, skipped_steps=list(range(skipped))) if skipped is not None else None
+    return ArmResult(name=name, status=status, loss=[1.0] * 30, metrics=dict(metrics), steps=30, train_s=0.1,
+                     error=error, loss_scale=scale)
+
+
+def result(*arms: ArmResult, flags: list[Flag] | None = None, task: str = "model", **max_drop: float) -> AuditResult:
+    by_name = {a.name: a for a in arms}
+    return AuditResult(task=task, env={"device": "cpu", "torch_version": "2.13.0"}, config={"steps": 30},
+                       arms=by_name, gate=evaluate_gate(by_name, max_drop, None), flags=flags or [])
+
+
+def table_rows(md: str) -> list[list[str]]:
+    """Cells of every table row, split on unescaped pipes as GitHub does."""
+    rows = [line for line in md.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in rows]
+
+
+def test_real_run_with_seeds_shows_interval_gate_and_noise_floor(tiny_task: Path) -> None:
+    res = mpaudit.audit(tiny_task, steps=15, arms=("fp32", "bf16"), seeds=2, max_drop={"accuracy": "auto"})
+    md = summary_markdown(mpaudit.AuditResult.from_json(res.to_json()))
+    assert md.startswith(f"### mpaudit: {md_escape(res.task)}: ✅ gate passed")
+    bf16 = next(r for r in table_rows(md) if r[0] == "bf16")
+    assert bf16[1] == "ok"
+    assert "95% CI" in bf16[2] and "over 2 seeds" in bf16[2]
+    assert "**Gate:** ✅ passed, 1 checks (accuracy=auto)." in md
+    assert "**Noise floor:** fp32 accuracy σ = " in md and "over 2 seeds" in md
+    assert "seeds 0, 1" in md
+
+
+def test_failed_gate_lists_the_failing_check_and_says_there_is_no_noise_estimate() -> None:
+    res = result(arm("fp32", accuracy=0.90), arm("bf16", accuracy=0.895), arm("fp16", accuracy=0.60, skipped=4),
+                 accuracy=0.01)
+    md = summary_markdown(res)
+    assert md.startswith("### mpaudit: model: ❌ gate failed")
+    assert "**Gate:** ❌ failed, 1 of 2 checks (accuracy=0.01):" in md
+    assert f"- {res.gate.failures[0].message}" in md
+    assert "no noise estimate (run with `--seeds K`)" in md
+    rows = {r[0]: r for r in table_rows(md)}
+    assert rows["fp16"][2] == "0.6 (-0.3, worse)"
+    assert rows["bf16"][2] == "0.895 (-0.005, worse)"
+    assert rows["fp16"][-1] == "4 of 30"
+
+
+def test_a_diverged_arm_without_a_gate_is_in_the_headline_with_its_error() -> None:
+    md = summary_markdown(result(arm("fp32", accuracy=0.9), arm("fp16", status="diverged", error="loss inf at step 3")))
+    assert md.startswith("### mpaudit: model: ⚠️ fp16 diverged")
+    assert "**Gate:** none given" in md
+    fp16 = next(r for r in table_rows(md) if r[0] == "fp16")
+    assert fp16[1] == "diverged: loss inf at step 3"
+
+
+def test_benchmark_speedup_is_shown_with_its_interval() -> None:
+    base = result(arm("fp32", accuracy=0.9), arm("bf16", accuracy=0.9))
+    fields = {f: getattr(base, f) for f in AuditResult.__dataclass_fields__}
+    speedup = Speedup(arm="bf16", baseline="fp32", ratio=1.8, ci_low=1.7, ci_high=1.9, rounds=10)
+    md = summary_markdown(ResultWithSpeedups(**fields, speedups={"bf16": speedup}))
+    bf16 = next(r for r in table_rows(md) if r[0] == "bf16")
+    assert bf16[3] == "1.8× (95% CI 1.7–1.9) faster"
+
+
+def test_worst_flags_first_and_capped() -> None:
+    flags = [Flag(layer=f"layer{i}", arm="fp16", kind="gradient_underflow", severity="warning", evidence={},
+                  recommendation="raise the loss scale") for i in range(8)]
+    flags.insert(5, Flag(layer="head", arm="fp16", kind="forward_overflow", severity="error", evidence={},
+                         recommendation="keep head in fp32"))
+    md = summary_markdown(result(arm("fp32", accuracy=0.9), arm("fp16", accuracy=0.9), flags=flags), max_flags=3)
+    assert "**Flags:** 9, the 3 worst:" in md
+    flag_rows = [r for r in table_rows(md) if r[0] in ("error", "warning")]
+    assert [r[1] for r in flag_rows] == ["head", "layer0", "layer1"]
+    assert flag_rows[0] == ["error", "head", "fp16", "forward\\_overflow", "keep head in fp32"]
+
+
+def test_user_text_cannot_break_the_table_or_inject_html() -> None:
+    hostile = "enc|oder`x`\n<script>alert(1)</script> @octocat"
+    flag = Flag(layer=hostile, arm="fp16", kind="nonfinite", severity="error", evidence={},
+                recommendation="fix | this\r\nnow")
+    md = summary_markdown(result(arm("fp32", accuracy=0.9), arm("fp16", status="failed", error=hostile),
+                                 flags=[flag], task="my|task"))
+    assert "<script>" not in md and "@octocat" not in md
+    assert md.startswith("### mpaudit: my\\|task:")
+    for row in table_rows(md):
+        assert len(row) in (3, 5), row  # the arm table has 3 columns, the flag table 5
+    flag_row = next(r for r in table_rows(md) if r[0] == "error")
+    assert flag_row[1] == "enc\\|oder\\`x\\`<br>&lt;script&gt;alert(1)&lt;/script&gt; &#64;octocat"
+    assert flag_row[4] == "fix \\| this<br>now"
+    assert md_escape("a_b*c[d]") == "a\\_b\\*c\\[d\\]"
+
+
+def test_append_step_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    assert append_step_summary("# nothing") is None
+    target = tmp_path / "step_summary.md"
+    target.write_text("earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(target))
+    assert append_step_summary("### first") == target
+    assert append_step_summary("### second\n") == target
+    assert target.read_text() == "earlier step\n### first\n### second\n"
