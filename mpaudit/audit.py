@@ -6,14 +6,17 @@ import datetime as _dt
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mpaudit.arms import BASELINE, DEFAULT_ARMS, FP16_CPU_MODES, parse_arms
+from mpaudit.arms import BASELINE, DEFAULT_ARMS, FP16_CPU_MODES, Arm, parse_arms, step_context
+from mpaudit.bench import DEFAULT_BENCH_SECONDS
 from mpaudit.env import collect_env, resolve_device, tf32_setting
 from mpaudit.errors import UsageError
 from mpaudit.gate import AUTO, DEFAULT_NOISE_K, evaluate_gate, lower_is_better
+from mpaudit.memory import parse_bytes
+from mpaudit.perf_result import SpeedResult, Speedup
 from mpaudit.result import ArmResult, AuditResult
 from mpaudit.task import Task, load_task, preflight
 from mpaudit.train import Progress, TrainSpec, train_arm
@@ -37,6 +40,10 @@ class AuditConfig:
     max_loss_gap: float | None = None
     seeds: int = 1
     noise_k: float = DEFAULT_NOISE_K
+    bench: bool = True
+    bench_seconds: float = DEFAULT_BENCH_SECONDS
+    compile: bool = False
+    memory_budget: str | None = None
 
     @property
     def seed_list(self) -> list[int]:
@@ -63,6 +70,12 @@ class AuditConfig:
             raise UsageError("--max-loss-gap must be >= 0.")
         if self.seeds < 1:
             raise UsageError("--seeds must be at least 1.")
+        if not (math.isfinite(self.bench_seconds) and self.bench_seconds > 0):
+            raise UsageError("--bench-seconds must be a positive number.")
+        if self.memory_budget is not None:
+            parse_bytes(self.memory_budget)
+            if not self.bench:
+                raise UsageError("--memory-budget needs the memory measurement; drop --no-bench.")
         if not (math.isfinite(self.noise_k) and self.noise_k > 0):
             raise UsageError("--noise-k must be a positive number.")
         for metric, limit in self.max_drop.items():
@@ -117,6 +130,8 @@ def audit(
                 else:
                     replicates.setdefault(arm.name, []).append(run)
 
+        perf = _measure(task, arms, device, cfg, results, progress) if cfg.bench else _Perf()
+
     gate = evaluate_gate(results, cfg.max_drop, cfg.max_loss_gap, replicates, cfg.noise_k)
     from mpaudit import __version__
 
@@ -128,10 +143,65 @@ def audit(
         gate=gate,
         flags=[],
         replicates=replicates,
+        speedups=perf.speedups,
+        compiled=perf.compiled,
+        max_batch=perf.max_batch,
+        perf_notes=perf.notes,
         warnings=_warnings(results, replicates),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         mpaudit_version=__version__,
     )
+
+
+@dataclass
+class _Perf:
+    speedups: dict[str, Speedup] = field(default_factory=dict)
+    compiled: dict[str, SpeedResult] = field(default_factory=dict)
+    max_batch: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _measure(
+    task: Task, arms: list[Arm], device: Any, cfg: AuditConfig, results: dict[str, ArmResult],
+    progress: Progress | None,
+) -> _Perf:
+    """The speed and memory phase: fresh models, no tracing, arms interleaved. Never loses the training results."""
+    from mpaudit.bench import measure_speed
+    from mpaudit.memory import max_batch_for_budget, measure_memory
+
+    perf = _Perf()
+    ran = [a for a in arms if results[a.name].status != "failed"]
+    if not ran:
+        return perf
+
+    def ctx(arm: Arm) -> Any:
+        return step_context(arm, device.type, cfg.fp16_cpu)
+
+    if progress is not None:
+        progress.arm_started("bench", None)
+    try:
+        speed, speedups = measure_speed(task, ran, device, cfg.seed, budget_s=cfg.bench_seconds,
+                                        compile=cfg.compile, step_context=ctx)
+        perf.speedups = speedups
+        for key, sr in speed.items():
+            if key in results:
+                results[key] = replace(results[key], speed=sr)
+            else:
+                perf.compiled[key] = sr
+    except Exception as exc:  # a measurement failure must not sink the audit
+        perf.notes.append(f"Speed measurement failed: {type(exc).__name__}: {exc}")
+    try:
+        memory = measure_memory(task, ran, device, cfg.seed, step_context=ctx)
+        for key, mr in memory.items():
+            results[key] = replace(results[key], memory=mr)
+        if cfg.memory_budget is not None:
+            budget = parse_bytes(cfg.memory_budget)
+            for key, mr in memory.items():
+                if mr.error is None and mr.batch_size:
+                    perf.max_batch[key] = max_batch_for_budget(mr, mr.batch_size, budget)
+    except Exception as exc:
+        perf.notes.append(f"Memory measurement failed: {type(exc).__name__}: {exc}")
+    return perf
 
 
 def _config_dict(cfg: AuditConfig) -> dict[str, Any]:

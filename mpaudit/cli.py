@@ -26,7 +26,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -77,6 +77,10 @@ def run(
     max_loss_gap: Annotated[float | None, typer.Option(help="Gate: fail when an arm's final training loss exceeds fp32's by more than this.", show_default=False)] = None,
     seeds: Annotated[int, typer.Option(help="Train every arm with this many seeds (same data order) to measure fp32's seed noise; needed by METRIC=auto.")] = 1,
     noise_k: Annotated[float, typer.Option(help="--max-drop METRIC=auto allows a drop of this many standard deviations of fp32's seed noise.")] = 3.0,
+    bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Measure speed and memory per arm after training (interleaved, fresh models, no tracing).")] = True,
+    bench_seconds: Annotated[float, typer.Option(help="Time budget of the speed measurement; it stops earlier once every arm's IQR is under 5% of its median.")] = 10.0,
+    compile: Annotated[bool, typer.Option("--compile", help="Also time torch.compile'd arms (numerics tracing stays eager).")] = False,
+    memory_budget: Annotated[str | None, typer.Option(help="Report the largest batch per arm that fits this memory, e.g. 16GiB.", show_default=False)] = None,
     tf32: Annotated[bool, typer.Option("--tf32/--no-tf32", help="Allow TF32 matmuls in the fp32 baseline (CUDA only; off by default).")] = False,
     fp16_cpu: Annotated[str, typer.Option(help="fp16 on a CPU: emulate (tensor-core numerics at fp32 speed) or native (PyTorch's slow half kernels).")] = "emulate",
     plotlyjs: Annotated[str, typer.Option(help="inline (self-contained, works offline) or cdn (small file).")] = "inline",
@@ -97,6 +101,7 @@ def run(
         arms=tuple(a.strip() for a in arms.split(",") if a.strip()),
         steps=steps, epochs=epochs, seed=seed, device=device, tf32=tf32, fp16_cpu=fp16_cpu,
         max_drop=parse_max_drop(max_drop or []), max_loss_gap=max_loss_gap, seeds=seeds, noise_k=noise_k,
+        bench=bench, bench_seconds=bench_seconds, compile=compile, memory_budget=memory_budget,
     ).validated()
     loaded = load_task(task)
     target = out_dir or Path("reports") / loaded.name
@@ -212,16 +217,21 @@ def _print_summary(result: Any) -> None:
 
     metrics = list(dict.fromkeys(m for a in result.arms.values() for m in a.metrics))
     table = Table(title=f"mpaudit: {result.task}", title_justify="left")
-    for col in ["arm", "status", "steps", "final loss", *metrics, "step ms", "skipped"]:
+    for col in ["arm", "status", "steps", "final loss", *metrics, "step ms", "speedup (95% CI)", "peak MiB", "skipped"]:
         table.add_column(col, justify="left" if col in ("arm", "status") else "right")
     for name, arm in result.arms.items():
+        sp = result.speedups.get(name)
         table.add_row(
             name, arm.status if not arm.error else f"{arm.status}: {arm.error}", str(arm.steps), fmt(arm.final_loss),
             *[fmt(arm.metrics.get(m)) for m in metrics],
-            fmt(arm.speed.step_s_median * 1e3, 3) if arm.speed else "–",
+            fmt(arm.speed.step_s_median * 1e3, 3) if arm.speed and not arm.speed.error else "–",
+            f"{sp.ratio:.2f}x ({sp.ci_low:.2f}–{sp.ci_high:.2f}) {sp.verdict}" if sp else "",
+            fmt(arm.memory.peak_bytes / 2**20, 3) if arm.memory and not arm.memory.error else "–",
             str(arm.loss_scale.skipped) if arm.loss_scale else "",
         )
     out.print(table)
+    for n in result.perf_notes:
+        err.print(f"note: {n}")
     for w in result.warnings:
         err.print(f"[bold red]WARNING:[/bold red] {w}", markup=True)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from mpaudit.errors import ResultError
+from mpaudit.perf_result import MemoryResult, SpeedResult, Speedup, activation_savings
 
 SCHEMA_VERSION = 1
 """Bumped whenever a key CI scripts read changes meaning or moves; readers accept every older version."""
@@ -47,6 +48,8 @@ def _dec_float(x: Any) -> float:
 
 def to_jsonable(obj: Any) -> Any:
     """Plain JSON-ready data from dataclasses, dicts, lists and floats (non-finite as strings)."""
+    if is_dataclass(obj) and type(obj).__module__ != __name__ and callable(getattr(obj, "to_dict", None)):
+        return obj.to_dict()  # type: ignore[union-attr]  # perf and trace results serialise themselves
     if is_dataclass(obj) and not isinstance(obj, type):
         out = {f.name: to_jsonable(getattr(obj, f.name)) for f in fields(obj)}
         for name in getattr(type(obj), "_derived", ()):
@@ -92,28 +95,6 @@ class Fingerprints:
 
 
 @dataclass(frozen=True)
-class Speed:
-    """Step time of an arm. ``source`` says where it was measured (``train_loop``: the audited run itself)."""
-
-    step_s_median: float
-    step_s_iqr: float
-    steps_timed: int
-    samples_per_s: float | None
-    source: str = "train_loop"
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Speed:
-        sps = d.get("samples_per_s")
-        return cls(
-            step_s_median=_dec_float(d["step_s_median"]),
-            step_s_iqr=_dec_float(d.get("step_s_iqr", math.nan)),
-            steps_timed=int(d.get("steps_timed", 0)),
-            samples_per_s=None if sps is None else _dec_float(sps),
-            source=str(d.get("source", "train_loop")),
-        )
-
-
-@dataclass(frozen=True)
 class ArmResult:
     """What one arm did: status, per-step losses, final metrics, loss-scale history, fingerprints."""
 
@@ -126,7 +107,9 @@ class ArmResult:
     error: str | None = None
     loss_scale: LossScale | None = None
     fingerprints: Fingerprints | None = None
-    speed: Speed | None = None
+    train_step_s: float | None = None
+    speed: SpeedResult | None = None
+    memory: MemoryResult | None = None
     fp16_mode: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -153,7 +136,9 @@ class ArmResult:
             error=d.get("error"),
             loss_scale=LossScale.from_dict(d["loss_scale"]) if d.get("loss_scale") else None,
             fingerprints=Fingerprints.from_dict(d["fingerprints"]) if d.get("fingerprints") else None,
-            speed=Speed.from_dict(d["speed"]) if d.get("speed") else None,
+            train_step_s=None if d.get("train_step_s") is None else _dec_float(d["train_step_s"]),
+            speed=SpeedResult.from_dict(d["speed"]) if d.get("speed") else None,
+            memory=MemoryResult.from_dict(d["memory"]) if d.get("memory") else None,
             fp16_mode=d.get("fp16_mode"),
             notes=[str(n) for n in d.get("notes", [])],
         )
@@ -286,12 +271,21 @@ class AuditResult:
     gate: Gate = field(default_factory=Gate)
     flags: list[Flag] = field(default_factory=list)
     replicates: dict[str, list[ArmResult]] = field(default_factory=dict)
+    speedups: dict[str, Speedup] = field(default_factory=dict)
+    compiled: dict[str, SpeedResult] = field(default_factory=dict)
+    max_batch: dict[str, int] = field(default_factory=dict)
+    perf_notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     created: str = ""
     mpaudit_version: str = ""
     schema_version: int = SCHEMA_VERSION
 
-    _derived = ("fingerprints_match",)
+    _derived = ("fingerprints_match", "activation_savings")
+
+    @property
+    def activation_savings(self) -> dict[str, float]:
+        """Fraction of fp32's activation memory each mixed-precision arm saves (the part autocast shrinks)."""
+        return activation_savings({n: a.memory for n, a in self.arms.items() if a.memory is not None})
 
     @property
     def seeds(self) -> list[int]:
@@ -351,6 +345,10 @@ class AuditResult:
                 gate=Gate.from_dict(d.get("gate", {})),
                 flags=[Flag.from_dict(f) for f in d.get("flags", [])],
                 replicates={k: [ArmResult.from_dict(a) for a in v] for k, v in d.get("replicates", {}).items()},
+                speedups={k: Speedup.from_dict(v) for k, v in d.get("speedups", {}).items()},
+                compiled={k: SpeedResult.from_dict(v) for k, v in d.get("compiled", {}).items()},
+                max_batch={str(k): int(v) for k, v in d.get("max_batch", {}).items()},
+                perf_notes=[str(n) for n in d.get("perf_notes", [])],
                 warnings=[str(w) for w in d.get("warnings", [])],
                 created=str(d.get("created", "")),
                 mpaudit_version=str(d.get("mpaudit_version", "")),

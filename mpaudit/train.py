@@ -12,8 +12,8 @@ from typing import Any, Protocol
 import torch
 
 from mpaudit.arms import Arm, fp16_mode, step_context
-from mpaudit.batches import batch_size, move_to_device
-from mpaudit.result import ArmResult, Fingerprints, LossScale, Speed
+from mpaudit.batches import move_to_device
+from mpaudit.result import ArmResult, Fingerprints, LossScale
 from mpaudit.seeding import BatchFingerprint, fingerprint_model, seed_everything
 from mpaudit.task import Task
 
@@ -167,7 +167,6 @@ def train_arm(
     status, error = "ok", None
     metrics: dict[str, float] = {}
     notes: list[str] = []
-    samples: int | None = None
     t_start = time.perf_counter()
     model = optimizer = None
     try:
@@ -188,8 +187,6 @@ def train_arm(
             if spec.steps is not None and step >= spec.steps:
                 break
             batch_fp.add(batch)
-            if samples is None:
-                samples = batch_size(batch)
             batch = move_to_device(batch, device)
             t0 = time.perf_counter()
             scale = scaler.get_scale() if scaler is not None else None
@@ -242,7 +239,7 @@ def train_arm(
         train_s=time.perf_counter() - t_start,
         loss_scale=LossScale(history=scales, skipped_steps=skipped) if arm.grad_scaler else None,
         fingerprints=fingerprints,
-        speed=_loop_speed(step_times, samples),
+        train_step_s=_loop_step_s(step_times),
         fp16_mode=fp16_mode(arm, device.type, spec.fp16_cpu),
         notes=notes,
     )
@@ -250,22 +247,13 @@ def train_arm(
     return result
 
 
-def _loop_speed(step_times: list[float], samples: int | None) -> Speed | None:
-    """Median and IQR of training-loop step times after warm-up (includes the per-step loss sync)."""
+def _loop_step_s(step_times: list[float]) -> float | None:
+    """Median training-loop step time after warm-up (includes the per-step loss sync; tracing steps too).
+
+    For honest speed numbers use the separate measurement phase (``arms.<name>.speed``); this one only says
+    how long the audit's own steps took.
+    """
     if not step_times:
         return None
     skip = max(1, math.ceil(len(step_times) * WARMUP_FRACTION)) if len(step_times) > 2 else 0
-    times = step_times[skip:]
-    median = statistics.median(times)
-    if len(times) >= 4:
-        q = statistics.quantiles(times, n=4)
-        iqr = q[2] - q[0]
-    else:
-        iqr = 0.0
-    return Speed(
-        step_s_median=median,
-        step_s_iqr=iqr,
-        steps_timed=len(times),
-        samples_per_s=(samples / median) if samples and median > 0 else None,
-        source="train_loop",
-    )
+    return statistics.median(step_times[skip:])

@@ -16,11 +16,18 @@ runner = CliRunner()
 
 def test_run_writes_json_and_html(tiny_task: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = runner.invoke(app, ["run", str(tiny_task), "--steps", "5", "--out", str(out)])
+    result = runner.invoke(app, ["run", str(tiny_task), "--steps", "5", "--out", str(out), "--bench-seconds", "1",
+                                 "--memory-budget", "64MiB"])
     assert result.exit_code == EXIT_OK, result.output
     data = json.loads((out / "report.json").read_text())
     assert set(data["arms"]) == {"fp32", "bf16", "fp16"}
     assert all(a["status"] == "ok" for a in data["arms"].values())
+    for arm in data["arms"].values():  # the measurement phase lands in the result
+        assert arm["speed"]["step_s_median"] > 0 and arm["speed"]["steps_timed"] >= 3
+        assert arm["memory"]["peak_bytes"] > 0 and arm["memory"]["breakdown"]["parameters"] > 0
+    assert set(data["speedups"]) == {"bf16", "fp16"}
+    assert data["speedups"]["bf16"]["verdict"] in ("faster", "same", "slower")
+    assert data["max_batch"]["fp32"] > 32
     assert (out / "report.html").read_text().startswith("<!doctype html>")
     assert "fp16" in result.output and "report.html" in result.output
     assert data["env"]["command"][:2] == ["mpaudit", "run"] or data["env"]["command"][0] == "mpaudit"
@@ -28,19 +35,19 @@ def test_run_writes_json_and_html(tiny_task: Path, tmp_path: Path) -> None:
 
 def test_default_out_dir_is_reports_task_name(tiny_task: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    result = runner.invoke(app, ["run", str(tiny_task), "--steps", "2", "--arms", "fp32", "-q"])
+    result = runner.invoke(app, ["run", "--no-bench", str(tiny_task), "--steps", "2", "--arms", "fp32", "-q"])
     assert result.exit_code == EXIT_OK, result.output
     assert (tmp_path / "reports" / tiny_task.parent.name / "report.json").is_file()
 
 
 def test_gate_passes_exit_0(tiny_task: Path, tmp_path: Path) -> None:
-    result = runner.invoke(app, ["run", str(tiny_task), "--steps", "20", "--out", str(tmp_path / "o"),
+    result = runner.invoke(app, ["run", "--no-bench", str(tiny_task), "--steps", "20", "--out", str(tmp_path / "o"),
                                  "--max-drop", "accuracy=0.05", "--max-loss-gap", "0.1", "-q"])
     assert result.exit_code == EXIT_OK, result.output
 
 
 def test_fp16_overflow_fails_the_gate_exit_1(overflow_task: Path, tmp_path: Path) -> None:
-    result = runner.invoke(app, ["run", str(overflow_task), "--steps", "30", "--out", str(tmp_path / "o"),
+    result = runner.invoke(app, ["run", "--no-bench", str(overflow_task), "--steps", "30", "--out", str(tmp_path / "o"),
                                  "--max-drop", "accuracy=0.05", "-q"])
     assert result.exit_code == EXIT_GATE_FAILED, result.output
     failing = [line for line in result.output.splitlines() if line.startswith("GATE FAILED")]
@@ -52,7 +59,7 @@ def test_fp16_overflow_fails_the_gate_exit_1(overflow_task: Path, tmp_path: Path
 
 def test_gate_and_report_commands_reuse_a_saved_result(overflow_task: Path, tmp_path: Path) -> None:
     out = tmp_path / "o"
-    assert runner.invoke(app, ["run", str(overflow_task), "--steps", "30", "--out", str(out), "-q"]).exit_code == 0
+    assert runner.invoke(app, ["run", "--no-bench", str(overflow_task), "--steps", "30", "--out", str(out), "-q"]).exit_code == 0
     saved = out / "report.json"
     regate = runner.invoke(app, ["gate", str(saved), "--max-drop", "accuracy=0.05"])
     assert regate.exit_code == EXIT_GATE_FAILED
@@ -75,7 +82,7 @@ def test_unreadable_result_is_exit_2(tmp_path: Path) -> None:
 def test_usage_errors_exit_2(tiny_task: Path) -> None:
     for args in (["--arms", "fp64"], ["--max-drop", "accuracy"], ["--steps", "1", "--epochs", "1"],
                  ["--device", "cuda"] if not __import__("torch").cuda.is_available() else ["--arms", ""]):
-        result = runner.invoke(app, ["run", str(tiny_task), "-q", *args])
+        result = runner.invoke(app, ["run", "--no-bench", str(tiny_task), "-q", *args])
         assert result.exit_code == EXIT_USAGE, (args, result.output)
         assert "error:" in result.output
 
@@ -90,7 +97,7 @@ def test_console_script_help_lists_every_option() -> None:
 
 def test_seed_noise_floor_gate_passes_clean_and_fails_overflow(tiny_task: Path, overflow_task: Path,
                                                                tmp_path: Path) -> None:
-    clean = runner.invoke(app, ["run", str(tiny_task), "--steps", "25", "--seeds", "3", "--arms", "fp32,bf16,fp16",
+    clean = runner.invoke(app, ["run", "--no-bench", str(tiny_task), "--steps", "25", "--seeds", "3", "--arms", "fp32,bf16,fp16",
                                 "--max-drop", "accuracy=auto", "--out", str(tmp_path / "c"), "-q"])
     assert clean.exit_code == EXIT_OK, clean.output
     data = json.loads((tmp_path / "c" / "report.json").read_text())
@@ -102,7 +109,7 @@ def test_seed_noise_floor_gate_passes_clean_and_fails_overflow(tiny_task: Path, 
     assert data["replicates"]["fp32"][0]["fingerprints"]["weights"] != data["arms"]["fp32"]["fingerprints"]["weights"]
     assert data["replicates"]["fp32"][0]["fingerprints"]["batches"] == data["arms"]["fp32"]["fingerprints"]["batches"]
 
-    bad = runner.invoke(app, ["run", str(overflow_task), "--steps", "30", "--seeds", "2", "--arms", "fp32,fp16",
+    bad = runner.invoke(app, ["run", "--no-bench", str(overflow_task), "--steps", "30", "--seeds", "2", "--arms", "fp32,fp16",
                               "--max-drop", "accuracy=auto", "--out", str(tmp_path / "b"), "-q"])
     assert bad.exit_code == EXIT_GATE_FAILED, bad.output
     assert "GATE FAILED: fp16 accuracy" in bad.output
@@ -110,7 +117,7 @@ def test_seed_noise_floor_gate_passes_clean_and_fails_overflow(tiny_task: Path, 
 
 
 def test_auto_gate_without_seeds_is_a_usage_error(tiny_task: Path) -> None:
-    result = runner.invoke(app, ["run", str(tiny_task), "--max-drop", "accuracy=auto", "-q"])
+    result = runner.invoke(app, ["run", "--no-bench", str(tiny_task), "--max-drop", "accuracy=auto", "-q"])
     assert result.exit_code == EXIT_USAGE and "--seeds 2 or more" in result.output
 
 
@@ -118,10 +125,10 @@ def test_compare_exit_codes_and_outputs(tiny_task: Path, write_task, tmp_path: P
     from conftest import OVERFLOW_TASK
 
     args = ["--steps", "30", "--arms", "fp32,fp16", "-q"]
-    assert runner.invoke(app, ["run", str(tiny_task), "--out", str(tmp_path / "a"), *args]).exit_code == 0
-    assert runner.invoke(app, ["run", str(tiny_task), "--out", str(tmp_path / "b"), *args]).exit_code == 0
+    assert runner.invoke(app, ["run", "--no-bench", str(tiny_task), "--out", str(tmp_path / "a"), *args]).exit_code == 0
+    assert runner.invoke(app, ["run", "--no-bench", str(tiny_task), "--out", str(tmp_path / "b"), *args]).exit_code == 0
     broken = write_task(OVERFLOW_TASK, name="model.py")  # the same task file, now overflowing in fp16
-    assert runner.invoke(app, ["run", str(broken), "--out", str(tmp_path / "c"), *args]).exit_code == 0
+    assert runner.invoke(app, ["run", "--no-bench", str(broken), "--out", str(tmp_path / "c"), *args]).exit_code == 0
     a, b, c = (str(tmp_path / x / "report.json") for x in "abc")
 
     same = runner.invoke(app, ["compare", a, b, "--tolerance", "accuracy=0.02"])
@@ -138,7 +145,7 @@ def test_compare_exit_codes_and_outputs(tiny_task: Path, write_task, tmp_path: P
 
 
 def test_compare_not_comparable_is_exit_2(tiny_task: Path, tmp_path: Path) -> None:
-    assert runner.invoke(app, ["run", str(tiny_task), "--out", str(tmp_path / "a"), "--steps", "2", "--arms",
+    assert runner.invoke(app, ["run", "--no-bench", str(tiny_task), "--out", str(tmp_path / "a"), "--steps", "2", "--arms",
                                "fp32", "-q"]).exit_code == 0
     data = json.loads((tmp_path / "a" / "report.json").read_text())
     data["arms"] = {"bf16": {**data["arms"]["fp32"], "name": "bf16"}}
@@ -154,7 +161,7 @@ def test_run_writes_junit_summary_and_step_summary(overflow_task: Path, tmp_path
 
     step_summary = tmp_path / "step_summary.md"
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step_summary))
-    result = runner.invoke(app, ["run", str(overflow_task), "--steps", "30", "--out", str(tmp_path / "o"), "-q",
+    result = runner.invoke(app, ["run", "--no-bench", str(overflow_task), "--steps", "30", "--out", str(tmp_path / "o"), "-q",
                                  "--max-drop", "accuracy=0.05", "--junit", str(tmp_path / "junit.xml")])
     assert result.exit_code == EXIT_GATE_FAILED
     suite = ET.parse(tmp_path / "junit.xml").getroot()

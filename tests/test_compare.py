@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +17,6 @@ from mpaudit.errors import ResultError, UsageError
 from mpaudit.gate import evaluate_gate
 from mpaudit.perf_result import MemoryResult, Speedup
 from mpaudit.result import ArmResult, AuditResult, Flag
-
-
-@dataclass(frozen=True)
-class ResultWithSpeedups(AuditResult):
-    """An AuditResult carrying the planned ``speedups`` field (benchmark speedups per arm)."""
-
-    speedups: dict[str, Speedup] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ArmWithMemory(ArmResult):
-    """An ArmResult carrying the planned ``memory`` field (peak memory of one training step)."""
-
-    memory: MemoryResult | None = None
 
 
 def arm(name: str, status: str = "ok", loss: float = 0.5, error: str | None = None, **metrics: float) -> ArmResult:
@@ -65,7 +51,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         folder = tmp_path_factory.mktemp(label)
         task = folder / "model.py"
         task.write_text(source)
-        res = mpaudit.audit(task, steps=20, arms=("fp32", "bf16", "fp16"))
+        res = mpaudit.audit(task, bench=False, steps=20, arms=("fp32", "bf16", "fp16"))
         out[label] = folder / "report.json"
         out[label].write_text(res.to_json())
     return out
@@ -197,11 +183,9 @@ def test_an_error_flag_that_appears_is_a_regression_a_warning_is_a_note() -> Non
 # ------------------------------------------------------------------------------------------ speed, memory
 
 
-def _with_speedup(res: AuditResult, ratio: float, low: float, high: float, **env: Any) -> ResultWithSpeedups:
-    fields = {f: getattr(res, f) for f in AuditResult.__dataclass_fields__}
-    fields["env"] = {**res.env, **env}
+def _with_speedup(res: AuditResult, ratio: float, low: float, high: float, **env: Any) -> AuditResult:
     speedup = Speedup(arm="bf16", baseline="fp32", ratio=ratio, ci_low=low, ci_high=high, rounds=10)
-    return ResultWithSpeedups(**fields, speedups={"bf16": speedup})
+    return replace(res, env={**res.env, **env}, speedups={"bf16": speedup})
 
 
 def test_a_speedup_that_shrank_beyond_tolerance_is_a_regression() -> None:
@@ -227,10 +211,10 @@ def test_without_speed_or_memory_the_comparison_is_skipped_with_a_note() -> None
 
 
 def _memory_pair(fp32_bytes: int, bf16_bytes: int) -> AuditResult:
-    def with_memory(name: str, peak: int) -> ArmWithMemory:
+    def with_memory(name: str, peak: int) -> ArmResult:
         mem = MemoryResult(arm=name, peak_bytes=peak, breakdown={}, at_peak={}, method="storage_tracker",
                            batch_size=32)
-        return ArmWithMemory(**{**arm(name, accuracy=0.9).__dict__, "memory": mem})
+        return replace(arm(name, accuracy=0.9), memory=mem)
 
     return result(with_memory("fp32", fp32_bytes), with_memory("bf16", bf16_bytes))
 

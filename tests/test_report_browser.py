@@ -19,7 +19,7 @@ HOSTILE = "<img src=x onerror=alert(1)>"
 def test_report_renders_offline_without_console_errors(write_task: Callable[..., Path], tmp_path: Path) -> None:
     path = write_task(TINY_TASK.replace('return {"accuracy": correct / total}',
                                         f'return {{"accuracy": correct / total, {HOSTILE!r}: 0.5}}'))
-    result = mpaudit.audit(path, steps=5, arms=("fp32", "bf16", "fp16"))
+    result = mpaudit.audit(path, bench=False, steps=5, arms=("fp32", "bf16", "fp16"))
     paths = mpaudit.write_report(result, tmp_path / "out")
     dom, console = load_page(paths["html"])
     assert console == []  # no errors, no failed fetches (every host resolves to NOTFOUND)

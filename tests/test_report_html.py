@@ -18,7 +18,7 @@ def test_user_supplied_text_is_escaped(write_task: Callable[..., Path]) -> None:
     path = write_task(TINY_TASK.replace('return {"accuracy": correct / total}',
                                         f'return {{"accuracy": correct / total, {HOSTILE!r}: 1.0}}'),
                       name="evil<b>.py")
-    result = mpaudit.audit(path, steps=3, arms=("fp32", "bf16"))
+    result = mpaudit.audit(path, bench=False, steps=3, arms=("fp32", "bf16"))
     html = render_html(result)
     assert "<img src=x" not in html
     assert "&lt;img src=x onerror=alert(1)&gt;" in html  # shown as text in the table
@@ -29,7 +29,7 @@ def test_user_supplied_text_is_escaped(write_task: Callable[..., Path]) -> None:
 
 
 def test_report_is_self_contained_by_default(tiny_task: Path) -> None:
-    result = mpaudit.audit(tiny_task, steps=3, arms=("fp32", "fp16"))
+    result = mpaudit.audit(tiny_task, bench=False, steps=3, arms=("fp32", "fp16"))
     html = render_html(result)
     assert not re.search(r"<script[^>]+src=", html)
     assert not re.search(r"<link[^>]+href=\"?https?:", html)
@@ -41,7 +41,7 @@ def test_report_is_self_contained_by_default(tiny_task: Path) -> None:
 
 
 def test_renders_from_json_alone(overflow_task: Path) -> None:
-    result = mpaudit.audit(overflow_task, steps=30, max_drop={"accuracy": 0.05})
+    result = mpaudit.audit(overflow_task, bench=False, steps=30, max_drop={"accuracy": 0.05})
     again = AuditResult.from_json(result.to_json())
     html = render_html(again)
     assert "Gate FAILED" in html
@@ -52,6 +52,6 @@ def test_renders_from_json_alone(overflow_task: Path) -> None:
 def test_warning_banner_when_fingerprints_differ(tiny_task: Path) -> None:
     from dataclasses import replace
 
-    result = mpaudit.audit(tiny_task, steps=2, arms=("fp32", "bf16"))
+    result = mpaudit.audit(tiny_task, bench=False, steps=2, arms=("fp32", "bf16"))
     result = replace(result, warnings=["The arms did not start from the same initial weights."])
     assert 'role="alert"' in render_html(result)

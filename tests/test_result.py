@@ -16,7 +16,7 @@ from mpaudit.result import SCHEMA_VERSION, AuditResult
 
 
 def test_json_round_trip_of_a_real_run(overflow_task: Path) -> None:
-    result = mpaudit.audit(overflow_task, steps=30, max_drop={"accuracy": 0.05})
+    result = mpaudit.audit(overflow_task, bench=False, steps=30, max_drop={"accuracy": 0.05})
     text = result.to_json()
     data = json.loads(text)  # strict JSON: no bare NaN/Infinity literals
     assert data["schema_version"] == SCHEMA_VERSION

@@ -17,7 +17,7 @@ runner = CliRunner()
 
 
 def run_cli(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, ["run", *args, "--steps", "2", "-q"])
+    result = runner.invoke(app, ["run", "--no-bench", *args, "--steps", "2", "-q"])
     return result.exit_code, result.output
 
 
@@ -97,7 +97,7 @@ def test_user_exception_in_build_model(write_task: Callable[..., Path]) -> None:
 
 def test_debug_shows_the_traceback(write_task: Callable[..., Path]) -> None:
     path = write_task(TINY_TASK.replace("def loss_fn(", "def renamed("))
-    result = runner.invoke(app, ["run", str(path), "--steps", "2", "-q", "--debug"])
+    result = runner.invoke(app, ["run", "--no-bench", str(path), "--steps", "2", "-q", "--debug"])
     assert isinstance(result.exception, TaskError)
 
 

@@ -65,13 +65,19 @@ def _rows(result: AuditResult) -> list[dict[str, Any]]:
             d = value - base.metrics[metric]
             worse = d > 0 if lower_is_better(metric) else d < 0
             deltas[metric] = ("worse " if worse and abs(d) > 0 else "") + f"{d:+.4g}"
-        speedup = None
-        if base and base.speed and arm.speed and name != "fp32" and arm.speed.step_s_median > 0:
-            speedup = base.speed.step_s_median / arm.speed.step_s_median
+        sp = result.speedups.get(name)
+        saving = result.activation_savings.get(name)
+        timed = arm.speed is not None and arm.speed.error is None
         rows.append({
             "name": name, "arm": arm, "final_loss": fmt(arm.final_loss), "deltas": deltas,
-            "step_ms": fmt(arm.speed.step_s_median * 1e3, 3) if arm.speed else "–",
-            "speedup": fmt(speedup, 3) if speedup else "",
+            "step_ms": fmt(arm.speed.step_s_median * 1e3, 3) if timed and arm.speed else "–",
+            "step_iqr_ms": fmt(arm.speed.step_s_iqr * 1e3, 2) if timed and arm.speed else "",
+            "speedup": f"{sp.ratio:.2f}× ({sp.ci_low:.2f}–{sp.ci_high:.2f})" if sp else "",
+            "verdict": sp.verdict if sp else "",
+            "speedup_note": sp.note if sp and sp.note else "",
+            "peak_mib": fmt(arm.memory.peak_bytes / 2**20, 3) if arm.memory and not arm.memory.error else "–",
+            "act_saving": f"{saving:.0%}" if saving is not None else "",
+            "max_batch": result.max_batch.get(name, ""),
         })
     return rows
 
