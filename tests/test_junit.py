@@ -28,7 +28,8 @@ def cases(root: ET.Element) -> dict[tuple[str, str], ET.Element]:
 
 
 def test_real_run_with_a_failing_gate(overflow_task: Path) -> None:
-    res = mpaudit.audit(overflow_task, bench=False, steps=30, arms=("fp32", "bf16", "fp16"), max_drop={"accuracy": 0.05})
+    res = mpaudit.audit(overflow_task, bench=False, steps=30, arms=("fp32", "bf16", "fp16"),
+                        max_drop={"accuracy": 0.05})
     assert res.arms["fp16"].status == "diverged"
     xml = junit_xml(mpaudit.AuditResult.from_json(res.to_json()))
     assert xml == junit_xml(res), "rendering from report.json gives the same XML"
