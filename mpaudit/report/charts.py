@@ -95,7 +95,60 @@ def noise_band(result: AuditResult) -> go.Figure | None:
     return fig
 
 
+def speed_bars(result: AuditResult) -> go.Figure | None:
+    """Median step time per arm with its interquartile range as error bars (the measurement phase)."""
+    rows = [(n, a.speed) for n, a in result.arms.items() if a.speed is not None and a.speed.error is None]
+    rows += [(n, s) for n, s in result.compiled.items() if s.error is None]
+    if not rows:
+        return None
+    names = [n for n, _ in rows]
+    med = [s.step_s_median * 1e3 for _, s in rows]
+    q1 = [s.step_s_median * 1e3 - _quantile(s.times_s, 0.25) * 1e3 for _, s in rows]
+    q3 = [_quantile(s.times_s, 0.75) * 1e3 - s.step_s_median * 1e3 for _, s in rows]
+    fig = go.Figure(go.Bar(
+        x=names, y=med, marker={"color": [ARM_COLORS.get(n.split("+")[0], "#888") for n in names]},
+        error_y={"type": "data", "array": q3, "arrayminus": q1, "visible": True, "color": "#333"},
+        hovertemplate="%{x}: %{y:.3g} ms median<extra></extra>",
+    ))
+    fig.update_layout(title="Step time (median, bars show the interquartile range)", yaxis_title="ms per step",
+                      height=320, margin={"l": 60, "r": 20, "t": 50, "b": 40})
+    return fig
+
+
+def memory_bars(result: AuditResult) -> go.Figure | None:
+    """Each category's high-water mark during one training step, stacked per arm."""
+    from mpaudit.perf_result import BREAKDOWN_KEYS
+
+    mems = {n: a.memory for n, a in result.arms.items() if a.memory is not None and a.memory.error is None}
+    if not mems:
+        return None
+    fig = go.Figure()
+    for key in BREAKDOWN_KEYS:
+        fig.add_trace(go.Bar(name=key.replace("_", " "), x=list(mems),
+                             y=[m.breakdown.get(key, 0) / 2**20 for m in mems.values()]))
+    fig.update_layout(
+        barmode="stack", yaxis_title="MiB", height=360, margin={"l": 60, "r": 20, "t": 60, "b": 40},
+        title={"text": "Memory of one training step: each category at its largest (MiB)<br><sub>categories peak at "
+                       "different moments (activations after forward, optimizer state at the step), so a stack can "
+                       "exceed the step's peak</sub>"},
+    )
+    return fig
+
+
+def _quantile(xs: Any, p: float) -> float:
+    ordered = sorted(xs)
+    if not ordered:
+        return math.nan
+    pos = p * (len(ordered) - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
 def all_charts(result: AuditResult) -> dict[str, dict[str, Any]]:
     """Every chart of the report as plotly JSON (``{"data": ..., "layout": ...}``), keyed by div id."""
-    figs = {"chart-loss": loss_curves(result), "chart-scale": loss_scale(result), "chart-noise": noise_band(result)}
+    figs = {
+        "chart-loss": loss_curves(result), "chart-scale": loss_scale(result), "chart-noise": noise_band(result),
+        "chart-speed": speed_bars(result), "chart-memory": memory_bars(result),
+    }
     return {key: fig.to_plotly_json() for key, fig in figs.items() if fig is not None}

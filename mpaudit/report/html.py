@@ -13,6 +13,7 @@ import plotly.offline
 from mpaudit.gate import lower_is_better
 from mpaudit.report.charts import all_charts
 from mpaudit.result import AuditResult
+from mpaudit.verdict import verdicts
 
 PLOTLY_CDN = "https://cdn.plot.ly/plotly-{version}.min.js"
 
@@ -88,12 +89,15 @@ def render_html(result: AuditResult, *, plotlyjs: str = "inline") -> str:
         raise ValueError("plotlyjs must be 'inline' or 'cdn'")
     metrics = list(dict.fromkeys(m for arm in result.arms.values() for m in arm.metrics))
     template = _ENV.get_template("report.html.j2")
+    charts = all_charts(result)
     return template.render(
+        verdicts=verdicts(result),
+        charts=charts,
         r=result,
         rows=_rows(result),
         metrics=metrics,
         fmt=fmt,
-        charts_json=script_json(all_charts(result)),
+        charts_json=script_json(charts),
         plotly_inline=_plotly_js() if plotlyjs == "inline" else None,
         plotly_cdn=PLOTLY_CDN.format(version=plotly.offline.get_plotlyjs_version()),
         lower_is_better=lower_is_better,
