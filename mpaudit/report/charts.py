@@ -140,7 +140,7 @@ def _quantile(xs: Any, p: float) -> float:
     if not ordered:
         return math.nan
     pos = p * (len(ordered) - 1)
-    lo = int(math.floor(pos))
+    lo = math.floor(pos)
     hi = min(lo + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
