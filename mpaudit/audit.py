@@ -18,7 +18,9 @@ from mpaudit.gate import AUTO, DEFAULT_NOISE_K, evaluate_gate, lower_is_better
 from mpaudit.memory import parse_bytes
 from mpaudit.perf_result import SpeedResult, Speedup
 from mpaudit.result import ArmResult, AuditResult
+from mpaudit.rules import Thresholds, flag
 from mpaudit.task import Task, load_task, preflight
+from mpaudit.trace import DEFAULT_TRACE_EVERY, select_modules
 from mpaudit.train import Progress, TrainSpec, train_arm
 
 DEFAULT_STEPS = 200
@@ -40,6 +42,10 @@ class AuditConfig:
     max_loss_gap: float | None = None
     seeds: int = 1
     noise_k: float = DEFAULT_NOISE_K
+    trace_every: int = DEFAULT_TRACE_EVERY
+    trace: tuple[str, ...] = ()
+    trace_depth: int | None = None
+    thresholds: dict[str, float] = field(default_factory=dict)
     bench: bool = True
     bench_seconds: float = DEFAULT_BENCH_SECONDS
     compile: bool = False
@@ -70,6 +76,11 @@ class AuditConfig:
             raise UsageError("--max-loss-gap must be >= 0.")
         if self.seeds < 1:
             raise UsageError("--seeds must be at least 1.")
+        if self.trace_every < 0:
+            raise UsageError("--trace-every must be 0 (off) or a positive number of steps.")
+        if self.trace_depth is not None and self.trace_depth < 0:
+            raise UsageError("--trace-depth must be 0 or more.")
+        Thresholds.from_mapping(self.thresholds)
         if not (math.isfinite(self.bench_seconds) and self.bench_seconds > 0):
             raise UsageError("--bench-seconds must be a positive number.")
         if self.memory_budget is not None:
@@ -82,7 +93,7 @@ class AuditConfig:
             if limit == AUTO and (self.seeds < 2 or BASELINE not in self.arms):
                 raise UsageError(f"--max-drop {metric}=auto needs --seeds 2 or more, to measure fp32's seed noise.")
         steps = self.steps if self.steps is not None or self.epochs is not None else DEFAULT_STEPS
-        return AuditConfig(**{**asdict(self), "steps": steps, "arms": tuple(self.arms)})
+        return AuditConfig(**{**asdict(self), "steps": steps, "arms": tuple(self.arms), "trace": tuple(self.trace)})
 
 
 def audit(
@@ -118,11 +129,15 @@ def audit(
         env = collect_env(device, cfg.seed, task.path, task.sha256, list(command or sys.argv))
         metric_names = preflight(task, device)
         _check_metrics_requested(cfg, metric_names)
+        if cfg.trace or cfg.trace_depth is not None:
+            select_modules(task.build_model(), cfg.trace, cfg.trace_depth)  # a wrong module path fails now
         results: dict[str, ArmResult] = {}
         replicates: dict[str, list[ArmResult]] = {}
         for i, seed in enumerate(cfg.seed_list):
             spec = TrainSpec(device=device, seed=seed, steps=cfg.steps, epochs=cfg.epochs,
-                             fp16_cpu=cfg.fp16_cpu, data_seed=cfg.seed)
+                             fp16_cpu=cfg.fp16_cpu, data_seed=cfg.seed,
+                             trace_every=cfg.trace_every if i == 0 else 0,  # replicates measure noise only
+                             trace_include=cfg.trace, trace_depth=cfg.trace_depth)
             for arm in arms:
                 run = train_arm(task, arm, spec, progress, label=arm.name if i == 0 else f"{arm.name} s{seed}")
                 if i == 0:
@@ -133,6 +148,8 @@ def audit(
         perf = _measure(task, arms, device, cfg, results, progress) if cfg.bench else _Perf()
 
     gate = evaluate_gate(results, cfg.max_drop, cfg.max_loss_gap, replicates, cfg.noise_k)
+    traces = {name: r.trace for name, r in results.items() if r.trace is not None}
+    flags = flag(traces, results, Thresholds.from_mapping(cfg.thresholds)) if traces else []
     from mpaudit import __version__
 
     return AuditResult(
@@ -141,7 +158,7 @@ def audit(
         config=_config_dict(cfg),
         arms=results,
         gate=gate,
-        flags=[],
+        flags=flags,
         replicates=replicates,
         speedups=perf.speedups,
         compiled=perf.compiled,
@@ -208,6 +225,7 @@ def _config_dict(cfg: AuditConfig) -> dict[str, Any]:
     d = asdict(cfg)
     d["arms"] = list(cfg.arms)
     d["seeds"] = cfg.seed_list
+    d["trace"] = list(cfg.trace)
     return d
 
 

@@ -77,6 +77,10 @@ def run(
     max_loss_gap: Annotated[float | None, typer.Option(help="Gate: fail when an arm's final training loss exceeds fp32's by more than this.", show_default=False)] = None,
     seeds: Annotated[int, typer.Option(help="Train every arm with this many seeds (same data order) to measure fp32's seed noise; needed by METRIC=auto.")] = 1,
     noise_k: Annotated[float, typer.Option(help="--max-drop METRIC=auto allows a drop of this many standard deviations of fp32's seed noise.")] = 3.0,
+    trace_every: Annotated[int, typer.Option(help="Trace per-layer numerics on step 0, every N-th step and after anomalies; 0 turns tracing off.")] = 50,
+    trace: Annotated[list[str] | None, typer.Option("--trace", help="Also trace this module (a path from named_modules(), e.g. encoder.layers.0); repeatable.", show_default=False)] = None,
+    trace_depth: Annotated[int | None, typer.Option(help="Trace modules down to this depth instead of the leaf modules.", show_default=False)] = None,
+    threshold: Annotated[list[str] | None, typer.Option("--threshold", help="Override a flag threshold, NAME=VALUE (see README); repeatable. Also read from [tool.mpaudit.thresholds] in pyproject.toml.", show_default=False)] = None,
     bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Measure speed and memory per arm after training (interleaved, fresh models, no tracing).")] = True,
     bench_seconds: Annotated[float, typer.Option(help="Time budget of the speed measurement; it stops earlier once every arm's IQR is under 5% of its median.")] = 10.0,
     compile: Annotated[bool, typer.Option("--compile", help="Also time torch.compile'd arms (numerics tracing stays eager).")] = False,
@@ -92,6 +96,7 @@ def run(
     from mpaudit.audit import AuditConfig, audit
     from mpaudit.gate import parse_max_drop
     from mpaudit.progress import RichProgress, progress_enabled
+    from mpaudit.settings import parse_thresholds, pyproject_thresholds
     from mpaudit.report import write_report
     from mpaudit.task import load_task
 
@@ -102,6 +107,8 @@ def run(
         steps=steps, epochs=epochs, seed=seed, device=device, tf32=tf32, fp16_cpu=fp16_cpu,
         max_drop=parse_max_drop(max_drop or []), max_loss_gap=max_loss_gap, seeds=seeds, noise_k=noise_k,
         bench=bench, bench_seconds=bench_seconds, compile=compile, memory_budget=memory_budget,
+        trace_every=trace_every, trace=tuple(trace or ()), trace_depth=trace_depth,
+        thresholds={**pyproject_thresholds(task), **parse_thresholds(threshold or [])},
     ).validated()
     loaded = load_task(task)
     target = out_dir or Path("reports") / loaded.name

@@ -15,7 +15,10 @@ import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
+import pandas as pd
+
 from mpaudit.errors import ResultError
+from mpaudit.layerstats import TraceSummary
 from mpaudit.perf_result import MemoryResult, SpeedResult, Speedup, activation_savings
 
 SCHEMA_VERSION = 1
@@ -49,7 +52,7 @@ def _dec_float(x: Any) -> float:
 def to_jsonable(obj: Any) -> Any:
     """Plain JSON-ready data from dataclasses, dicts, lists and floats (non-finite as strings)."""
     if is_dataclass(obj) and type(obj).__module__ != __name__ and callable(getattr(obj, "to_dict", None)):
-        return obj.to_dict()  # type: ignore[union-attr]  # perf and trace results serialise themselves
+        return to_jsonable(obj.to_dict())  # type: ignore[union-attr]  # perf and trace results serialise themselves
     if is_dataclass(obj) and not isinstance(obj, type):
         out = {f.name: to_jsonable(getattr(obj, f.name)) for f in fields(obj)}
         for name in getattr(type(obj), "_derived", ()):
@@ -112,6 +115,7 @@ class ArmResult:
     memory: MemoryResult | None = None
     fp16_mode: str | None = None
     notes: list[str] = field(default_factory=list)
+    trace: TraceSummary | None = None
 
     _derived = ("final_loss",)
 
@@ -141,6 +145,7 @@ class ArmResult:
             memory=MemoryResult.from_dict(d["memory"]) if d.get("memory") else None,
             fp16_mode=d.get("fp16_mode"),
             notes=[str(n) for n in d.get("notes", [])],
+            trace=TraceSummary.from_dict(d["trace"]) if d.get("trace") else None,
         )
 
 
@@ -311,6 +316,16 @@ class AuditResult:
             if arm.metrics:
                 return next(iter(arm.metrics))
         return None
+
+    def layers(self) -> pd.DataFrame:
+        """The per-layer table of every traced arm: one row per arm × layer × tensor (``layers.csv``).
+
+        Gradient what-if columns are at the scale each arm actually trained with (fp16: the loss scale)."""
+        frames = [a.trace.to_frame().assign(arm=name) for name, a in self.arms.items() if a.trace is not None]
+        if not frames:
+            return pd.DataFrame()
+        frame = pd.concat(frames, ignore_index=True)
+        return frame[["arm", *[c for c in frame.columns if c != "arm"]]]
 
     @property
     def fingerprints_match(self) -> bool:

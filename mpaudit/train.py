@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -16,6 +17,8 @@ from mpaudit.batches import move_to_device
 from mpaudit.result import ArmResult, Fingerprints, LossScale
 from mpaudit.seeding import BatchFingerprint, fingerprint_model, seed_everything
 from mpaudit.task import Task
+from mpaudit.layerstats import TraceSummary
+from mpaudit.trace import DEFAULT_TRACE_EVERY, TraceSchedule, Tracer
 
 DIVERGE_PATIENCE = 25
 """An fp16 arm is called diverged after this many consecutive non-finite losses (GradScaler skips each
@@ -60,6 +63,9 @@ class TrainSpec:
     epochs: int | None
     fp16_cpu: str = "emulate"
     data_seed: int | None = None
+    trace_every: int = DEFAULT_TRACE_EVERY
+    trace_include: tuple[str, ...] = ()
+    trace_depth: int | None = None
 
     @property
     def loader_seed(self) -> int:
@@ -169,6 +175,8 @@ def train_arm(
     notes: list[str] = []
     t_start = time.perf_counter()
     model = optimizer = None
+    tracer: Tracer | None = None
+    trace: TraceSummary | None = None
     try:
         seed_everything(spec.seed)
         model = task.build_model()
@@ -182,34 +190,15 @@ def train_arm(
         total = _planned_steps(loader, spec)
         progress.arm_started(label, total)
         model.train()
-        nonfinite_run = 0
-        for step, batch in enumerate(_epoch_batches(task, loader, spec)):
-            if spec.steps is not None and step >= spec.steps:
-                break
-            batch_fp.add(batch)
-            batch = move_to_device(batch, device)
-            t0 = time.perf_counter()
-            scale = scaler.get_scale() if scaler is not None else None
-            with step_context(arm, device.type, spec.fp16_cpu):
-                loss = train_step(task, arm, model, optimizer, scaler, batch, device.type)
-            if scaler is not None and scale is not None:
-                scales.append(scale)
-                if scaler.get_scale() < scale:
-                    skipped.append(step)
-            value = float(loss.float().item())  # the one host sync of the step (progress, divergence)
-            _sync(device)
-            step_times.append(time.perf_counter() - t0)
-            losses.append(value)
-            progress.step(label, step + 1, value)
-            if math.isfinite(value):
-                nonfinite_run = 0
-                continue
-            nonfinite_run += 1
-            if scaler is None or nonfinite_run >= DIVERGE_PATIENCE:
-                status = "diverged"
-                why = "" if scaler is None else f" for {nonfinite_run} steps in a row"
-                error = f"loss became {value} at step {step + 1}{why}"
-                break
+        schedule = TraceSchedule(spec.trace_every)
+        if spec.trace_every > 0:
+            tracer = Tracer(model, include=spec.trace_include, depth=spec.trace_depth)
+        hooks = tracer if tracer is not None else contextlib.nullcontext()
+        with hooks:
+            status, error = _loop(task, arm, spec, model, optimizer, scaler, loader, batch_fp, tracer, schedule,
+                                  progress, label, losses, scales, skipped, step_times)
+        if tracer is not None:
+            trace = tracer.summary()
         if not losses:
             raise RuntimeError("train_loader() yielded no batch for this arm")
         fingerprints = Fingerprints(weights=weights_fp, batches=batch_fp.hexdigest())
@@ -220,6 +209,8 @@ def train_arm(
                 metrics = task.evaluate(model, task.eval_loader() or [])
     except Exception as exc:  # one failing arm never sinks the others
         status, error = "failed", _error_text(exc)
+        if tracer is not None and tracer.summary().steps:
+            trace = tracer.summary()  # what was traced before the failure is evidence too
     finally:
         del model, optimizer
         if fp16_mode(arm, device.type, spec.fp16_cpu) == "emulated":
@@ -242,9 +233,61 @@ def train_arm(
         train_step_s=_loop_step_s(step_times),
         fp16_mode=fp16_mode(arm, device.type, spec.fp16_cpu),
         notes=notes,
+        trace=trace,
     )
     progress.arm_finished(label, result)
     return result
+
+
+def _loop(
+    task: Task, arm: Arm, spec: TrainSpec, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None, loader: Any, batch_fp: BatchFingerprint, tracer: Tracer | None,
+    schedule: TraceSchedule, progress: Progress, label: str, losses: list[float], scales: list[float],
+    skipped: list[int], step_times: list[float],
+) -> tuple[str, str | None]:
+    """The optimizer steps of one arm; fills the lists in place and returns (status, error)."""
+    device = spec.device
+    nonfinite_run = 0
+    for step, batch in enumerate(_epoch_batches(task, loader, spec)):
+        if spec.steps is not None and step >= spec.steps:
+            break
+        batch_fp.add(batch)
+        batch = move_to_device(batch, device)
+        t0 = time.perf_counter()
+        scale = scaler.get_scale() if scaler is not None else None
+        traced = tracer is not None and schedule.wants(step)
+        if traced and tracer is not None:
+            tracer.start_step(step, scale)
+        with step_context(arm, device.type, spec.fp16_cpu):
+            loss = train_step(
+                task, arm, model, optimizer, scaler, batch, device.type,
+                after_backward=tracer.after_backward if traced and tracer else None,
+                after_step=tracer.after_optimizer_step if traced and tracer else None,
+            )
+        if traced and tracer is not None:
+            tracer.finish_step()
+        anomaly = False
+        if scaler is not None and scale is not None:
+            scales.append(scale)
+            if scaler.get_scale() < scale:
+                skipped.append(step)
+                anomaly = True
+        value = float(loss.float().item())  # the one host sync of the step (progress, divergence)
+        _sync(device)
+        step_times.append(time.perf_counter() - t0)
+        losses.append(value)
+        progress.step(label, step + 1, value)
+        if math.isfinite(value):
+            nonfinite_run = 0
+        else:
+            anomaly = True
+            nonfinite_run += 1
+            if scaler is None or nonfinite_run >= DIVERGE_PATIENCE:
+                why = "" if scaler is None else f" for {nonfinite_run} steps in a row"
+                return "diverged", f"loss became {value} at step {step + 1}{why}"
+        if anomaly:
+            schedule.notify_anomaly(step)
+    return "ok", None
 
 
 def _loop_step_s(step_times: list[float]) -> float | None:

@@ -46,7 +46,14 @@ def test_renders_from_json_alone(overflow_task: Path) -> None:
     html = render_html(again)
     assert "Gate FAILED" in html
     assert "diverged" in html
-    assert "No layer flagged." in html
+    assert "forward_overflow" in html and '<td class="mono">amp</td>' in html  # the flags table names the layer
+
+
+def test_clean_model_says_no_layer_flagged(tiny_task: Path) -> None:
+    result = mpaudit.audit(tiny_task, bench=False, steps=5, arms=("fp32", "bf16"))
+    assert not [f for f in result.flags if f.severity in ("error", "warning")]
+    html = render_html(result)
+    assert ("No layer flagged." in html) == (not result.flags)
 
 
 def test_warning_banner_when_fingerprints_differ(tiny_task: Path) -> None:

@@ -11,7 +11,7 @@ from mpaudit.result import AuditResult
 
 
 def write_report(result: AuditResult, out_dir: str | Path, *, plotlyjs: str = "inline") -> dict[str, Path]:
-    """Write ``report.json``, then ``report.html`` and ``summary.md``, into ``out_dir`` atomically.
+    """Write ``report.json``, then ``report.html``, ``summary.md`` and ``layers.csv`` into ``out_dir`` atomically.
 
     The JSON goes first: if rendering fails, the measured result is already safe on disk.
     """
@@ -19,6 +19,9 @@ def write_report(result: AuditResult, out_dir: str | Path, *, plotlyjs: str = "i
     paths = {"json": atomic_write_text(out / "report.json", result.to_json())}
     paths["html"] = atomic_write_text(out / "report.html", render_html(result, plotlyjs=plotlyjs))
     paths["summary"] = atomic_write_text(out / "summary.md", summary_markdown(result))
+    layers = result.layers()
+    if not layers.empty:
+        paths["layers"] = atomic_write_text(out / "layers.csv", layers.drop(columns=["hist"]).to_csv(index=False))
     return paths
 
 

@@ -1,0 +1,604 @@
+"""Rules: from each arm's trace and result to flags a person can act on (pure Python, no torch).
+
+Every rule compares numbers against a named threshold of :class:`Thresholds` and says which layer, in
+which arm, what kind of trouble, how bad (``error``: will hurt training; ``warning``: watch it; ``info``:
+for the record), the numbers that fired it, and a concrete recommendation.
+
+The fp32 arm is the reference. Its histograms are what a tensor *would* hold without rounding, so "what
+would flush to zero in fp16 at the loss scale the fp16 arm used" is the fp32 histogram shifted by that
+scale (:func:`mpaudit.formats.what_if`). In the fp16 arm itself flushed values are already zeros, so its
+excess of exact zeros over the fp32 arm's is the observed confirmation. A prediction becomes an ``error``
+only when the observation confirms it (or when there is nothing to observe); an observation alone never
+fires, because arms drift apart during training and zero fractions move a little for unrelated reasons.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from mpaudit.errors import UsageError
+from mpaudit.formats import BF16, FP16, HIST_BINS, HIST_MIN_EXP, Format, binade_percentile, update_lost, what_if
+from mpaudit.layerstats import (
+    ACTIVATION,
+    ROOT_LAYER,
+    TensorStats,
+    TraceSummary,
+    is_gradient,
+    is_update,
+)
+from mpaudit.result import ArmResult, Flag
+
+BASELINE_ARM = "fp32"
+SEVERITIES = ("error", "warning", "info")
+KINDS = (
+    "nonfinite",
+    "forward_overflow",
+    "gradient_overflow",
+    "gradient_underflow",
+    "activation_underflow",
+    "loss_scale",
+    "precision_loss",
+    "update_underflow",
+)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Every threshold a rule uses; override any by name with :meth:`from_mapping`.
+
+    Fractions are of a tensor's nonzero finite values unless said otherwise.
+    """
+
+    gradient_underflow_error: float = 0.01
+    """Fraction of a gradient's values that are significant (at or above the ``significant_quantile``
+    magnitude) and flush in fp16 at the fp16 arm's loss scale (predicted from the fp32 arm) that is an
+    error, when the fp16 arm's excess zeros confirm it: 1% of a layer's gradient signal silently gone."""
+    gradient_underflow_warning: float = 0.001
+    """Predicted gradient flush fraction worth a warning (and the excess-zero level that confirms an error)."""
+    activation_underflow_error: float = 0.10
+    """Predicted flush fraction of a layer's fp16 outputs that is an error when confirmed by excess zeros."""
+    activation_underflow_warning: float = 0.01
+    """Predicted activation flush fraction worth a warning (and the level that confirms an error)."""
+    forward_headroom_binades: int = 3
+    """Warn when a layer's largest |output| comes within 2^3 = 8x of fp16's max (65504 / 8 ≈ 8188)."""
+    precision_loss_warning: float = 0.25
+    """Fraction of a tensor landing in the subnormal range (fewer mantissa bits) worth a warning."""
+    precision_loss_info: float = 0.05
+    """Fraction landing subnormal recorded as info."""
+    skip_fraction_warning: float = 0.05
+    """Fraction of steps GradScaler skipped (after its initial calibration run) worth a warning."""
+    skip_fraction_error: float = 0.25
+    """Fraction of skipped steps that is an error: a quarter of the training is thrown away."""
+    update_lost_warning: float = 0.9
+    """Fraction of a layer's nonzero optimizer updates that weights stored in fp16/bf16 would not register,
+    worth a warning: the layer would all but stop learning. (mpaudit's arms keep fp32 master weights, so
+    this is about recipes that store weights in half precision.)"""
+    update_lost_info: float = 0.1
+    """Fraction of lost updates recorded as info (LayerNorm gains and embeddings often sit near 50% in bf16)."""
+    significant_quantile: float = 0.01
+    """The smallest *significant* gradient magnitude is this quantile (1st percentile) of the fp32 arm's
+    nonzero gradient magnitudes over the whole model: the recommended loss scale lifts it to fp16's min
+    subnormal, and only values at or above it count towards a gradient_underflow error."""
+    scale_margin_binades: int = 2
+    """The recommended loss scale sits this many binades above the smallest one that lifts the significant
+    gradients clear of flushing (capped so the largest gradient stays below fp16's max)."""
+
+    @classmethod
+    def from_mapping(cls, overrides: Mapping[str, Any]) -> Thresholds:
+        """Defaults with ``overrides`` applied; an unknown name raises UsageError."""
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for name, value in overrides.items():
+            if name not in known:
+                raise UsageError(f"Unknown threshold {name!r}; the thresholds are: {', '.join(known)}.")
+            kind = int if known[name].type in ("int", int) else float
+            try:
+                values[name] = kind(value)
+            except (TypeError, ValueError):
+                raise UsageError(f"Threshold {name!r} must be a number, not {value!r}.") from None
+        return cls(**values)
+
+
+def half_format(arm: str) -> Format | None:
+    """The half-precision format an arm computes in (by its name: ``fp16*`` or ``bf16*``), None for fp32."""
+    if arm.startswith("fp16"):
+        return FP16
+    if arm.startswith("bf16"):
+        return BF16
+    return None
+
+
+@dataclass(frozen=True)
+class ScaleAdvice:
+    """The loss-scale range the fp32 arm's gradients allow: 2^k_low lifts the significant gradients
+    (the ``significant_quantile``) clear of flushing, 2^k_high keeps the largest below fp16's max."""
+
+    significant_binade: int
+    max_abs: float
+    k_low: int
+    k_high: int | None
+    k: int | None
+
+    @property
+    def fits(self) -> bool:
+        return self.k is not None
+
+
+def scale_advice(reference: TraceSummary, t: Thresholds, shift: int = 0) -> ScaleAdvice | None:
+    """Loss-scale advice from the gradient histograms of ``reference`` (unscaled: ``shift`` undoes a
+    scale already in them). None without nonzero gradients."""
+    total = [0] * HIST_BINS
+    max_abs = 0.0
+    for _, role, s in reference.items():
+        if is_gradient(role):
+            total = [a + int(b) for a, b in zip(total, s.hist, strict=True)]
+            if not math.isnan(s.max_abs):
+                max_abs = max(max_abs, s.max_abs * 2.0**shift)
+    low = binade_percentile(total, t.significant_quantile)
+    if low is None:
+        return None
+    low += shift
+    k_low = FP16.min_subnormal_exp - low
+    k_high = math.floor(math.log2(FP16.max / max_abs)) if max_abs > 0 and math.isfinite(max_abs) else None
+    if k_high is None:
+        k = k_low + t.scale_margin_binades
+    elif k_low <= k_high:
+        k = min(k_high, k_low + t.scale_margin_binades)
+    else:
+        k = None
+    return ScaleAdvice(significant_binade=low, max_abs=max_abs, k_low=k_low, k_high=k_high, k=k)
+
+
+@dataclass
+class _Flagger:
+    summaries: dict[str, TraceSummary]
+    arms: dict[str, ArmResult]
+    t: Thresholds
+
+    def __post_init__(self) -> None:
+        self.flags: dict[tuple[str, str, str], Flag] = {}
+        self.reference = self.summaries.get(BASELINE_ARM)
+
+    # -------------------------------------------------------------- helpers
+
+    def add(self, flag: Flag) -> None:
+        """Keep one flag per (arm, layer, kind): the most severe (first one wins a tie)."""
+        key = (flag.arm, flag.layer, flag.kind)
+        old = self.flags.get(key)
+        if old is None or SEVERITIES.index(flag.severity) < SEVERITIES.index(old.severity):
+            self.flags[key] = flag
+
+    def scale_log2(self, arm: str) -> int:
+        """log2 of the loss scale in force in ``arm`` at its traced steps (0 without loss scaling)."""
+        summary = self.summaries.get(arm)
+        k = summary.scale_log2 if summary is not None else None
+        if k is None:
+            result = self.arms.get(arm)
+            history = result.loss_scale.history if result is not None and result.loss_scale else []
+            finite = sorted(s for s in history if s > 0 and math.isfinite(s))
+            k = math.floor(math.log2(finite[len(finite) // 2])) if finite else 0
+        return k
+
+    def ref_stats(self, layer: str, role: str) -> TensorStats | None:
+        return self.reference.get(layer, role) if self.reference is not None else None
+
+    def keeps_fp32(self, arm: str, own: TensorStats | None) -> bool:
+        """True when autocast kept this tensor in fp32 in ``arm`` (so no half-precision rounding applied)."""
+        result = self.arms.get(arm)
+        if result is not None and result.fp16_mode == "emulated":
+            return False
+        return own is not None and bool(own.dtype) and "float16" not in own.dtype and "bfloat16" not in own.dtype
+
+    # -------------------------------------------------------------- rules
+
+    def run(self) -> list[Flag]:
+        advice = self.advice()
+        for arm, summary in self.summaries.items():
+            fmt = half_format(arm)
+            if fmt is FP16:
+                self.forward_overflow(arm, summary)
+                self.underflow(arm, summary, advice)
+                self.gradient_overflow(arm, summary, advice)
+            if fmt is not None:
+                self.precision_loss(arm, summary, fmt)
+                self.update_underflow(arm, summary, fmt)
+            self.nonfinite(arm, summary)
+        for arm in self.arms:
+            if half_format(arm) is FP16:
+                self.loss_scale(arm, advice)
+        order = {name: i for i, name in enumerate(self.arms)}
+        return sorted(
+            self.flags.values(),
+            key=lambda f: (SEVERITIES.index(f.severity), order.get(f.arm, len(order)), f.arm, KINDS.index(f.kind)),
+        )
+
+    def advice(self) -> ScaleAdvice | None:
+        if self.reference is not None:
+            return scale_advice(self.reference, self.t)
+        for arm, summary in self.summaries.items():
+            if half_format(arm) is FP16:
+                return scale_advice(summary, self.t, shift=-self.scale_log2(arm))
+        return None
+
+    def scale_recommendation(self, advice: ScaleAdvice | None, layer: str, in_force: int) -> str:
+        if advice is None:
+            return f"keep `{layer}` in fp32, or prefer bf16 (its range matches fp32)"
+        if advice.k is not None and advice.k <= in_force:
+            return (
+                f"keep `{layer}` in fp32, or prefer bf16: the loss scale in force (2^{in_force}) suits the model's "
+                f"gradients as a whole, but this layer's are far smaller"
+            )
+        if advice.k is not None:
+            return (
+                f"raise GradScaler init_scale to 2^{advice.k} (= {2.0**advice.k:.3g}): the smallest significant "
+                f"gradients (1st percentile, ~2^{advice.significant_binade}) then clear fp16's 2^-24 while the "
+                f"largest ({advice.max_abs:.3g}) stay below 65504; or prefer bf16"
+            )
+        return (
+            f"no single loss scale fits: the 1st-percentile gradient (~2^{advice.significant_binade}) needs a scale "
+            f">= 2^{advice.k_low}, the largest ({advice.max_abs:.3g}) allows <= 2^{advice.k_high}; prefer bf16, "
+            f"or keep `{layer}` in fp32"
+        )
+
+    def forward_overflow(self, arm: str, summary: TraceSummary) -> None:
+        """Outputs beyond fp16's max: inf in the forward pass, which no loss scale can fix."""
+        warn_level = FP16.max / 2.0**self.t.forward_headroom_binades
+        site = summary.first_nonfinite_forward
+        layers = list(dict.fromkeys([*summary.layers, *(self.reference.layers if self.reference else ())]))
+        for layer in layers:
+            own, ref = summary.get(layer, ACTIVATION), self.ref_stats(layer, ACTIVATION)
+            ref_max = ref.max_abs if ref is not None and not math.isnan(ref.max_abs) else 0.0
+            own_max = own.max_abs if own is not None and not math.isnan(own.max_abs) else 0.0
+            own_inf = (own.posinf + own.neginf) if own is not None else 0
+            origin = site is not None and site.layer == layer and own_inf > 0
+            largest = max(ref_max, own_max)
+            if not origin and largest < warn_level:
+                continue
+            evidence: dict[str, Any] = {
+                "fp32_max_abs": ref_max if ref is not None else None,
+                "max_abs": own_max if own is not None else None,
+                "inf_values": own_inf,
+                "fp16_max": FP16.max,
+                "warning_above": warn_level,
+            }
+            if ref is not None:
+                evidence["fp32_overflow_fraction"] = what_if(ref.hist, FP16).overflow
+            if origin and site is not None:
+                evidence["first_inf_step"] = site.step
+            if origin or largest > FP16.max:
+                severity = "error"
+                if not origin and self.keeps_fp32(arm, own) and own_inf == 0:
+                    severity = "warning"  # autocast kept this output in fp32; it overflows once cast to fp16
+                rule = "activation max |x| > fp16 max" if not origin else "first non-finite output in forward order"
+            else:
+                severity, rule = "warning", "activation max |x| within forward_headroom_binades of fp16 max"
+            self.add(
+                Flag(
+                    layer=layer,
+                    arm=arm,
+                    kind="forward_overflow",
+                    severity=severity,
+                    evidence=evidence,
+                    recommendation=(
+                        f"keep `{layer}` in fp32 (and the ops that consume its output), or rescale it so its "
+                        f"outputs stay below 65504 (largest seen: {largest:.3g}); or prefer bf16, whose range "
+                        "matches fp32"
+                    ),
+                    rule=f"forward_overflow: {rule}",
+                )
+            )
+
+    def underflow(self, arm: str, summary: TraceSummary, advice: ScaleAdvice | None) -> None:
+        """Gradients (at the loss scale in force) and activations that flush to zero in fp16.
+
+        For gradients the error counts only *significant* values, those at or above the model's
+        ``significant_quantile`` gradient magnitude: rounding noise (e.g. the gradient of a bias feeding a
+        normalisation, which is zero in exact arithmetic) may flush harmlessly, and no loss scale rescues it.
+        """
+        if self.reference is None:
+            return
+        scale = self.scale_log2(arm)
+        significant = advice.significant_binade if advice is not None else None
+        worst: dict[tuple[str, str], tuple[float, float, float, str]] = {}
+        for layer, role, ref in self.reference.items():
+            own = summary.get(layer, role)
+            if own is None or is_update(role):
+                continue
+            gradient = is_gradient(role)
+            if not gradient and self.keeps_fp32(arm, own):
+                continue  # autocast computed this output in fp32: nothing was rounded to fp16
+            predicted = what_if(ref.hist, FP16, scale if gradient else 0).flush
+            serious = _significant_flush(ref, scale, significant) if gradient else predicted
+            observed = _excess_zeros(own, ref)
+            kind = "gradient_underflow" if gradient else "activation_underflow"
+            key = (layer, kind)
+            if key not in worst or (serious, predicted) > worst[key][:2]:
+                worst[key] = (serious, predicted, observed, role)
+        for (layer, kind), (serious, predicted, observed, role) in worst.items():
+            gradient = kind == "gradient_underflow"
+            err, warn = (
+                (self.t.gradient_underflow_error, self.t.gradient_underflow_warning)
+                if gradient
+                else (self.t.activation_underflow_error, self.t.activation_underflow_warning)
+            )
+            if predicted < warn:
+                continue
+            confirmed = serious >= err and observed >= warn
+            severity = "error" if confirmed else "warning"
+            name = kind.split("_")[0]
+            evidence: dict[str, Any] = {
+                "role": role,
+                "predicted_flush_fraction": predicted,
+                "observed_excess_zero_fraction": observed,
+                "error_at": err,
+                "warning_at": warn,
+            }
+            if gradient:
+                evidence |= {"significant_flush_fraction": serious, "significant_binade": significant}
+                evidence["loss_scale"] = 2.0**scale
+                recommendation = self.scale_recommendation(advice, layer, scale)
+            else:
+                recommendation = (
+                    f"keep `{layer}` in fp32 (its outputs fall below fp16's smallest subnormal 2^-24), "
+                    "rescale them, or prefer bf16"
+                )
+            what = "significant gradients" if gradient else "outputs"
+            self.add(
+                Flag(
+                    layer=layer,
+                    arm=arm,
+                    kind=kind,
+                    severity=severity,
+                    evidence=evidence,
+                    recommendation=recommendation,
+                    rule=(
+                        f"{kind}: fp32 {what}, at the fp16 arm's scale, flush in fp16 (>= {name}_underflow_error), "
+                        f"confirmed by the fp16 arm's excess zeros (>= {name}_underflow_warning)"
+                        if confirmed
+                        else f"{kind}: predicted flush fraction >= {name}_underflow_warning"
+                    ),
+                )
+            )
+
+    def gradient_overflow(self, arm: str, summary: TraceSummary, advice: ScaleAdvice | None) -> None:
+        """Gradients beyond fp16's max even unscaled: GradScaler must go below 1 and small gradients pay."""
+        if self.reference is None:
+            return
+        for layer, role, ref in self.reference.items():
+            if not is_gradient(role) or math.isnan(ref.max_abs) or ref.max_abs <= FP16.max:
+                continue
+            no_fit = advice is not None and not advice.fits
+            self.add(
+                Flag(
+                    layer=layer,
+                    arm=arm,
+                    kind="gradient_overflow",
+                    severity="error" if no_fit else "warning",
+                    evidence={"role": role, "fp32_max_abs": ref.max_abs, "fp16_max": FP16.max},
+                    recommendation=(
+                        f"keep `{layer}` in fp32 or prefer bf16: its gradients exceed fp16's range before any "
+                        "loss scaling"
+                    ),
+                    rule="gradient_overflow: fp32 gradient max |x| > fp16 max"
+                    + ("; no loss scale fits the gradient range" if no_fit else ""),
+                )
+            )
+
+    def precision_loss(self, arm: str, summary: TraceSummary, fmt: Format) -> None:
+        """Values landing in the subnormal range keep fewer mantissa bits."""
+        scale = self.scale_log2(arm)
+        for layer, role, own in summary.items():
+            if is_update(role) or (not is_gradient(role) and self.keeps_fp32(arm, own)):
+                continue
+            underflow = "gradient_underflow" if is_gradient(role) else "activation_underflow"
+            if (arm, layer, underflow) in self.flags:
+                continue  # the underflow flag already tells the story
+            ref = self.ref_stats(layer, role)
+            if ref is not None:
+                shift = scale if is_gradient(role) else 0
+                fraction = what_if(ref.hist, fmt, shift).subnormal
+            else:
+                fraction = what_if(own.hist, fmt).subnormal
+            if fraction < self.t.precision_loss_info:
+                continue
+            severity = "warning" if fraction >= self.t.precision_loss_warning else "info"
+            self.add(
+                Flag(
+                    layer=layer,
+                    arm=arm,
+                    kind="precision_loss",
+                    severity=severity,
+                    evidence={"role": role, "subnormal_fraction": fraction, "format": fmt.name},
+                    recommendation=(
+                        f"raise the loss scale, keep `{layer}` in fp32, or prefer bf16"
+                        if is_gradient(role) and fmt is FP16
+                        else f"keep `{layer}` in fp32 if its small values matter, or prefer bf16"
+                        if fmt is FP16
+                        else f"keep `{layer}` in fp32 if its tiny values matter"
+                    ),
+                    rule=f"precision_loss: subnormal fraction >= precision_loss_{severity}",
+                )
+            )
+
+    def update_underflow(self, arm: str, summary: TraceSummary, fmt: Format) -> None:
+        """Optimizer updates below half an ulp of the weight: lost if the weights were stored in ``fmt``."""
+        per_layer: dict[str, list[TensorStats]] = {}
+        for layer, role, own in summary.items():
+            if is_update(role):
+                per_layer.setdefault(layer, []).append(own)
+        for layer, records in per_layer.items():
+            nonzero = sum(r.finite_nonzero for r in records)
+            if not nonzero:
+                continue
+            lost = sum(update_lost(r.hist, fmt) * r.finite_nonzero for r in records) / nonzero
+            if lost < self.t.update_lost_info:
+                continue
+            severity = "warning" if lost >= self.t.update_lost_warning else "info"
+            self.add(
+                Flag(
+                    layer=layer,
+                    arm=arm,
+                    kind="update_underflow",
+                    severity=severity,
+                    evidence={"lost_fraction": lost, "format": fmt.name, "nonzero_updates_sampled": nonzero},
+                    recommendation=(
+                        f"keep fp32 weights for the optimizer (mpaudit's arms do): with `{layer}` stored in "
+                        f"{fmt.name}, {lost:.0%} of its updates would be rounded away"
+                    ),
+                    rule=f"update_underflow: |Δw| < half an ulp of w in {fmt.name} for >= update_lost_{severity}",
+                )
+            )
+
+    def nonfinite(self, arm: str, summary: TraceSummary) -> None:
+        """The first module whose output / gradient turned NaN or Inf."""
+        result = self.arms.get(arm)
+        skipped = set(result.loss_scale.skipped_steps) if result is not None and result.loss_scale else set()
+        site = summary.first_nonfinite_forward
+        if site is not None and (arm, site.layer, "forward_overflow") not in self.flags:
+            s = summary.get(site.layer, site.role)
+            self.add(
+                Flag(
+                    layer=site.layer,
+                    arm=arm,
+                    kind="nonfinite",
+                    severity="error",
+                    evidence={"step": site.step, "role": site.role, **_nonfinite_counts(s)},
+                    recommendation=(
+                        f"`{site.layer}` is the first layer (forward order) whose output became NaN/Inf: "
+                        f"keep it in fp32{' or prefer bf16' if half_format(arm) is FP16 else ''}"
+                        if half_format(arm) is not None
+                        else f"`{site.layer}` produces NaN/Inf even in fp32: fix the model before mixing precision"
+                    ),
+                    rule="nonfinite: first non-finite output in forward order",
+                )
+            )
+        site = summary.first_nonfinite_backward
+        if site is not None:
+            s = summary.get(site.layer, site.role)
+            handled = site.step in skipped
+            self.add(
+                Flag(
+                    layer=site.layer,
+                    arm=arm,
+                    kind="nonfinite",
+                    severity="info" if handled else "error",
+                    evidence={"step": site.step, "role": site.role, "step_skipped": handled, **_nonfinite_counts(s)},
+                    recommendation=(
+                        "none needed: GradScaler skipped that step and lowered its scale, as designed"
+                        if handled
+                        else f"`{site.layer}` is the first layer (backward order) whose gradient became NaN/Inf: "
+                        f"keep it in fp32, lower the learning rate, or clip gradients"
+                    ),
+                    rule="nonfinite: first non-finite gradient in backward order"
+                    + (" (on a step GradScaler skipped)" if handled else ""),
+                )
+            )
+
+    def loss_scale(self, arm: str, advice: ScaleAdvice | None) -> None:
+        """GradScaler skipping too many steps, or a scale that leaves gradients flushing."""
+        result = self.arms.get(arm)
+        if result is None or result.loss_scale is None:
+            return
+        steps = max(result.steps, len(result.loss_scale.history), 1)
+        skipped = sorted(result.loss_scale.skipped_steps)
+        calibration = 0
+        while calibration < len(skipped) and skipped[calibration] == calibration:
+            calibration += 1
+        if calibration >= steps:
+            calibration = 0  # never a good step: not a calibration, a scaler that cannot find any scale
+        later = len(skipped) - calibration
+        fraction = later / steps
+        if fraction >= self.t.skip_fraction_warning:
+            severity = "error" if fraction >= self.t.skip_fraction_error else "warning"
+            self.add(
+                Flag(
+                    layer=ROOT_LAYER,
+                    arm=arm,
+                    kind="loss_scale",
+                    severity=severity,
+                    evidence={
+                        "skipped_steps": len(skipped),
+                        "calibration_skips": calibration,
+                        "skip_fraction": fraction,
+                        "steps": steps,
+                    },
+                    recommendation=(
+                        "find the layer whose gradients overflow (see gradient_overflow / nonfinite flags) and keep "
+                        "it in fp32, or prefer bf16"
+                    ),
+                    rule=f"loss_scale: skipped-step fraction >= skip_fraction_{severity}",
+                )
+            )
+        underflows = [f for f in self.flags.values() if f.arm == arm and f.kind == "gradient_underflow"]
+        in_force = self.scale_log2(arm)
+        if underflows and advice is not None and (advice.k is None or advice.k > in_force):
+            severity = min((f.severity for f in underflows), key=SEVERITIES.index)
+            self.add(
+                Flag(
+                    layer=ROOT_LAYER,
+                    arm=arm,
+                    kind="loss_scale",
+                    severity=severity,
+                    evidence={
+                        "loss_scale": 2.0**in_force,
+                        "recommended_log2": advice.k,
+                        "min_log2": advice.k_low,
+                        "max_log2": advice.k_high,
+                        "significant_binade": advice.significant_binade,
+                        "gradient_max_abs": advice.max_abs,
+                        "underflowing_layers": sorted(f.layer for f in underflows),
+                    },
+                    recommendation=self.scale_recommendation(advice, underflows[0].layer, in_force),
+                    rule="loss_scale: gradients flush at the scale in force (significant_quantile)",
+                )
+            )
+
+
+def _significant_flush(ref: TensorStats, scale_log2: int, significant_binade: int | None) -> float:
+    """Fraction of ``ref``'s nonzero values that are significant (binade >= ``significant_binade``,
+    unscaled) and still flush in fp16 at ``2**scale_log2``."""
+    if significant_binade is None:
+        return what_if(ref.hist, FP16, scale_log2).flush
+    total = ref.finite_nonzero
+    if not total:
+        return 0.0
+    hist = ref.hist.copy()
+    hist[: max(0, significant_binade - HIST_MIN_EXP)] = 0
+    return what_if(hist, FP16, scale_log2).flush * int(hist.sum()) / total
+
+
+def _excess_zeros(own: TensorStats, ref: TensorStats) -> float:
+    """How much more of ``own`` is exactly zero than of ``ref``, as a fraction of ``ref``'s nonzero values."""
+    if not own.count or not ref.count:
+        return 0.0
+    z_own, z_ref = own.zeros / own.count, ref.zeros / ref.count
+    if z_ref >= 1:
+        return 0.0
+    return max(0.0, (z_own - z_ref) / (1 - z_ref))
+
+
+def _nonfinite_counts(s: TensorStats | None) -> dict[str, int]:
+    if s is None:
+        return {}
+    return {"nan": s.nan, "posinf": s.posinf, "neginf": s.neginf, "count": s.count}
+
+
+def flag(
+    summaries: Mapping[str, TraceSummary],
+    arms: Mapping[str, ArmResult],
+    thresholds: Thresholds | None = None,
+) -> list[Flag]:
+    """Every flag the traces and arm results support, most severe first.
+
+    ``summaries`` maps arm name to its trace (the fp32 arm's is the reference for predictions); ``arms``
+    gives each arm's status and GradScaler history.
+    """
+    return _Flagger(dict(summaries), dict(arms), thresholds or Thresholds()).run()
+
+
+def flags_for(kind: str, flags: Iterable[Flag]) -> list[Flag]:
+    """The flags of one kind (a convenience for renderers and tests)."""
+    return [f for f in flags if f.kind == kind]

@@ -1,0 +1,302 @@
+"""Flags: the right layer, arm, kind and severity, with the numbers and a concrete recommendation."""
+
+from __future__ import annotations
+
+import json
+import types
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mpaudit.arms import ARMS
+from mpaudit.errors import UsageError
+from mpaudit.layerstats import TensorStats, TraceSummary
+from mpaudit.result import ArmResult, Flag, LossScale, to_jsonable
+from mpaudit.rules import Thresholds, flag
+from mpaudit.task import Task
+from mpaudit.trace import Tracer, TraceSchedule
+from mpaudit.train import train_step
+
+ARM_NAMES = ("fp32", "bf16", "fp16")
+
+
+class Scale(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _overflowing() -> nn.Module:
+    """Fine in fp32 and bf16; ``blocks.1.amp`` pushes activations past fp16's max, ``down`` brings them back."""
+
+    def block(factor: float) -> nn.Module:
+        return nn.Sequential(OrderedDict(fc=nn.Linear(16, 16), amp=Scale(factor), act=nn.ReLU()))
+
+    return nn.Sequential(
+        OrderedDict(
+            inp=nn.Linear(8, 16),
+            blocks=nn.Sequential(block(1.0), block(1e6)),
+            down=Scale(1e-6),
+            head=nn.Linear(16, 3),
+        )
+    )
+
+
+def _task(loss_factor: float) -> Task:
+    module = types.ModuleType("rules_task")
+
+    def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(model(x), y) * loss_factor
+
+    module.loss_fn = loss_fn  # type: ignore[attr-defined]
+    return Task(path=Path("rules_task.py"), sha256="", module=module)
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 8, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+
+
+def _run_arm(
+    name: str, build: Callable[[], nn.Module], loss_factor: float, steps: int
+) -> tuple[ArmResult, TraceSummary]:
+    """Train one arm with ``train_step`` under a tracer on every step, as the training loop does."""
+    arm, task = ARMS[name], _task(loss_factor)
+    torch.manual_seed(0)
+    model = build()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scaler = arm.make_scaler("cpu")
+    schedule, tracer = TraceSchedule(every=1), Tracer(model)
+    losses: list[float] = []
+    scales: list[float] = []
+    skipped: list[int] = []
+    batches = _batches()
+    with tracer:
+        for step in range(steps):
+            scale = scaler.get_scale() if scaler is not None else None
+            if schedule.wants(step):
+                tracer.start_step(step, scale)
+            loss = train_step(
+                task,
+                arm,
+                model,
+                optimizer,
+                scaler,
+                batches[step % len(batches)],
+                "cpu",
+                after_backward=tracer.after_backward,
+                after_step=tracer.after_optimizer_step,
+            )
+            tracer.finish_step()
+            losses.append(float(loss))
+            if scaler is not None and scale is not None:
+                scales.append(scale)
+                if scaler.get_scale() < scale:
+                    skipped.append(step)
+    result = ArmResult(
+        name=name,
+        status="ok",
+        loss=losses,
+        metrics={},
+        steps=steps,
+        train_s=0.0,
+        loss_scale=LossScale(history=scales, skipped_steps=skipped) if scaler is not None else None,
+    )
+    return result, tracer.summary()
+
+
+def _audit(build: Callable[[], nn.Module], loss_factor: float = 1.0, steps: int = 4) -> tuple[list[Flag], dict]:
+    runs = {name: _run_arm(name, build, loss_factor, steps) for name in ARM_NAMES}
+    summaries = {name: s for name, (_, s) in runs.items()}
+    flags = flag(summaries, {name: r for name, (r, _) in runs.items()}, Thresholds())
+    return flags, summaries
+
+
+def _errors(flags: list[Flag], arm: str | None = None) -> list[Flag]:
+    return [f for f in flags if f.severity == "error" and (arm is None or f.arm == arm)]
+
+
+def test_tiny_loss_underflows_gradients_in_fp16_and_the_flag_says_how_to_scale() -> None:
+    flags, _ = _audit(_mlp, loss_factor=1e-12)
+    underflow = [f for f in flags if f.arm == "fp16" and f.kind == "gradient_underflow" and f.severity == "error"]
+    assert underflow, flags
+    assert all(f.evidence["predicted_flush_fraction"] > 0.5 for f in underflow)
+    assert all(f.evidence["observed_excess_zero_fraction"] > 0.5 for f in underflow)
+    assert any("init_scale to 2^" in f.recommendation for f in underflow)
+
+    scale = [f for f in flags if f.arm == "fp16" and f.kind == "loss_scale" and f.severity == "error"]
+    assert len(scale) == 1
+    k = scale[0].evidence["recommended_log2"]
+    assert k > 16  # above GradScaler's default 2^16, which is what flushed
+    assert f"init_scale to 2^{k}" in scale[0].recommendation
+    # the recommended scale lifts the 1st-percentile gradient clear of 2^-24 and keeps the max below 65504
+    assert scale[0].evidence["significant_binade"] + k >= -24
+    assert scale[0].evidence["gradient_max_abs"] * 2.0**k < 65504
+
+    assert not [f for f in flags if f.arm == "bf16" and f.kind.endswith("underflow") and "update" not in f.kind]
+    assert not _errors(flags, "bf16") and not _errors(flags, "fp32")
+    # flags go into report.json as they are
+    back = [Flag.from_dict(d) for d in json.loads(json.dumps(to_jsonable(flags), allow_nan=False))]
+    assert back == flags
+
+
+def test_clean_model_raises_no_error_flag() -> None:
+    flags, summaries = _audit(_mlp, loss_factor=1.0, steps=6)
+    assert not _errors(flags), [(f.arm, f.layer, f.kind, f.rule, f.evidence) for f in _errors(flags)]
+    assert all(s.steps == (0, 1, 2, 3, 4, 5) for s in summaries.values())
+
+
+def test_activation_overflow_names_the_layer_by_module_path() -> None:
+    flags, summaries = _audit(_overflowing, steps=3)
+    overflow = [f for f in flags if f.kind == "forward_overflow" and f.severity == "error"]
+    assert [f.arm for f in overflow] == ["fp16"] * len(overflow)
+    amp = [f for f in overflow if f.layer == "blocks.1.amp"]
+    assert len(amp) == 1
+    assert "`blocks.1.amp`" in amp[0].recommendation and "fp32" in amp[0].recommendation
+    assert amp[0].evidence["fp32_max_abs"] > 65504
+    assert not [f for f in overflow if f.layer.startswith(("inp", "blocks.0", "down", "head"))]
+
+    # the fp16 arm's first non-finite output is that layer; the earlier ones stayed finite
+    site = summaries["fp16"].first_nonfinite_forward
+    assert site is not None and site.layer == "blocks.1.amp" and site.step == 0
+    assert summaries["fp32"].first_nonfinite_forward is None
+    # every fp16 step was skipped: GradScaler cannot fix a forward overflow, and the flags say so
+    assert any(f.kind == "loss_scale" and f.arm == "fp16" and f.severity == "error" for f in flags)
+    assert not _errors(flags, "fp32") and not _errors(flags, "bf16")
+
+
+# ----------------------------------------------------------------------------- synthetic traces
+
+
+def _summary(stats: dict[tuple[str, str], np.ndarray], scale: float | None = None) -> TraceSummary:
+    return TraceSummary(
+        stats={key: TensorStats.from_array(v) for key, v in stats.items()},
+        steps=(0,),
+        loss_scales=(scale,),
+        layers=tuple(dict.fromkeys(layer for layer, _ in stats)),
+    )
+
+
+def _arm(name: str, steps: int = 100, skipped: list[int] | None = None) -> ArmResult:
+    scaler = name == "fp16"
+    return ArmResult(
+        name=name,
+        status="ok",
+        loss=[1.0] * steps,
+        metrics={},
+        steps=steps,
+        train_s=1.0,
+        loss_scale=LossScale([65536.0] * steps, skipped or []) if scaler else None,
+    )
+
+
+def _grads(scale: float, n: int = 1000, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(n) * scale
+
+
+def test_a_prediction_without_observed_flushing_is_only_a_warning() -> None:
+    tiny = _grads(1e-13)  # flushes at fp16's default scale 2^16 ...
+    summaries = {
+        "fp32": _summary({("fc", "grad:weight"): tiny}),
+        # ... but the fp16 arm shows no excess zeros (say autocast kept this layer in fp32)
+        "fp16": _summary({("fc", "grad:weight"): tiny * 65536}, scale=65536.0),
+    }
+    flags = flag(summaries, {"fp32": _arm("fp32"), "fp16": _arm("fp16")})
+    under = [f for f in flags if f.kind == "gradient_underflow"]
+    assert [(f.arm, f.layer, f.severity) for f in under] == [("fp16", "fc", "warning")]
+    assert under[0].evidence["predicted_flush_fraction"] > 0.9
+
+
+def test_flushing_rounding_noise_is_not_an_error() -> None:
+    # a bias feeding a normalisation has zero gradient in exact arithmetic; fp32 computes noise of ~1e-14,
+    # far below the model's 1st-percentile gradient, which flushes in fp16 without hurting anything
+    summaries = {
+        "fp32": _summary({("fc", "grad:weight"): _grads(1e-3), ("bias", "grad:bias"): _grads(1e-14, n=5)}),
+        "fp16": _summary(
+            {("fc", "grad:weight"): _grads(1e-3) * 65536, ("bias", "grad:bias"): np.zeros(5)}, scale=65536.0
+        ),
+    }
+    flags = flag(summaries, {"fp32": _arm("fp32"), "fp16": _arm("fp16")})
+    under = [f for f in flags if f.kind == "gradient_underflow"]
+    assert [(f.layer, f.severity) for f in under] == [("bias", "warning")]
+    assert under[0].evidence["predicted_flush_fraction"] == 1.0
+    assert under[0].evidence["significant_flush_fraction"] == 0.0
+    assert not [f for f in flags if f.kind == "loss_scale"]  # the scale in force is right for the model
+
+
+def test_bf16_gets_no_underflow_flag_for_gradients_fp32_represents() -> None:
+    tiny = _grads(1e-30)
+    flushed = tiny.copy()
+    flushed[::2] = 0.0  # even with zeros appearing in the bf16 arm
+    summaries = {"fp32": _summary({("fc", "grad:weight"): tiny}), "bf16": _summary({("fc", "grad:weight"): flushed})}
+    flags = flag(summaries, {"fp32": _arm("fp32"), "bf16": _arm("bf16")})
+    assert not [f for f in flags if f.arm == "bf16" and "underflow" in f.kind]
+
+
+def test_thresholds_override_by_name() -> None:
+    tiny = _grads(1e-13)
+    flushed = np.zeros_like(tiny)
+    summaries = {
+        "fp32": _summary({("fc", "grad:weight"): tiny}),
+        "fp16": _summary({("fc", "grad:weight"): flushed}, scale=65536.0),
+    }
+    arms = {"fp32": _arm("fp32"), "fp16": _arm("fp16")}
+    default = [f for f in flag(summaries, arms) if f.kind == "gradient_underflow"]
+    assert default[0].severity == "error" and default[0].evidence["error_at"] == 0.01
+    lenient = Thresholds.from_mapping({"gradient_underflow_error": "1.5", "gradient_underflow_warning": 1.2})
+    assert lenient.gradient_underflow_error == 1.5
+    assert not [f for f in flag(summaries, arms, lenient) if f.kind == "gradient_underflow"]
+
+    with pytest.raises(UsageError, match="Unknown threshold 'gradient_underflow'"):
+        Thresholds.from_mapping({"gradient_underflow": 0.1})
+    with pytest.raises(UsageError, match="must be a number"):
+        Thresholds.from_mapping({"skip_fraction_error": "lots"})
+
+
+def test_loss_scale_skips_after_calibration() -> None:
+    summaries: dict[str, TraceSummary] = {"fp16": _summary({("fc", "activation"): _grads(1.0)}, 65536.0)}
+    calibration_only = flag(summaries, {"fp16": _arm("fp16", 100, skipped=[0, 1, 2, 3])})
+    assert not [f for f in calibration_only if f.kind == "loss_scale"]
+    some = flag(summaries, {"fp16": _arm("fp16", 100, skipped=[0, 1, *range(10, 100, 10)])})
+    assert [(f.kind, f.severity, f.evidence["calibration_skips"]) for f in some if f.kind == "loss_scale"] == [
+        ("loss_scale", "warning", 2)
+    ]
+    every = flag(summaries, {"fp16": _arm("fp16", 20, skipped=list(range(20)))})
+    assert [f.severity for f in every if f.kind == "loss_scale"] == ["error"]
+
+
+def test_update_underflow_is_judged_per_format() -> None:
+    # updates about 2^-10 of their weight's binade: below bf16's half ulp (2^-8), above fp16's (2^-11)
+    r = 2.0 ** np.random.default_rng(0).uniform(-10, -9.5, 500)
+    summaries = {arm: _summary({("fc", "update:weight"): r}) for arm in ("bf16", "fp16")}
+    flags = flag(summaries, {"bf16": _arm("bf16"), "fp16": _arm("fp16")})
+    updates = [(f.arm, f.severity) for f in flags if f.kind == "update_underflow"]
+    assert updates == [("bf16", "warning")]
+    f = next(f for f in flags if f.kind == "update_underflow")
+    assert f.evidence["lost_fraction"] == 1.0 and "keep fp32 weights for the optimizer" in f.recommendation
+
+
+def test_gradients_beyond_fp16_range_before_scaling() -> None:
+    summaries = {
+        "fp32": _summary({("head", "grad:weight"): _grads(1e5)}),
+        "fp16": _summary({("head", "grad:weight"): _grads(1e5)}, scale=1.0),
+    }
+    flags = flag(summaries, {"fp32": _arm("fp32"), "fp16": _arm("fp16")})
+    over = [f for f in flags if f.kind == "gradient_overflow"]
+    assert [(f.arm, f.layer) for f in over] == [("fp16", "head")]
+    assert over[0].evidence["fp32_max_abs"] > 65504 and "`head`" in over[0].recommendation
