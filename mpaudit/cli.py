@@ -96,8 +96,8 @@ def run(
     from mpaudit.audit import AuditConfig, audit
     from mpaudit.gate import parse_max_drop
     from mpaudit.progress import RichProgress, progress_enabled
-    from mpaudit.settings import parse_thresholds, pyproject_thresholds
     from mpaudit.report import write_report
+    from mpaudit.settings import parse_thresholds, pyproject_thresholds
     from mpaudit.task import load_task
 
     if plotlyjs not in ("inline", "cdn"):

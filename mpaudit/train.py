@@ -14,11 +14,11 @@ import torch
 
 from mpaudit.arms import Arm, fp16_mode, step_context
 from mpaudit.batches import move_to_device
+from mpaudit.layerstats import TraceSummary
 from mpaudit.result import ArmResult, Fingerprints, LossScale
 from mpaudit.seeding import BatchFingerprint, fingerprint_model, seed_everything
 from mpaudit.task import Task
-from mpaudit.layerstats import TraceSummary
-from mpaudit.trace import DEFAULT_TRACE_EVERY, TraceSchedule, Tracer
+from mpaudit.trace import DEFAULT_TRACE_EVERY, Tracer, TraceSchedule
 
 DIVERGE_PATIENCE = 25
 """An fp16 arm is called diverged after this many consecutive non-finite losses (GradScaler skips each

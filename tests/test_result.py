@@ -24,7 +24,8 @@ def test_json_round_trip_of_a_real_run(overflow_task: Path) -> None:
     assert "NaN" in data["arms"]["fp16"]["loss"] or "Infinity" in data["arms"]["fp16"]["loss"]
     assert data["arms"]["fp16"]["loss_scale"]["skipped"] == len(data["arms"]["fp16"]["loss_scale"]["skipped_steps"])
     assert data["gate"]["passed"] is False
-    assert {"layer": "amp", "arm": "fp16", "kind": "forward_overflow", "severity": "error"}.items() <= data["flags"][0].items()
+    expected = {"layer": "amp", "arm": "fp16", "kind": "forward_overflow", "severity": "error"}
+    assert expected.items() <= data["flags"][0].items()
     assert data["arms"]["fp16"]["trace"]["first_nonfinite_forward"]["layer"] == "amp"
     for key in ("torch_version", "device", "dtype_support", "threads", "tf32", "seed", "task_sha256"):
         assert key in data["env"]
