@@ -62,3 +62,18 @@ def test_warning_banner_when_fingerprints_differ(tiny_task: Path) -> None:
     result = mpaudit.audit(tiny_task, bench=False, steps=2, arms=("fp32", "bf16"))
     result = replace(result, warnings=["The arms did not start from the same initial weights."])
     assert 'role="alert"' in render_html(result)
+
+
+def test_big_model_page_stays_small(write_task: Callable[..., Path]) -> None:
+    from mpaudit.report.layers_view import MAX_HEATMAP_ROWS
+
+    path = write_task(TINY_TASK.replace(
+        "return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))",
+        "return nn.Sequential(nn.Linear(8, 8), *[m for _ in range(160) for m in (nn.Linear(8, 8), nn.Tanh())], "
+        "nn.Linear(8, 3))"), name="deep.py")
+    result = mpaudit.audit(path, bench=False, steps=1, arms=("fp32",))
+    assert result.arms["fp32"].trace is not None and len(result.arms["fp32"].trace.layers) == 322
+    html = render_html(result)
+    assert len(html.encode()) < 10 * 2**20
+    assert f"Showing the {MAX_HEATMAP_ROWS} of 322 layers" in html
+    assert len(result.layers()) >= 322 * 2  # layers.csv keeps every layer

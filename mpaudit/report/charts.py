@@ -7,6 +7,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from mpaudit.report import layers_view
 from mpaudit.result import AuditResult
 
 ARM_COLORS = {"fp32": "#1f77b4", "bf16": "#2ca02c", "fp16": "#d62728"}
@@ -150,5 +151,6 @@ def all_charts(result: AuditResult) -> dict[str, dict[str, Any]]:
     figs = {
         "chart-loss": loss_curves(result), "chart-scale": loss_scale(result), "chart-noise": noise_band(result),
         "chart-speed": speed_bars(result), "chart-memory": memory_bars(result),
+        "chart-heatmap": layers_view.heatmap(result),
     }
     return {key: fig.to_plotly_json() for key, fig in figs.items() if fig is not None}

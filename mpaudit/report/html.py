@@ -11,6 +11,7 @@ import plotly.io
 import plotly.offline
 
 from mpaudit.gate import lower_is_better
+from mpaudit.report import layers_view
 from mpaudit.report.charts import all_charts
 from mpaudit.result import AuditResult
 from mpaudit.verdict import verdicts
@@ -98,6 +99,9 @@ def render_html(result: AuditResult, *, plotlyjs: str = "inline") -> str:
         metrics=metrics,
         fmt=fmt,
         charts_json=script_json(charts),
+        layers_json=script_json(layers_view.explorer_data(result)),
+        layers_shown=layers_view.shown_layers(result),
+        heatmap_cap=layers_view.MAX_HEATMAP_ROWS,
         plotly_inline=_plotly_js() if plotlyjs == "inline" else None,
         plotly_cdn=PLOTLY_CDN.format(version=plotly.offline.get_plotlyjs_version()),
         lower_is_better=lower_is_better,
