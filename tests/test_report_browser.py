@@ -7,10 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from browser import load_page
-from conftest import OVERFLOW_TASK, TINY_TASK
 
 import mpaudit
+from browser import load_page
+from conftest import OVERFLOW_TASK, TINY_TASK
 
 pytestmark = pytest.mark.browser
 
