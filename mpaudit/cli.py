@@ -209,6 +209,43 @@ def compare(
     raise typer.Exit(c.exit_code)
 
 
+@app.command()
+@_exits()
+def suite(
+    suite_dir: Annotated[Path, typer.Argument(help="A folder of workloads, each a <name>/model.py.", show_default=False)],
+    out_dir: Annotated[Path, typer.Option("--out", help="Where each workload's report and index.html/index.json go.")] = Path("reports/suites"),
+    pattern: Annotated[str | None, typer.Option("-k", "--pattern", help="Only workloads whose name contains this (or matches this glob).", show_default=False)] = None,
+    jobs: Annotated[int, typer.Option(help="Workloads audited in parallel processes.")] = 1,
+    timeout: Annotated[float | None, typer.Option(help="Seconds after which a workload is stopped and marked errored.", show_default=False)] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps per arm for every workload (default: mpaudit run's).", show_default=False)] = None,
+    arms: Annotated[str | None, typer.Option(help="Comma-separated arms for every workload (default: fp32,bf16,fp16).", show_default=False)] = None,
+    max_drop: Annotated[list[str] | None, typer.Option("--max-drop", help="Gate every workload: METRIC=DELTA (repeatable).", show_default=False)] = None,
+    bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Measure speed and memory in every workload.")] = True,
+    run_arg: Annotated[list[str] | None, typer.Option("--run-arg", help="Any other option for each mpaudit run, e.g. --run-arg=--seeds=3 (repeatable).", show_default=False)] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
+) -> None:
+    """Audit every workload in a folder, each in its own process; write index.html and index.json. Exit 1 if a gate failed, 2 if a workload errored."""
+    from mpaudit.suite import run_suite
+
+    args: list[str] = []
+    if steps is not None:
+        args += ["--steps", str(steps)]
+    if arms is not None:
+        args += ["--arms", arms]
+    for spec in max_drop or []:
+        args += ["--max-drop", spec]
+    if not bench:
+        args.append("--no-bench")
+    args += list(run_arg or [])
+
+    def done(run: Any) -> None:
+        err.print(f"{run.name}: {run.status} ({run.seconds:.0f} s){' - ' + run.error if run.error else ''}")
+
+    result = run_suite(suite_dir, out_dir, pattern=pattern, jobs=jobs, run_args=args, timeout_s=timeout, on_done=done)
+    out.print(f"index: {result.index_html}\nindex: {result.index_json}")
+    raise typer.Exit(result.exit_code)
+
+
 def _read_result(path: Path) -> Any:
     from mpaudit.result import AuditResult
 
