@@ -5,6 +5,7 @@ Public API::
     import mpaudit
     result = mpaudit.audit("model.py", steps=100)   # -> AuditResult
     mpaudit.write_report(result, "reports/model")   # report.json + report.html
+    with mpaudit.keep_fp32(model, ["amp"]): ...      # a verified keep-list, in your own loop
 """
 
 from __future__ import annotations
@@ -13,8 +14,19 @@ __version__ = "0.1.0"
 
 from mpaudit.audit import AuditConfig, audit
 from mpaudit.errors import MpauditError, ResultError, TaskError, UsageError
+from mpaudit.keep import KeepFp32, keep_fp32
 from mpaudit.report import write_report
-from mpaudit.result import SCHEMA_VERSION, ArmResult, AuditResult, Flag, Gate, GateCheck, LossScale
+from mpaudit.result import (
+    SCHEMA_VERSION,
+    ArmResult,
+    AuditResult,
+    Flag,
+    Gate,
+    GateCheck,
+    LayerError,
+    LossScale,
+    Recommendation,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -24,12 +36,16 @@ __all__ = [
     "Flag",
     "Gate",
     "GateCheck",
+    "KeepFp32",
+    "LayerError",
     "LossScale",
     "MpauditError",
+    "Recommendation",
     "ResultError",
     "TaskError",
     "UsageError",
     "__version__",
     "audit",
+    "keep_fp32",
     "write_report",
 ]

@@ -10,8 +10,9 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -27,6 +28,10 @@ class Arm:
     autocast_dtype: torch.dtype | None
     grad_scaler: bool
     description: str
+    keep_fp32: tuple[str, ...] = ()
+    """Module paths run in fp32 inside autocast (:func:`mpaudit.keep.keep_fp32`): a recommendation under test."""
+    init_scale: float | None = None
+    """The GradScaler's initial loss scale; None keeps PyTorch's default (2^16)."""
 
     @property
     def is_baseline(self) -> bool:
@@ -42,8 +47,26 @@ class Arm:
             yield
 
     def make_scaler(self, device_type: str) -> torch.amp.GradScaler | None:
-        """A fresh GradScaler with PyTorch's defaults for fp16 arms, None otherwise."""
-        return torch.amp.GradScaler(device_type) if self.grad_scaler else None
+        """A fresh GradScaler for fp16 arms (PyTorch's defaults unless ``init_scale`` is set), None otherwise."""
+        if not self.grad_scaler:
+            return None
+        if self.init_scale is None:
+            return torch.amp.GradScaler(device_type)
+        return torch.amp.GradScaler(device_type, init_scale=self.init_scale)
+
+    def with_changes(self, keep_fp32: Sequence[str] = (), init_scale: float | None = None) -> Arm:
+        """This recipe plus a keep-list and/or an initial loss scale, named after the change
+        (``fp16+keep``, ``fp16+scale2^24``, ``fp16+keep+scale2^24``)."""
+        name = self.name
+        parts = []
+        if keep_fp32:
+            name += "+keep"
+            parts.append("keeps " + ", ".join(keep_fp32) + " in fp32")
+        if init_scale is not None:
+            name += f"+scale2^{math.log2(init_scale):g}"
+            parts.append(f"GradScaler init_scale {init_scale:g}")
+        return replace(self, name=name, keep_fp32=tuple(keep_fp32), init_scale=init_scale,
+                       description=self.description + ("; " + "; ".join(parts) if parts else ""))
 
 
 ARMS: dict[str, Arm] = {

@@ -17,7 +17,8 @@ from mpaudit.errors import UsageError
 from mpaudit.gate import AUTO, DEFAULT_NOISE_K, evaluate_gate, lower_is_better
 from mpaudit.memory import parse_bytes
 from mpaudit.perf_result import SpeedResult, Speedup
-from mpaudit.result import ArmResult, AuditResult
+from mpaudit.recommend import DEFAULT_VERIFY_BUDGET
+from mpaudit.result import ArmResult, AuditResult, Flag, LayerError, Recommendation
 from mpaudit.rules import Thresholds, flag
 from mpaudit.task import Task, load_task, preflight
 from mpaudit.trace import DEFAULT_TRACE_EVERY, select_modules
@@ -50,6 +51,8 @@ class AuditConfig:
     bench_seconds: float = DEFAULT_BENCH_SECONDS
     compile: bool = False
     memory_budget: str | None = None
+    verify: bool = False
+    verify_budget: int = DEFAULT_VERIFY_BUDGET
 
     @property
     def seed_list(self) -> list[int]:
@@ -87,6 +90,10 @@ class AuditConfig:
             parse_bytes(self.memory_budget)
             if not self.bench:
                 raise UsageError("--memory-budget needs the memory measurement; drop --no-bench.")
+        if self.verify and BASELINE not in self.arms:
+            raise UsageError("--verify compares recommendations against fp32, so --arms must include fp32.")
+        if self.verify_budget < 1:
+            raise UsageError("--verify-budget must be at least 1.")
         if not (math.isfinite(self.noise_k) and self.noise_k > 0):
             raise UsageError("--noise-k must be a positive number.")
         for metric, limit in self.max_drop.items():
@@ -132,6 +139,8 @@ def audit(
         if cfg.trace or cfg.trace_depth is not None:
             select_modules(task.build_model(), cfg.trace, cfg.trace_depth)  # a wrong module path fails now
         results: dict[str, ArmResult] = {}
+        layer_errors: dict[str, list[LayerError]] = {}
+        shadow_notes: list[str] = []
         replicates: dict[str, list[ArmResult]] = {}
         for i, seed in enumerate(cfg.seed_list):
             spec = TrainSpec(device=device, seed=seed, steps=cfg.steps, epochs=cfg.epochs,
@@ -139,7 +148,14 @@ def audit(
                              trace_every=cfg.trace_every if i == 0 else 0,  # replicates measure noise only
                              trace_include=cfg.trace, trace_depth=cfg.trace_depth)
             for arm in arms:
-                run = train_arm(task, arm, spec, progress, label=arm.name if i == 0 else f"{arm.name} s{seed}")
+                keeps_model = i == 0 and arm.name == BASELINE and cfg.verify
+                source = _KeepsModel(task.path, task.sha256, task.module) if keeps_model else task
+                run = train_arm(source, arm, spec, progress, label=arm.name if i == 0 else f"{arm.name} s{seed}")
+                if isinstance(source, _KeepsModel):  # attribute errors now, then let the trained model go
+                    if source.built and run.status == "ok":
+                        layer_errors, note = _shadow(task, source.built[-1], arms, device, cfg)
+                        shadow_notes += [note] if note else []
+                    source.built.clear()
                 if i == 0:
                     results[arm.name] = run
                 else:
@@ -150,6 +166,12 @@ def audit(
     gate = evaluate_gate(results, cfg.max_drop, cfg.max_loss_gap, replicates, cfg.noise_k)
     traces = {name: r.trace for name, r in results.items() if r.trace is not None}
     flags = flag(traces, results, Thresholds.from_mapping(cfg.thresholds)) if traces else []
+    recommendations: list[Recommendation] = []
+    verification: dict[str, ArmResult] = {}
+    if cfg.verify:
+        with tf32_setting(cfg.tf32):
+            recommendations, verification = _verify(task, arms, device, cfg, results, replicates, flags, progress,
+                                                    layer_errors)
     from mpaudit import __version__
 
     return AuditResult(
@@ -163,8 +185,11 @@ def audit(
         speedups=perf.speedups,
         compiled=perf.compiled,
         max_batch=perf.max_batch,
-        perf_notes=perf.notes,
+        perf_notes=[*perf.notes, *shadow_notes],
         warnings=_warnings(results, replicates),
+        recommendations=recommendations,
+        verification=verification,
+        layer_errors=layer_errors,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         mpaudit_version=__version__,
     )
@@ -219,6 +244,55 @@ def _measure(
     except Exception as exc:
         perf.notes.append(f"Memory measurement failed: {type(exc).__name__}: {exc}")
     return perf
+
+
+def _verify(
+    task: Task, arms: list[Arm], device: Any, cfg: AuditConfig, results: dict[str, ArmResult],
+    replicates: dict[str, list[ArmResult]], flags: list[Flag], progress: Progress | None,
+    layer_errors: dict[str, list[LayerError]],
+) -> tuple[list[Recommendation], dict[str, ArmResult]]:
+    """The verification phase: each recommendation trained as an extra arm (main seed, same batches, no
+    tracing), at most ``verify_budget`` runs in all."""
+    from mpaudit.recommend import Criteria, recommend
+
+    baseline = results.get(BASELINE)
+    if baseline is None or baseline.status != "ok":
+        return [], {}
+    spec = TrainSpec(device=device, seed=cfg.seed, steps=cfg.steps, epochs=cfg.epochs, fp16_cpu=cfg.fp16_cpu,
+                     data_seed=cfg.seed, trace_every=0)
+    criteria = Criteria(baseline=baseline, max_drop=cfg.max_drop, max_loss_gap=cfg.max_loss_gap,
+                        baseline_replicates=replicates.get(BASELINE, []), noise_k=cfg.noise_k)
+
+    def train(arm: Arm) -> ArmResult:
+        return train_arm(task, arm, spec, progress)
+
+    sqnr = {arm: {e.layer: e.sqnr_db for e in errors} for arm, errors in layer_errors.items()}
+    return recommend(arms, results, flags, criteria, train, budget=cfg.verify_budget, layer_error_db=sqnr)
+
+
+@dataclass(frozen=True)
+class _KeepsModel(Task):
+    """The task, holding on to the model it builds: the fp32 arm's trained weights, for the shadow comparison."""
+
+    built: list[Any] = field(default_factory=list)
+
+    def build_model(self) -> Any:
+        model = super().build_model()
+        self.built.append(model)
+        return model
+
+
+def _shadow(
+    task: Task, model: Any, arms: list[Arm], device: Any, cfg: AuditConfig,
+) -> tuple[dict[str, list[LayerError]], str | None]:
+    """Per-layer error attribution on the trained fp32 model; a failure costs only this table."""
+    from mpaudit.shadow import layer_errors
+
+    try:
+        paths = select_modules(model, cfg.trace, cfg.trace_depth)
+        return layer_errors(task, model, arms, paths, device, cfg.fp16_cpu), None
+    except Exception as exc:  # the user's model may not run module by module; the audit stands without it
+        return {}, f"Per-layer error attribution failed: {type(exc).__name__}: {exc}"
 
 
 def _config_dict(cfg: AuditConfig) -> dict[str, Any]:

@@ -85,6 +85,8 @@ def run(
     bench_seconds: Annotated[float, typer.Option(help="Time budget of the speed measurement; it stops earlier once every arm's IQR is under 5% of its median.")] = 10.0,
     compile: Annotated[bool, typer.Option("--compile", help="Also time torch.compile'd arms (numerics tracing stays eager).")] = False,
     memory_budget: Annotated[str | None, typer.Option(help="Report the largest batch per arm that fits this memory, e.g. 16GiB.", show_default=False)] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Train each recommendation (fp32 keep-list, loss scale) as an extra arm and report whether it passes.")] = False,
+    verify_budget: Annotated[int, typer.Option(help="At most this many extra training runs for --verify.")] = 4,
     tf32: Annotated[bool, typer.Option("--tf32/--no-tf32", help="Allow TF32 matmuls in the fp32 baseline (CUDA only; off by default).")] = False,
     fp16_cpu: Annotated[str, typer.Option(help="fp16 on a CPU: emulate (tensor-core numerics at fp32 speed) or native (PyTorch's slow half kernels).")] = "emulate",
     plotlyjs: Annotated[str, typer.Option(help="inline (self-contained, works offline) or cdn (small file).")] = "inline",
@@ -107,6 +109,7 @@ def run(
         steps=steps, epochs=epochs, seed=seed, device=device, tf32=tf32, fp16_cpu=fp16_cpu,
         max_drop=parse_max_drop(max_drop or []), max_loss_gap=max_loss_gap, seeds=seeds, noise_k=noise_k,
         bench=bench, bench_seconds=bench_seconds, compile=compile, memory_budget=memory_budget,
+        verify=verify, verify_budget=verify_budget,
         trace_every=trace_every, trace=tuple(trace or ()), trace_depth=trace_depth,
         thresholds={**pyproject_thresholds(task), **parse_thresholds(threshold or [])},
     ).validated()

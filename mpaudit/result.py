@@ -175,6 +175,51 @@ class Flag:
 
 
 @dataclass(frozen=True)
+class Recommendation:
+    """A change to one arm's recipe, tried by training it: the modules to keep in fp32 and/or the
+    GradScaler's initial scale, the extra arm that tested it, whether it passed, and why."""
+
+    arm: str
+    keep_fp32: list[str]
+    init_scale: float | None
+    verified_arm: str | None
+    passed: bool
+    metrics: dict[str, float]
+    runs_used: int
+    reason: str
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Recommendation:
+        return cls(
+            arm=str(d["arm"]),
+            keep_fp32=[str(p) for p in d.get("keep_fp32", [])],
+            init_scale=None if d.get("init_scale") is None else _dec_float(d["init_scale"]),
+            verified_arm=None if d.get("verified_arm") is None else str(d["verified_arm"]),
+            passed=bool(d.get("passed", False)),
+            metrics={str(k): _dec_float(v) for k, v in d.get("metrics", {}).items()},
+            runs_used=int(d.get("runs_used", 0)),
+            reason=str(d.get("reason", "")),
+        )
+
+
+@dataclass(frozen=True)
+class LayerError:
+    """The error one layer introduces in an arm (its fp32 inputs run at the arm's precision) and the error
+    accumulated up to it (the whole model at the arm's precision), against fp32: SQNR in dB and relative."""
+
+    layer: str
+    sqnr_db: float
+    rel_error: float
+    drift_sqnr_db: float
+    drift_rel_error: float
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerError:
+        return cls(layer=str(d["layer"]), sqnr_db=_dec_float(d["sqnr_db"]), rel_error=_dec_float(d["rel_error"]),
+                   drift_sqnr_db=_dec_float(d["drift_sqnr_db"]), drift_rel_error=_dec_float(d["drift_rel_error"]))
+
+
+@dataclass(frozen=True)
 class NoiseFloor:
     """Seed-to-seed spread of one fp32 metric over ``n`` seeds: what "no real change" looks like."""
 
@@ -281,6 +326,9 @@ class AuditResult:
     max_batch: dict[str, int] = field(default_factory=dict)
     perf_notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    recommendations: list[Recommendation] = field(default_factory=list)
+    verification: dict[str, ArmResult] = field(default_factory=dict)
+    layer_errors: dict[str, list[LayerError]] = field(default_factory=dict)
     created: str = ""
     mpaudit_version: str = ""
     schema_version: int = SCHEMA_VERSION
@@ -365,6 +413,9 @@ class AuditResult:
                 max_batch={str(k): int(v) for k, v in d.get("max_batch", {}).items()},
                 perf_notes=[str(n) for n in d.get("perf_notes", [])],
                 warnings=[str(w) for w in d.get("warnings", [])],
+                recommendations=[Recommendation.from_dict(r) for r in d.get("recommendations", [])],
+                verification={k: ArmResult.from_dict(v) for k, v in d.get("verification", {}).items()},
+                layer_errors={k: [LayerError.from_dict(e) for e in v] for k, v in d.get("layer_errors", {}).items()},
                 created=str(d.get("created", "")),
                 mpaudit_version=str(d.get("mpaudit_version", "")),
                 schema_version=version,

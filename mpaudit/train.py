@@ -14,6 +14,7 @@ import torch
 
 from mpaudit.arms import Arm, fp16_mode, step_context
 from mpaudit.batches import move_to_device
+from mpaudit.keep import keep_fp32
 from mpaudit.layerstats import TraceSummary
 from mpaudit.result import ArmResult, Fingerprints, LossScale
 from mpaudit.seeding import BatchFingerprint, fingerprint_model, seed_everything
@@ -182,6 +183,8 @@ def train_arm(
         model = task.build_model()
         weights_fp = fingerprint_model(model)
         model.to(device)
+        if arm.keep_fp32:  # a recommendation under test: the same weights, some modules kept in fp32
+            keep_fp32(model, arm.keep_fp32)
         optimizer = task.build_optimizer(model)
         scaler = arm.make_scaler(device.type)
         seed_everything(spec.loader_seed)

@@ -35,7 +35,8 @@ def verdicts(result: AuditResult) -> dict[str, Verdict]:
 
 def verdict(result: AuditResult, name: str) -> Verdict:
     """Not safe: the arm diverged or failed, failed the gate, or (no gate) fell clearly behind fp32.
-    Safe with changes: it trains as well as fp32 only if an error-severity flag's recommendation is applied.
+    Safe with changes: it trains as well as fp32 only if an error-severity flag's recommendation is applied,
+    or it fails as is but a recommendation trained by ``--verify`` passed (the reason names the change).
     Safe: none of those."""
     arm = result.arms[name]
     if name == BASELINE:
@@ -51,6 +52,9 @@ def verdict(result: AuditResult, name: str) -> Verdict:
             blockers.append(drop)
     errors = [f for f in result.flags if f.arm == name and f.severity == "error"]
     warnings = [f for f in result.flags if f.arm == name and f.severity == "warning"]
+    fix = next((r for r in result.recommendations if r.arm == name and r.passed), None)
+    if blockers and fix is not None:
+        return Verdict(name, SAFE_WITH_CHANGES, [f"verified by training: {fix.reason}", *blockers[:2]])
     if blockers:
         reasons = blockers + [f"{f.kind} at {f.layer}: {f.recommendation}" for f in errors[:3]]
         return Verdict(name, NOT_SAFE, reasons)

@@ -11,9 +11,11 @@ import plotly.io
 import plotly.offline
 
 from mpaudit.gate import lower_is_better
+from mpaudit.recommend import snippet
 from mpaudit.report import layers_view
 from mpaudit.report.charts import all_charts
 from mpaudit.result import AuditResult
+from mpaudit.shadow import POOR_SQNR_DB
 from mpaudit.verdict import verdicts
 
 PLOTLY_CDN = "https://cdn.plot.ly/plotly-{version}.min.js"
@@ -84,6 +86,16 @@ def _rows(result: AuditResult) -> list[dict[str, Any]]:
     return rows
 
 
+def _recommendation_rows(result: AuditResult) -> list[dict[str, Any]]:
+    """One row per verified recommendation: the arm before and after the change, and the code that applies it."""
+    rows = []
+    for rec in result.recommendations:
+        before = result.arms.get(rec.arm)
+        after = result.verification.get(rec.verified_arm) if rec.verified_arm else None
+        rows.append({"rec": rec, "before": before, "after": after, "snippet": snippet(rec)})
+    return rows
+
+
 def render_html(result: AuditResult, *, plotlyjs: str = "inline") -> str:
     """The report page. ``plotlyjs="inline"`` embeds plotly.js (works offline); ``"cdn"`` links it."""
     if plotlyjs not in ("inline", "cdn"):
@@ -96,6 +108,8 @@ def render_html(result: AuditResult, *, plotlyjs: str = "inline") -> str:
         charts=charts,
         r=result,
         rows=_rows(result),
+        recommendation_rows=_recommendation_rows(result),
+        poor_sqnr_db=POOR_SQNR_DB,
         metrics=metrics,
         fmt=fmt,
         charts_json=script_json(charts),

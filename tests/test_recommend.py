@@ -1,0 +1,135 @@
+"""``--verify``: keep-list and loss-scale recommendations, each trained as an extra arm before it is given."""
+
+from __future__ import annotations
+
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import mpaudit
+from conftest import OVERFLOW_TASK, TINY_TASK
+from mpaudit.arms import ARMS
+from mpaudit.cli import app
+from mpaudit.recommend import Criteria, rank_layers, recommend, snippet
+from mpaudit.report.html import render_html
+from mpaudit.result import AuditResult, Flag
+from mpaudit.verdict import SAFE_WITH_CHANGES, verdict
+
+STEPS = 20
+GATE = {"accuracy": 0.05}
+
+# Gradients 1e-12 times too small: Adam (eps tiny, so scale-invariant) still learns in fp32, but at
+# GradScaler's default 2^16 the fp16 gradients flush to zero and the fp16 arm does not learn.
+UNDERFLOW_TASK = TINY_TASK.replace(
+    "return nn.functional.cross_entropy(model(x), y)", "return nn.functional.cross_entropy(model(x), y) * 1e-12"
+).replace("torch.optim.AdamW(model.parameters(), lr=1e-2)", "torch.optim.Adam(model.parameters(), lr=1e-2, eps=1e-30)")
+
+
+def _write(tmp: Path, source: str, name: str) -> Path:
+    path = tmp / name
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+@pytest.fixture(scope="module")
+def overflow_result(tmp_path_factory: pytest.TempPathFactory) -> AuditResult:
+    path = _write(tmp_path_factory.mktemp("overflow"), OVERFLOW_TASK, "overflow.py")
+    return mpaudit.audit(path, arms=("fp32", "fp16"), steps=STEPS, bench=False, max_drop=GATE, verify=True)
+
+
+def test_overflow_keep_list_is_the_minimal_set_and_passes_the_gate(overflow_result: AuditResult) -> None:
+    assert not overflow_result.gate.passed  # the fp16 arm as is fails
+    (rec,) = overflow_result.recommendations
+    # `amp` alone is not enough: its fp32 output (~1e6) is cast to fp16 by fc2's matmul under autocast and
+    # overflows there; keeping fc2 too carries it in fp32 until `down` brings it back into fp16's range.
+    assert rec.arm == "fp16" and rec.keep_fp32 == ["amp", "fc2"] and rec.init_scale is None
+    assert rec.passed
+    assert 1 <= rec.runs_used <= 4
+    after = overflow_result.verification[rec.verified_arm or ""]
+    base = overflow_result.arms["fp32"]
+    assert after.status == "ok"
+    assert abs(after.metrics["accuracy"] - base.metrics["accuracy"]) <= GATE["accuracy"]
+    assert after.fingerprints == base.fingerprints
+    assert set(overflow_result.arms) == {"fp32", "fp16"}  # extra arms live apart from `arms`
+
+
+def test_failing_arm_with_a_passing_recommendation_is_safe_with_changes(overflow_result: AuditResult) -> None:
+    v = verdict(overflow_result, "fp16")
+    assert v.level == SAFE_WITH_CHANGES
+    assert "`amp`, `fc2`" in v.reasons[0]
+
+
+def test_recommendations_round_trip_through_json(overflow_result: AuditResult) -> None:
+    back = AuditResult.from_json(overflow_result.to_json())
+    assert back.recommendations == overflow_result.recommendations
+    assert back.verification.keys() == overflow_result.verification.keys()
+    assert back.to_json() == overflow_result.to_json()
+    d = overflow_result.to_dict()["recommendations"][0]
+    assert set(d) == {"arm", "keep_fp32", "init_scale", "verified_arm", "passed", "metrics", "runs_used", "reason"}
+
+
+def test_html_shows_the_recommendation_and_a_snippet_escaped(overflow_result: AuditResult) -> None:
+    html = render_html(overflow_result, plotlyjs="cdn")
+    assert 'id="recommendations"' in html
+    assert "mpaudit.keep_fp32(model, [&#39;amp&#39;, &#39;fc2&#39;])" in html
+    (rec,) = overflow_result.recommendations
+    evil = replace(overflow_result, recommendations=[replace(rec, keep_fp32=["<script>x</script>"])])
+    assert "<script>x</script>" not in render_html(evil, plotlyjs="cdn")
+
+
+def test_underflowing_gradients_get_a_verified_loss_scale(tmp_path: Path) -> None:
+    path = _write(tmp_path, UNDERFLOW_TASK, "underflow.py")
+    result = mpaudit.audit(path, arms=("fp32", "fp16"), steps=STEPS, bench=False, verify=True)
+    base, fp16 = result.arms["fp32"], result.arms["fp16"]
+    assert fp16.metrics["accuracy"] < base.metrics["accuracy"] - 0.05  # fp16 as is does not learn
+    rec = result.recommendations[0]
+    assert rec.init_scale is not None and rec.init_scale > 2.0**16 and rec.keep_fp32 == []
+    assert rec.passed and rec.runs_used == 1
+    after = result.verification[rec.verified_arm or ""]
+    assert after.loss_scale is not None and after.loss_scale.history[0] == rec.init_scale
+    assert after.metrics["accuracy"] == pytest.approx(base.metrics["accuracy"], abs=0.02)
+    assert f"init_scale=2**{int(rec.init_scale).bit_length() - 1}" in snippet(rec)
+
+
+def test_clean_model_gets_no_recommendation_and_no_extra_arm(tiny_task: Path) -> None:
+    result = mpaudit.audit(tiny_task, arms=("fp32", "bf16"), steps=10, bench=False, verify=True)
+    assert result.recommendations == [] and result.verification == {}
+    assert "nothing to recommend" in render_html(result, plotlyjs="cdn")
+
+
+def test_the_budget_bounds_the_extra_runs(overflow_result: AuditResult) -> None:
+    failing = overflow_result.arms["fp16"]
+    calls: list[str] = []
+
+    def train(arm: mpaudit.arms.Arm) -> mpaudit.ArmResult:  # every try fails like the arm itself did
+        calls.append(arm.name)
+        return replace(failing, name=arm.name)
+
+    criteria = Criteria(baseline=overflow_result.arms["fp32"], max_drop=GATE)
+    recs, extra = recommend([ARMS["fp32"], ARMS["fp16"]], overflow_result.arms, overflow_result.flags, criteria,
+                            train, budget=2)
+    assert len(calls) == 2
+    assert [r.passed for r in recs] == [False]
+    assert "budget" in recs[0].reason and sum(r.runs_used for r in recs) == 2
+    assert set(extra) == {recs[0].verified_arm}  # the last keep-list tried, kept as evidence
+
+
+def test_layers_with_error_flags_rank_first() -> None:
+    flags = [
+        Flag("b", "fp16", "precision_loss", "warning", {}, ""),
+        Flag("a", "fp16", "forward_overflow", "error", {"first_inf_step": 0}, ""),
+        Flag("c", "fp16", "forward_overflow", "error", {}, ""),
+        Flag("z", "bf16", "forward_overflow", "error", {}, ""),
+    ]
+    assert rank_layers("fp16", flags, None, None, {"d": -3.0, "b": 10.0}) == ["a", "c", "b", "d"]
+
+
+def test_cli_has_the_verify_options(tiny_task: Path) -> None:
+    runner = CliRunner()
+    help_text = runner.invoke(app, ["run", "--help"], terminal_width=200).output
+    assert "--verify" in help_text and "--verify-budget" in help_text
+    bad = runner.invoke(app, ["run", str(tiny_task), "--verify", "--verify-budget", "0", "--no-bench"])
+    assert bad.exit_code == 2 and "--verify-budget must be at least 1" in bad.output
