@@ -277,6 +277,17 @@ def _print_summary(result: Any) -> None:
             str(arm.loss_scale.skipped) if arm.loss_scale else "",
         )
     out.print(table)
+    errors = [f for f in result.flags if f.severity == "error"]
+    for f in errors[:5]:
+        out.print(f"flag: {f.arm} {f.kind} at {f.layer}: {f.recommendation}", markup=False)
+    if len(errors) > 5:
+        out.print(f"... and {len(errors) - 5} more error flags (see the report)")
+    for rec in result.recommendations:
+        change = ", ".join(filter(None, [f"keep {', '.join(rec.keep_fp32)} in fp32" if rec.keep_fp32 else "",
+                                         f"init_scale={rec.init_scale:g}" if rec.init_scale else ""]))
+        verdict = "verified" if rec.passed else "not verified"
+        out.print(f"recommendation for {rec.arm}: {change} ({verdict} by training {rec.verified_arm}; {rec.reason})",
+                  markup=False)
     for n in result.perf_notes:
         err.print(f"note: {n}")
     for w in result.warnings:
