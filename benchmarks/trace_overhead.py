@@ -3,9 +3,10 @@
 Builds an MLP 1024 -> 4096 -> 4096 -> 10 (batch 256, AdamW, fp32 on the CPU) and trains it for ``--steps``
 steps with :func:`mpaudit.train.train_step` three ways: no tracer, a :class:`~mpaudit.trace.Tracer` on every
 step (``every=1``, update statistics included), and the default :class:`~mpaudit.trace.TraceSchedule`.
-Runs are interleaved (untraced, every=1, default, untraced, ...) so a busy neighbour on the CPU slows all
-three alike, and the medians of whole-run wall times are compared. Prints the ratios ``every=1/untraced``
-(goal: at most ``EVERY_STEP_GOAL``) and ``default/untraced`` (goal: at most ``DEFAULT_GOAL``).
+Runs are interleaved (untraced, every=1, default, then every=1, default, untraced, ...: the order rotates)
+so a busy neighbour on the CPU slows all three alike, and the medians of whole-run wall times are compared.
+Prints the ratios ``every=1/untraced`` (goal: at most ``EVERY_STEP_GOAL``) and ``default/untraced`` (goal:
+at most ``DEFAULT_GOAL``). Tracing reduces CPU tensors on one thread (see ``mpaudit.trace._cpu_threads``).
 Run: ``python benchmarks/trace_overhead.py`` (3-8 minutes on 2 cores, depending on how busy they are).
 """
 
@@ -116,8 +117,11 @@ def main() -> None:
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
     traced: dict[str, int] = {}
+    names = list(variants)
     for r in range(args.repeats):
-        for name, every in variants.items():
+        # rotate the order each repeat, so a load that drifts during a repeat favours no variant
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            every = variants[name]
             seconds, traced[name] = run(batches, every)
             times[name].append(seconds)
             print(
@@ -131,7 +135,6 @@ def main() -> None:
         f"({torch.get_num_threads()} threads), median of {args.repeats} interleaved runs; 1-minute load average "
         f"{load_before:.1f} before, {load_after:.1f} after, on {os.cpu_count()} CPUs (above that, they were shared)"
     )
-    names = list(variants)
     for name in names:
         print(f"  {name:<22} {medians[name]:7.2f} s")
     every_ratio = medians[names[1]] / base

@@ -14,7 +14,7 @@ A record describes one traced tensor of one layer ("role"):
   2^127, far above any format's loss edge.
 
 Every statistic merges (counts and histograms add, maxima max, minima min), so a multi-step summary is
-the merge of step summaries and ranks reduce with one all-reduce.
+the merge of step summaries, and several ranks' summaries merge the same way.
 """
 
 from __future__ import annotations

@@ -8,14 +8,17 @@ The fp32 arm is the reference. Its histograms are what a tensor *would* hold wit
 would flush to zero in fp16 at the loss scale the fp16 arm used" is the fp32 histogram shifted by that
 scale (:func:`mpaudit.formats.what_if`). In the fp16 arm itself flushed values are already zeros, so its
 excess of exact zeros over the fp32 arm's is the observed confirmation. A prediction becomes an ``error``
-only when the observation confirms it (or when there is nothing to observe); an observation alone never
-fires, because arms drift apart during training and zero fractions move a little for unrelated reasons.
+only when the observation confirms it, and for gradients only when the flushed values are *significant*
+(at or above the model's 1st-percentile gradient magnitude: rounding noise of a gradient that is zero in
+exact arithmetic may flush harmlessly). An observation alone never fires, because arms drift apart during
+training and zero fractions move a little for unrelated reasons. bf16 has fp32's exponent range, so the
+underflow and overflow rules apply to fp16 arms only.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -411,7 +414,13 @@ class _Flagger:
                     arm=arm,
                     kind="precision_loss",
                     severity=severity,
-                    evidence={"role": role, "subnormal_fraction": fraction, "format": fmt.name},
+                    evidence={
+                        "role": role,
+                        "subnormal_fraction": fraction,
+                        "format": fmt.name,
+                        "warning_at": self.t.precision_loss_warning,
+                        "info_at": self.t.precision_loss_info,
+                    },
                     recommendation=(
                         f"raise the loss scale, keep `{layer}` in fp32, or prefer bf16"
                         if is_gradient(role) and fmt is FP16
@@ -443,7 +452,13 @@ class _Flagger:
                     arm=arm,
                     kind="update_underflow",
                     severity=severity,
-                    evidence={"lost_fraction": lost, "format": fmt.name, "nonzero_updates_sampled": nonzero},
+                    evidence={
+                        "lost_fraction": lost,
+                        "format": fmt.name,
+                        "nonzero_updates_sampled": nonzero,
+                        "warning_at": self.t.update_lost_warning,
+                        "info_at": self.t.update_lost_info,
+                    },
                     recommendation=(
                         f"keep fp32 weights for the optimizer (mpaudit's arms do): with `{layer}` stored in "
                         f"{fmt.name}, {lost:.0%} of its updates would be rounded away"
@@ -524,6 +539,8 @@ class _Flagger:
                         "calibration_skips": calibration,
                         "skip_fraction": fraction,
                         "steps": steps,
+                        "error_at": self.t.skip_fraction_error,
+                        "warning_at": self.t.skip_fraction_warning,
                     },
                     recommendation=(
                         "find the layer whose gradients overflow (see gradient_overflow / nonfinite flags) and keep "
@@ -550,6 +567,8 @@ class _Flagger:
                         "significant_binade": advice.significant_binade,
                         "gradient_max_abs": advice.max_abs,
                         "underflowing_layers": sorted(f.layer for f in underflows),
+                        "significant_quantile": self.t.significant_quantile,
+                        "scale_margin_binades": self.t.scale_margin_binades,
                     },
                     recommendation=self.scale_recommendation(advice, underflows[0].layer, in_force),
                     rule="loss_scale: gradients flush at the scale in force (significant_quantile)",
@@ -597,8 +616,3 @@ def flag(
     gives each arm's status and GradScaler history.
     """
     return _Flagger(dict(summaries), dict(arms), thresholds or Thresholds()).run()
-
-
-def flags_for(kind: str, flags: Iterable[Flag]) -> list[Flag]:
-    """The flags of one kind (a convenience for renderers and tests)."""
-    return [f for f in flags if f.kind == kind]

@@ -9,6 +9,7 @@ comes to the host until :meth:`Tracer.finish_step`, which copies that buffer onc
 is exact, so their exponents are binned exactly and their sums cannot overflow.
 
 Untraced steps cost one attribute check per hook call. ``TraceSchedule`` decides which steps are traced.
+On a CPU the reductions run on one thread (see :func:`_cpu_threads` for why).
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ from mpaudit.layerstats import (
 )
 
 DEFAULT_TRACE_EVERY = 50
-"""Trace step 0 and every 50th step after it. A traced step costs about 1.1-1.3x an untraced one on a
-large MLP and a few untraced steps on a tiny model (per-tensor kernel launches dominate there), so one in
-50 keeps tracing under 5% of a run (see ``benchmarks/trace_overhead.py``)."""
+"""Trace step 0 and every 50th step after it. On ``benchmarks/trace_overhead.py``'s MLP a traced step
+costs about 1.1x (busy shared CPU) to 1.3x (quiet CPU) an untraced one, so tracing one step in 50 costs
+under 1% of a run. A tiny model pays a fixed ~0.1 ms per traced tensor (kernel launches), several of its
+own steps per traced step: a 3-layer MLP with 0.2 ms steps spends ~20% more time (a millisecond per 50
+steps), which is the price of seeing its numerics at all."""
 
 ANOMALY_FOLLOW_STEPS = 2
 """After an anomaly (non-finite loss, skipped GradScaler step) the next this-many steps are traced."""
