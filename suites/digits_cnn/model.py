@@ -1,6 +1,11 @@
 """A small CNN on scikit-learn's 8x8 digits: two 3x3 conv blocks, max-pool, a linear head.
 
-What the audit should find: a clean model. All arms reach ~97-98% test accuracy with no error flag.
+Data: scikit-learn's bundled 8x8 handwritten digits (``suites/digits_data.py``; ships with the package,
+no download), a fixed stratified 80/20 split. ``evaluate`` returns ``accuracy`` (primary) and ``eval_loss``.
+
+Expected result (200 steps): all arms reach ~96% test accuracy; bf16 and fp16 within a point of fp32.
+
+What the audit should find: a clean model, no error flag.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from digits_data import accuracy, loaders  # noqa: E402
+from digits_data import accuracy, loaders
 
 
 def build_model() -> nn.Module:

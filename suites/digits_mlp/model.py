@@ -1,7 +1,12 @@
 """An MLP on scikit-learn's 8x8 digits: 64 -> 256 -> 256 -> 10 with ReLU.
 
-What the audit should find: a clean model. All three arms reach ~97% test accuracy; no layer is
-flagged with an error; bf16 and fp16 stay within a point of fp32.
+Data: scikit-learn's bundled 8x8 handwritten digits (``suites/digits_data.py``; ships with the package,
+no download), a fixed stratified 80/20 split. ``evaluate`` returns ``accuracy`` (primary) and ``eval_loss``.
+
+Expected result (200 steps): all three arms reach ~96% test accuracy; bf16 and fp16 stay within a point
+of fp32.
+
+What the audit should find: a clean model; no layer is flagged with an error.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from digits_data import accuracy, loaders  # noqa: E402
+from digits_data import accuracy, loaders
 
 
 def build_model() -> nn.Module:

@@ -1,0 +1,140 @@
+"""The workloads under ``suites/``: each keeps the task contract and trains a few steps; the two numerics
+showcases fail in fp16 the way their docstrings say, checked with one forward or backward each."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import math
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+import mpaudit
+from mpaudit.task import load_task
+
+SUITES = Path(__file__).resolve().parent.parent / "suites"
+
+EXPECTED_METRICS = {
+    "digits_mlp": ["accuracy", "eval_loss"],
+    "digits_cnn": ["accuracy", "eval_loss"],
+    "resnet_digits": ["accuracy", "eval_loss"],
+    "char_transformer": ["perplexity", "eval_loss"],
+    "hf_gpt2_tiny": ["perplexity", "eval_loss"],
+    "dlrm_synthetic": ["auc", "accuracy", "eval_loss"],
+    "fp16_overflow": ["accuracy", "eval_loss"],
+    "fp16_underflow": ["perplexity", "eval_loss"],
+}
+"""Every workload and the metrics its ``evaluate`` returns, primary first."""
+
+NEEDS = {"hf_gpt2_tiny": "transformers"}
+"""Workloads that need an optional package (the ``suites`` extra)."""
+
+
+def _skip_without_extra(name: str) -> None:
+    package = NEEDS.get(name)
+    if package and importlib.util.find_spec(package) is None:
+        pytest.skip(f"{name} needs the optional package {package!r} (pip install {package})")
+
+
+def _module(name: str) -> ModuleType:
+    return load_task(SUITES / name / "model.py").module
+
+
+def test_every_workload_is_covered_and_its_docstring_says_data_expected_result_and_findings() -> None:
+    found = sorted(p.parent.name for p in SUITES.glob("*/model.py"))
+    assert found == sorted(EXPECTED_METRICS)
+    for name in found:
+        doc = ast.get_docstring(ast.parse((SUITES / name / "model.py").read_text())) or ""
+        for heading in ("Data:", "Expected result", "What the audit should find"):
+            assert heading in doc, f"suites/{name}/model.py: the module docstring has no {heading!r}"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_METRICS))
+def test_workload_trains_a_few_steps_in_fp32_and_bf16(name: str) -> None:
+    _skip_without_extra(name)
+    result = mpaudit.audit(SUITES / name / "model.py", steps=3, arms=("fp32", "bf16"), bench=False)
+
+    assert result.task == name
+    assert result.warnings == []  # same initial weights and batches in both arms
+    for arm in result.arms.values():
+        assert arm.status == "ok", f"{name} {arm.name}: {arm.error}"
+        assert arm.steps == 3
+        assert all(math.isfinite(x) for x in arm.loss)
+        assert list(arm.metrics) == EXPECTED_METRICS[name]
+        assert all(math.isfinite(v) for v in arm.metrics.values())
+    assert result.primary_metric == EXPECTED_METRICS[name][0]
+
+
+def _capture_output(module: torch.nn.Module, store: dict[str, torch.Tensor], key: str) -> Any:
+    def hook(_mod: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        store[key] = output
+
+    return module.register_forward_hook(hook)
+
+
+def test_fp16_overflow_input_proj_output_is_infinite_under_fp16_autocast_only() -> None:
+    m = _module("fp16_overflow")
+    assert m.OVERFLOWING_MODULE == "input_proj"
+    assert "input_proj" in (m.__doc__ or "")
+    torch.manual_seed(0)
+    model = m.build_model()
+    x, _ = next(iter(m.train_loader()))
+    assert x.abs().max() > torch.finfo(torch.float16).max  # raw dollar amounts exceed fp16's range
+    layer = dict(model.named_modules())[m.OVERFLOWING_MODULE]
+    out: dict[str, torch.Tensor] = {}
+    _capture_output(layer, out, "y")
+
+    for dtype in (None, torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            logits = model(x)
+        assert torch.isfinite(out["y"]).all() and torch.isfinite(logits).all(), dtype
+
+    with torch.autocast("cpu", dtype=torch.float16):
+        logits = model(x)
+    assert out["y"].dtype == torch.float16
+    assert torch.isinf(out["y"]).any()
+    assert not torch.isfinite(logits).any()
+
+
+def test_fp16_overflow_keeping_input_proj_in_fp32_fixes_the_forward() -> None:
+    m = _module("fp16_overflow")
+    torch.manual_seed(0)
+    model = m.build_model()
+    x, _ = next(iter(m.train_loader()))
+    with torch.autocast("cpu", dtype=torch.float16):
+        with torch.autocast("cpu", enabled=False):
+            h = model.input_proj(x.float())
+        logits = model.head(model.mlp(model.norm(h)))
+    assert logits.dtype == torch.float16  # the rest of the model still runs in fp16
+    assert torch.isfinite(logits).all()
+
+
+def _logit_grad_zero_fraction(m: ModuleType, dtype: torch.dtype | None, scale: float) -> float:
+    """Fraction of the output layer's activation gradients that are exactly zero after one scaled backward."""
+    torch.manual_seed(0)
+    model = m.build_model()
+    batch = next(iter(m.train_loader()))
+    out: dict[str, torch.Tensor] = {}
+    _capture_output(model.mlp[-1], out, "logits")
+    with torch.autocast("cpu", dtype=dtype or torch.float16, enabled=dtype is not None):
+        loss = m.loss_fn(model, batch)
+    out["logits"].retain_grad()
+    (loss * scale).backward()
+    grad = out["logits"].grad
+    assert grad is not None
+    return float((grad == 0).float().mean())
+
+
+def test_fp16_underflow_logit_gradients_flush_at_gradscalers_default_scale() -> None:
+    m = _module("fp16_underflow")
+    default_scale = torch.amp.GradScaler("cpu").get_scale()  # the real default, 2^16
+
+    assert _logit_grad_zero_fraction(m, None, default_scale) == 0.0
+    assert _logit_grad_zero_fraction(m, torch.bfloat16, default_scale) == 0.0
+    assert _logit_grad_zero_fraction(m, torch.float16, default_scale) > 0.25
+    # the fix the docstring gives: a loss scale that lifts these gradients into fp16's range
+    assert _logit_grad_zero_fraction(m, torch.float16, 2.0**38) == 0.0
