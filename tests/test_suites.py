@@ -4,7 +4,7 @@ showcases fail in fp16 the way their docstrings say, checked with one forward or
 from __future__ import annotations
 
 import ast
-import importlib.util
+import importlib
 import math
 from pathlib import Path
 from types import ModuleType
@@ -36,7 +36,11 @@ NEEDS = {"hf_gpt2_tiny": "transformers"}
 
 def _skip_without_extra(name: str) -> None:
     package = NEEDS.get(name)
-    if package and importlib.util.find_spec(package) is None:
+    if package is None:
+        return
+    try:
+        importlib.import_module(package)
+    except ImportError:
         pytest.skip(f"{name} needs the optional package {package!r} (pip install {package})")
 
 
@@ -137,4 +141,4 @@ def test_fp16_underflow_logit_gradients_flush_at_gradscalers_default_scale() -> 
     assert _logit_grad_zero_fraction(m, torch.bfloat16, default_scale) == 0.0
     assert _logit_grad_zero_fraction(m, torch.float16, default_scale) > 0.25
     # the fix the docstring gives: a loss scale that lifts these gradients into fp16's range
-    assert _logit_grad_zero_fraction(m, torch.float16, 2.0**38) == 0.0
+    assert _logit_grad_zero_fraction(m, torch.float16, 2.0**28) == 0.0

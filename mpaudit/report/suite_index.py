@@ -13,6 +13,7 @@ import datetime as _dt
 import json
 import math
 from collections import Counter
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -136,7 +137,7 @@ def _row(run: WorkloadRun, suite: SuiteResult) -> dict[str, Any]:
     return row
 
 
-def _relative(path: Any, suite: SuiteResult) -> str:
+def _relative(path: Path, suite: SuiteResult) -> str:
     """``path`` relative to the index's folder, with forward slashes (a link that works when the folder moves)."""
     return path.resolve().relative_to(suite.out_dir.resolve()).as_posix()
 

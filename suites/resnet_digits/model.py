@@ -2,16 +2,16 @@
 
 Model: 3x3 conv stem (32 channels) + BatchNorm + ReLU; two residual stages of two basic blocks each
 (conv-BN-ReLU-conv-BN plus identity, or a strided 1x1 conv + BN shortcut when the shape changes:
-32 channels at 8x8, then 64 at 4x4); global average pool; linear head. ~0.2M parameters.
+16 channels at 8x8, then 32 at 4x4); global average pool; linear head. ~43k parameters.
 
 Data: scikit-learn's bundled 8x8 digits (``suites/digits_data.py``; ships with the package, no download),
 a fixed stratified 80/20 split. ``evaluate`` returns ``accuracy`` (primary) and ``eval_loss``.
 
-Expected result (200 steps): every arm reaches ~97-99% test accuracy; bf16 and fp16 within about a point
+Expected result (200 steps): every arm reaches ~98% test accuracy; bf16 and fp16 within about a point
 of fp32.
 
-What the audit should find: a clean model, no error-severity flag. BatchNorm runs in fp32 under autocast
-on a GPU; its running statistics stay fp32 in every arm.
+What the audit should find: a clean model, no error-severity flag. BatchNorm's running statistics stay
+fp32 in every arm.
 """
 
 from __future__ import annotations
