@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 import statistics
 import time
-import types
 from collections import Counter
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,10 +23,8 @@ from mpaudit.arms import ARMS
 from mpaudit.fp16_emulation import emulated_fp16
 from mpaudit.task import Task
 from mpaudit.train import train_step
+from workload import BATCH, WIDTHS, mlp, mlp_task
 
-WIDTHS = (1024, 4096, 4096, 10)
-"""Layer widths of the benchmark MLP."""
-BATCH = 256
 WARMUP_STEPS = 2
 """Untimed steps per fast arm (allocator and oneDNN warm-up)."""
 TIMED_ROUNDS = 7
@@ -39,27 +34,6 @@ NATIVE_ROUNDS = (1, 4)
 EMULATED_GOAL = 1.3
 """Emulated fp16 should cost at most this many fp32 steps."""
 SEED = 0
-
-
-def _mlp() -> nn.Module:
-    layers: list[nn.Module] = []
-    for i, (w_in, w_out) in enumerate(itertools.pairwise(WIDTHS)):
-        if i:
-            layers.append(nn.ReLU())
-        layers.append(nn.Linear(w_in, w_out))
-    return nn.Sequential(*layers)
-
-
-def _task() -> Task:
-    """An in-memory task whose loss is cross-entropy of the MLP on (x, y)."""
-    module = types.ModuleType("fp16_emulation_bench")
-
-    def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.cross_entropy(model(x), y)
-
-    module.loss_fn = loss_fn  # type: ignore[attr-defined]
-    return Task(path=Path("fp16_emulation_bench.py"), sha256="", module=module)
 
 
 class _Runner:
@@ -94,9 +68,9 @@ def _report(name: str, times: list[float], fp32: float) -> str:
 def main() -> None:
     """Run the interleaved benchmark and print medians and ratios."""
     torch.manual_seed(SEED)
-    model = _mlp()
+    model = mlp()
     batch = (torch.randn(BATCH, WIDTHS[0]), torch.randint(WIDTHS[-1], (BATCH,)))
-    task = _task()
+    task = mlp_task("fp16_emulation_bench")
     fp32 = _Runner("fp32", model, emulate=False)
     emulated = _Runner("fp16", model, emulate=True)
     native = _Runner("fp16", model, emulate=False)

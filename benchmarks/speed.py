@@ -11,13 +11,9 @@ excludes 1. Run: ``python benchmarks/speed.py`` (about 3 minutes on 2 idle cores
 
 from __future__ import annotations
 
-import itertools
 import statistics
-import types
-from pathlib import Path
 
 import torch
-from torch import nn
 from torch.utils import benchmark
 
 from mpaudit.arms import ARMS
@@ -25,10 +21,8 @@ from mpaudit.bench import measure_speed
 from mpaudit.perf_result import SpeedResult, Speedup
 from mpaudit.task import Task
 from mpaudit.train import train_step
+from workload import BATCH, WIDTHS, mlp_task
 
-WIDTHS = (1024, 4096, 4096, 10)
-"""Layer widths of the benchmark MLP."""
-BATCH = 256
 SEED = 0
 REPEATS = 3
 """Independent measure_speed runs whose speedups should agree."""
@@ -42,33 +36,6 @@ SPREAD_GOAL = 0.05
 """Each run's bf16 speedup should be within this fraction of the runs' mean speedup."""
 SPEEDUP_GOAL = 1.1
 """On an AVX512-BF16 CPU the bf16 arm should be at least this much faster, with an interval excluding 1."""
-
-
-def _mlp() -> nn.Module:
-    layers: list[nn.Module] = []
-    for i, (w_in, w_out) in enumerate(itertools.pairwise(WIDTHS)):
-        if i:
-            layers.append(nn.ReLU())
-        layers.append(nn.Linear(w_in, w_out))
-    return nn.Sequential(*layers)
-
-
-def _task() -> Task:
-    """An in-memory task: the MLP, one fixed batch, cross-entropy, AdamW (the contract's default)."""
-    module = types.ModuleType("speed_bench")
-
-    def train_loader() -> list[tuple[torch.Tensor, torch.Tensor]]:
-        g = torch.Generator().manual_seed(SEED)
-        return [(torch.randn(BATCH, WIDTHS[0], generator=g), torch.randint(WIDTHS[-1], (BATCH,), generator=g))]
-
-    def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.cross_entropy(model(x), y)
-
-    module.build_model = _mlp  # type: ignore[attr-defined]
-    module.train_loader = train_loader  # type: ignore[attr-defined]
-    module.loss_fn = loss_fn  # type: ignore[attr-defined]
-    return Task(path=Path("speed_bench.py"), sha256="", module=module)
 
 
 def _timer_median(task: Task) -> float:
@@ -95,7 +62,7 @@ def _line(r: SpeedResult) -> str:
 
 def main() -> None:
     """Run the speed phase REPEATS times beside torch.utils.benchmark and print agreement and spread."""
-    task = _task()
+    task = mlp_task("speed_bench")
     arms = [ARMS["fp32"], ARMS["bf16"]]
     print(f"MLP {'->'.join(map(str, WIDTHS))}, batch {BATCH}, AdamW, {torch.get_num_threads()} threads", flush=True)
     speedups: list[Speedup] = []

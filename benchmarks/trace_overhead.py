@@ -14,24 +14,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import os
 import statistics
 import time
-import types
-from pathlib import Path
 
 import torch
-from torch import nn
 
 from mpaudit.arms import ARMS
-from mpaudit.task import Task
 from mpaudit.trace import DEFAULT_TRACE_EVERY, Tracer, TraceSchedule
 from mpaudit.train import train_step
+from workload import BATCH, WIDTHS, mlp, mlp_task
 
-WIDTHS = (1024, 4096, 4096, 10)
-"""Layer widths of the benchmark MLP."""
-BATCH = 256
 STEPS = 30
 """Optimizer steps per run."""
 REPEATS = 5
@@ -41,27 +34,6 @@ WARMUP_STEPS = 2
 EVERY_STEP_GOAL = 1.25
 DEFAULT_GOAL = 1.05
 SEED = 0
-
-
-def _mlp() -> nn.Module:
-    layers: list[nn.Module] = []
-    for i, (w_in, w_out) in enumerate(itertools.pairwise(WIDTHS)):
-        if i:
-            layers.append(nn.ReLU())
-        layers.append(nn.Linear(w_in, w_out))
-    return nn.Sequential(*layers)
-
-
-def _task() -> Task:
-    """An in-memory task whose loss is cross-entropy of the MLP on (x, y)."""
-    module = types.ModuleType("trace_overhead_bench")
-
-    def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.cross_entropy(model(x), y)
-
-    module.loss_fn = loss_fn  # type: ignore[attr-defined]
-    return Task(path=Path("trace_overhead_bench.py"), sha256="", module=module)
 
 
 def _batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -75,9 +47,9 @@ def _batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def run(batches: list[tuple[torch.Tensor, torch.Tensor]], every: int | None) -> tuple[float, int]:
     """Train a fresh model on ``batches``; ``every=None`` runs without a tracer. Returns (seconds, traced steps)."""
     torch.manual_seed(SEED)
-    model = _mlp()
+    model = mlp()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    arm, task = ARMS["fp32"], _task()
+    arm, task = ARMS["fp32"], mlp_task("trace_overhead_bench")
     tracer = Tracer(model) if every is not None else None
     schedule = TraceSchedule(every if every is not None else 0)
     traced = 0

@@ -39,6 +39,7 @@ from mpaudit.formats import (
     update_lost,
     what_if,
 )
+from mpaudit.jsonfloat import decode_float
 
 ACTIVATION = "activation"
 GRAD_OUTPUT = "grad_output"
@@ -73,13 +74,6 @@ def _role_order(role: str) -> tuple[int, str]:
 def _nan_or(pick: Any, a: float, b: float) -> float:
     """``pick(a, b)``, or NaN when either is NaN (not measured), whatever the order."""
     return math.nan if math.isnan(a) or math.isnan(b) else float(pick(a, b))
-
-
-def _dec(x: Any) -> float:
-    """A float from JSON, accepting the strings the result writer uses for non-finite values."""
-    if isinstance(x, str):
-        return {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}[x]
-    return float(x)
 
 
 @dataclass(frozen=True, eq=False)
@@ -209,9 +203,9 @@ class TensorStats:
             nan=int(d["nan"]),
             posinf=int(d["posinf"]),
             neginf=int(d["neginf"]),
-            max_abs=_dec(d["max_abs"]),
-            min_nonzero_abs=_dec(d["min_nonzero_abs"]),
-            sum_abs=_dec(d["sum_abs"]),
+            max_abs=decode_float(d["max_abs"]),
+            min_nonzero_abs=decode_float(d["min_nonzero_abs"]),
+            sum_abs=decode_float(d["sum_abs"]),
             hist=hist,
             dtype=str(d.get("dtype", "")),
         )
@@ -324,7 +318,7 @@ class TraceSummary:
         return cls(
             stats={(str(r["layer"]), str(r["role"])): TensorStats.from_dict(r) for r in d.get("stats", [])},
             steps=tuple(int(s) for s in d.get("steps", [])),
-            loss_scales=tuple(None if s is None else _dec(s) for s in d.get("loss_scales", [])),
+            loss_scales=tuple(None if s is None else decode_float(s) for s in d.get("loss_scales", [])),
             layers=tuple(str(name) for name in d.get("layers", [])),
             first_nonfinite_forward=None if ff is None else NonfiniteSite.from_dict(ff),
             first_nonfinite_backward=None if fb is None else NonfiniteSite.from_dict(fb),

@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from mpaudit.jsonfloat import decode_float, encode_float
+
 STABLE_IQR_FRACTION = 0.05
 """An arm's step time counts as stable when its interquartile range is below this fraction of its median
 (the same 5% rule ``torch.utils.benchmark``'s adaptive timing uses to stop)."""
@@ -28,27 +30,8 @@ weights; ``other`` is everything else (the batch, activation gradients, optimize
 
 TERA = 1e12
 
-_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-
-
-def _enc(x: float) -> float | str:
-    if math.isfinite(x):
-        return x
-    if math.isnan(x):
-        return "NaN"
-    return "Infinity" if x > 0 else "-Infinity"
-
-
-def _dec(x: Any) -> float:
-    if isinstance(x, str):
-        if x in _NONFINITE:
-            return _NONFINITE[x]
-        raise ValueError(f"not a number: {x!r}")
-    return math.nan if x is None else float(x)
-
-
 def _dec_opt(x: Any) -> float | None:
-    return None if x is None else _dec(x)
+    return None if x is None else decode_float(x)
 
 
 def _plain(obj: Any) -> Any:
@@ -63,7 +46,7 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     if isinstance(obj, float):
-        return _enc(obj)
+        return encode_float(obj)
     return obj
 
 
@@ -147,7 +130,7 @@ class SpeedResult:
         flops = d.get("flops_per_step")
         return cls(
             arm=str(d["arm"]),
-            times_s=tuple(_dec(t) for t in d.get("times_s", ())),
+            times_s=tuple(decode_float(t) for t in d.get("times_s", ())),
             batch_size=None if d.get("batch_size") is None else int(d["batch_size"]),
             flops_per_step=_dec_opt(flops),
             peak_tflops=_dec_opt(d.get("peak_tflops")),
@@ -191,9 +174,9 @@ class Speedup:
         return cls(
             arm=str(d["arm"]),
             baseline=str(d["baseline"]),
-            ratio=_dec(d["ratio"]),
-            ci_low=_dec(d["ci_low"]),
-            ci_high=_dec(d["ci_high"]),
+            ratio=decode_float(d["ratio"]),
+            ci_low=decode_float(d["ci_low"]),
+            ci_high=decode_float(d["ci_high"]),
             rounds=int(d["rounds"]),
             confidence=float(d.get("confidence", 0.95)),
             note=d.get("note"),

@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from mpaudit.errors import ResultError
+from mpaudit.jsonfloat import decode_float, encode_float
 from mpaudit.layerstats import TraceSummary
 from mpaudit.perf_result import MemoryResult, SpeedResult, Speedup, activation_savings
 
@@ -27,27 +28,6 @@ SCHEMA_VERSION = 1
 STATUSES = ("ok", "diverged", "failed")
 FINAL_LOSS_WINDOW = 0.1
 """``final_loss`` is the mean training loss over this last fraction of steps (at least one step)."""
-
-_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-
-
-def _enc_float(x: float) -> float | str:
-    if math.isnan(x):
-        return "NaN"
-    if math.isinf(x):
-        return "Infinity" if x > 0 else "-Infinity"
-    return x
-
-
-def _dec_float(x: Any) -> float:
-    if isinstance(x, str):
-        if x in _NONFINITE:
-            return _NONFINITE[x]
-        raise ValueError(f"not a number: {x!r}")
-    if x is None:
-        return math.nan
-    return float(x)
-
 
 def to_jsonable(obj: Any) -> Any:
     """Plain JSON-ready data from dataclasses, dicts, lists and floats (non-finite as strings)."""
@@ -63,7 +43,7 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [to_jsonable(v) for v in obj]
     if isinstance(obj, float):
-        return _enc_float(obj)
+        return encode_float(obj)
     return obj
 
 
@@ -82,7 +62,7 @@ class LossScale:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LossScale:
-        return cls(history=[_dec_float(x) for x in d["history"]], skipped_steps=[int(s) for s in d["skipped_steps"]])
+        return cls(history=[decode_float(x) for x in d["history"]], skipped_steps=[int(s) for s in d["skipped_steps"]])
 
 
 @dataclass(frozen=True)
@@ -133,14 +113,14 @@ class ArmResult:
         return cls(
             name=str(d["name"]),
             status=str(d["status"]),
-            loss=[_dec_float(x) for x in d.get("loss", [])],
-            metrics={str(k): _dec_float(v) for k, v in d.get("metrics", {}).items()},
+            loss=[decode_float(x) for x in d.get("loss", [])],
+            metrics={str(k): decode_float(v) for k, v in d.get("metrics", {}).items()},
             steps=int(d.get("steps", len(d.get("loss", [])))),
-            train_s=_dec_float(d.get("train_s", math.nan)),
+            train_s=decode_float(d.get("train_s", math.nan)),
             error=d.get("error"),
             loss_scale=LossScale.from_dict(d["loss_scale"]) if d.get("loss_scale") else None,
             fingerprints=Fingerprints.from_dict(d["fingerprints"]) if d.get("fingerprints") else None,
-            train_step_s=None if d.get("train_step_s") is None else _dec_float(d["train_step_s"]),
+            train_step_s=None if d.get("train_step_s") is None else decode_float(d["train_step_s"]),
             speed=SpeedResult.from_dict(d["speed"]) if d.get("speed") else None,
             memory=MemoryResult.from_dict(d["memory"]) if d.get("memory") else None,
             fp16_mode=d.get("fp16_mode"),
@@ -193,10 +173,10 @@ class Recommendation:
         return cls(
             arm=str(d["arm"]),
             keep_fp32=[str(p) for p in d.get("keep_fp32", [])],
-            init_scale=None if d.get("init_scale") is None else _dec_float(d["init_scale"]),
+            init_scale=None if d.get("init_scale") is None else decode_float(d["init_scale"]),
             verified_arm=None if d.get("verified_arm") is None else str(d["verified_arm"]),
             passed=bool(d.get("passed", False)),
-            metrics={str(k): _dec_float(v) for k, v in d.get("metrics", {}).items()},
+            metrics={str(k): decode_float(v) for k, v in d.get("metrics", {}).items()},
             runs_used=int(d.get("runs_used", 0)),
             reason=str(d.get("reason", "")),
         )
@@ -215,8 +195,8 @@ class LayerError:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LayerError:
-        return cls(layer=str(d["layer"]), sqnr_db=_dec_float(d["sqnr_db"]), rel_error=_dec_float(d["rel_error"]),
-                   drift_sqnr_db=_dec_float(d["drift_sqnr_db"]), drift_rel_error=_dec_float(d["drift_rel_error"]))
+        return cls(layer=str(d["layer"]), sqnr_db=decode_float(d["sqnr_db"]), rel_error=decode_float(d["rel_error"]),
+                   drift_sqnr_db=decode_float(d["drift_sqnr_db"]), drift_rel_error=decode_float(d["drift_rel_error"]))
 
 
 @dataclass(frozen=True)
@@ -231,8 +211,8 @@ class NoiseFloor:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> NoiseFloor:
-        return cls(mean=_dec_float(d["mean"]), std=_dec_float(d["std"]), min=_dec_float(d["min"]),
-                   max=_dec_float(d["max"]), n=int(d["n"]))
+        return cls(mean=decode_float(d["mean"]), std=decode_float(d["std"]), min=decode_float(d["min"]),
+                   max=decode_float(d["max"]), n=int(d["n"]))
 
 
 @dataclass(frozen=True)
@@ -255,13 +235,13 @@ class GateCheck:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GateCheck:
         def opt(k: str) -> float | None:
-            return None if d.get(k) is None else _dec_float(d[k])
+            return None if d.get(k) is None else decode_float(d[k])
 
         return cls(
             arm=str(d["arm"]),
             metric=str(d["metric"]),
             kind=str(d["kind"]),
-            limit=_dec_float(d["limit"]),
+            limit=decode_float(d["limit"]),
             passed=bool(d["passed"]),
             message=str(d.get("message", "")),
             baseline=opt("baseline"),
@@ -303,10 +283,10 @@ class Gate:
         k = d.get("noise_k")
         return cls(
             checks=[GateCheck.from_dict(c) for c in d.get("checks", [])],
-            max_drop={str(m): (v if v == "auto" else _dec_float(v)) for m, v in d.get("max_drop", {}).items()},
-            max_loss_gap=None if mlg is None else _dec_float(mlg),
+            max_drop={str(m): (v if v == "auto" else decode_float(v)) for m, v in d.get("max_drop", {}).items()},
+            max_loss_gap=None if mlg is None else decode_float(mlg),
             noise_floor={str(m): NoiseFloor.from_dict(v) for m, v in d.get("noise_floor", {}).items()},
-            noise_k=None if k is None else _dec_float(k),
+            noise_k=None if k is None else decode_float(k),
         )
 
 
