@@ -46,13 +46,16 @@ class Arm:
         with torch.autocast(device_type=device_type, dtype=self.autocast_dtype):
             yield
 
-    def make_scaler(self, device_type: str) -> torch.amp.GradScaler | None:
-        """A fresh GradScaler for fp16 arms (PyTorch's defaults unless ``init_scale`` is set), None otherwise."""
+    def make_scaler(
+        self, device_type: str, cls: type[torch.amp.GradScaler] = torch.amp.GradScaler
+    ) -> torch.amp.GradScaler | None:
+        """A fresh GradScaler (``cls``) for fp16 arms, PyTorch's defaults unless ``init_scale`` is set; None
+        for arms without loss scaling."""
         if not self.grad_scaler:
             return None
         if self.init_scale is None:
-            return torch.amp.GradScaler(device_type)
-        return torch.amp.GradScaler(device_type, init_scale=self.init_scale)
+            return cls(device_type)
+        return cls(device_type, init_scale=self.init_scale)
 
     def with_changes(self, keep_fp32: Sequence[str] = (), init_scale: float | None = None) -> Arm:
         """This recipe plus a keep-list and/or an initial loss scale, named after the change

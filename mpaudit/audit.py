@@ -12,13 +12,22 @@ from typing import Any
 
 from mpaudit.arms import BASELINE, DEFAULT_ARMS, FP16_CPU_MODES, Arm, parse_arms, step_context
 from mpaudit.bench import DEFAULT_BENCH_SECONDS
+from mpaudit.distributed import DEFAULT_DIST_TIMEOUT_S, PARALLEL_KINDS, Parallel, RankFailed
 from mpaudit.env import collect_env, resolve_device, tf32_setting
 from mpaudit.errors import UsageError
 from mpaudit.gate import AUTO, DEFAULT_NOISE_K, evaluate_gate, lower_is_better
 from mpaudit.memory import parse_bytes
-from mpaudit.perf_result import SpeedResult, Speedup
+from mpaudit.perf_result import MemoryResult, SpeedResult, Speedup
 from mpaudit.recommend import DEFAULT_VERIFY_BUDGET
-from mpaudit.result import ArmResult, AuditResult, Flag, LayerError, Recommendation
+from mpaudit.result import (
+    ArmResult,
+    AuditResult,
+    DistributedInfo,
+    Flag,
+    LayerError,
+    RankFailure,
+    Recommendation,
+)
 from mpaudit.rules import Thresholds, flag
 from mpaudit.task import Task, load_task, preflight
 from mpaudit.trace import DEFAULT_TRACE_EVERY, select_modules
@@ -53,6 +62,8 @@ class AuditConfig:
     memory_budget: str | None = None
     verify: bool = False
     verify_budget: int = DEFAULT_VERIFY_BUDGET
+    parallel: str = "auto"
+    dist_timeout: float = DEFAULT_DIST_TIMEOUT_S
 
     @property
     def seed_list(self) -> list[int]:
@@ -94,6 +105,10 @@ class AuditConfig:
             raise UsageError("--verify compares recommendations against fp32, so --arms must include fp32.")
         if self.verify_budget < 1:
             raise UsageError("--verify-budget must be at least 1.")
+        if self.parallel not in PARALLEL_KINDS:
+            raise UsageError(f"--parallel must be one of {', '.join(PARALLEL_KINDS)}, not {self.parallel!r}.")
+        if not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
+            raise UsageError("--dist-timeout must be a positive number of seconds.")
         if not (math.isfinite(self.noise_k) and self.noise_k > 0):
             raise UsageError("--noise-k must be a positive number.")
         for metric, limit in self.max_drop.items():
@@ -109,6 +124,7 @@ def audit(
     *,
     progress: Progress | None = None,
     command: Sequence[str] | None = None,
+    parallel: Parallel | None = None,
     **overrides: Any,
 ) -> AuditResult:
     """Train ``task`` once per arm from identical weights on identical batches, and return the result.
@@ -118,6 +134,8 @@ def audit(
         config: the options; keyword ``overrides`` replace single fields (``audit("m.py", steps=50)``).
         progress: receives per-step events (the CLI draws a progress bar from them).
         command: the command line recorded for reproduction (defaults to ``sys.argv``).
+        parallel: the distributed job; by default read from torchrun's environment (a single process
+            without it). Every rank calls ``audit`` and gets the same result; only rank 0 should write it.
 
     Raises:
         TaskError: the task file breaks the contract (checked before any arm trains).
@@ -130,7 +148,11 @@ def audit(
     if not isinstance(task, Task):
         task = load_task(task)
     device = resolve_device(cfg.device)
+    if parallel is None:
+        parallel = Parallel.from_env(cfg.parallel, cfg.dist_timeout, device.type)
+    device = parallel.device(device)
     arms = parse_arms(cfg.arms)
+    failure: RankFailed | None = None
 
     with tf32_setting(cfg.tf32):
         env = collect_env(device, cfg.seed, task.path, task.sha256, list(command or sys.argv))
@@ -142,36 +164,49 @@ def audit(
         layer_errors: dict[str, list[LayerError]] = {}
         shadow_notes: list[str] = []
         replicates: dict[str, list[ArmResult]] = {}
-        for i, seed in enumerate(cfg.seed_list):
-            spec = TrainSpec(device=device, seed=seed, steps=cfg.steps, epochs=cfg.epochs,
-                             fp16_cpu=cfg.fp16_cpu, data_seed=cfg.seed,
-                             trace_every=cfg.trace_every if i == 0 else 0,  # replicates measure noise only
-                             trace_include=cfg.trace, trace_depth=cfg.trace_depth)
-            for arm in arms:
-                keeps_model = i == 0 and arm.name == BASELINE and cfg.verify
-                source = _KeepsModel(task.path, task.sha256, task.module) if keeps_model else task
-                run = train_arm(source, arm, spec, progress, label=arm.name if i == 0 else f"{arm.name} s{seed}")
-                if isinstance(source, _KeepsModel):  # attribute errors now, then let the trained model go
-                    if source.built and run.status == "ok":
-                        layer_errors, note = _shadow(task, source.built[-1], arms, device, cfg)
-                        shadow_notes += [note] if note else []
-                    source.built.clear()
-                if i == 0:
-                    results[arm.name] = run
-                else:
-                    replicates.setdefault(arm.name, []).append(run)
-
-        perf = _measure(task, arms, device, cfg, results, progress) if cfg.bench else _Perf()
+        perf = _Perf()
+        try:
+            for i, seed in enumerate(cfg.seed_list):
+                spec = TrainSpec(device=device, seed=seed, steps=cfg.steps, epochs=cfg.epochs,
+                                 fp16_cpu=cfg.fp16_cpu, data_seed=cfg.seed,
+                                 trace_every=cfg.trace_every if i == 0 else 0,  # replicates measure noise only
+                                 trace_include=cfg.trace, trace_depth=cfg.trace_depth, parallel=parallel)
+                for arm in arms:
+                    label = arm.name if i == 0 else f"{arm.name} s{seed}"
+                    keeps_model = i == 0 and arm.name == BASELINE and cfg.verify
+                    source = _KeepsModel(task.path, task.sha256, task.module) if keeps_model else task
+                    try:
+                        run = train_arm(source, arm, spec, progress, label=label)
+                    except RankFailed as exc:  # keep the failed arm's partial result, then stop
+                        if exc.result is not None and i == 0:
+                            results[arm.name] = exc.result
+                        raise
+                    if isinstance(source, _KeepsModel):  # attribute errors now, then let the trained model go
+                        if source.built and run.status == "ok":
+                            layer_errors, note = _shadow(task, source.built[-1], arms, device, cfg, parallel)
+                            shadow_notes += [note] if note else []
+                        source.built.clear()
+                    if i == 0:
+                        results[arm.name] = run
+                    else:
+                        replicates.setdefault(arm.name, []).append(run)
+            if cfg.bench:
+                perf = _measure(task, arms, device, cfg, results, progress, parallel)
+        except RankFailed as exc:  # the job cannot go on: keep what finished and say who failed
+            failure = exc
 
     gate = evaluate_gate(results, cfg.max_drop, cfg.max_loss_gap, replicates, cfg.noise_k)
     traces = {name: r.trace for name, r in results.items() if r.trace is not None}
     flags = flag(traces, results, Thresholds.from_mapping(cfg.thresholds)) if traces else []
     recommendations: list[Recommendation] = []
     verification: dict[str, ArmResult] = {}
-    if cfg.verify:
-        with tf32_setting(cfg.tf32):
-            recommendations, verification = _verify(task, arms, device, cfg, results, replicates, flags, progress,
-                                                    layer_errors)
+    if cfg.verify and failure is None:
+        try:
+            with tf32_setting(cfg.tf32):
+                recommendations, verification = _verify(task, arms, device, cfg, results, replicates, flags,
+                                                        progress, layer_errors, parallel)
+        except RankFailed as exc:
+            failure = exc
     from mpaudit import __version__
 
     return AuditResult(
@@ -190,6 +225,7 @@ def audit(
         recommendations=recommendations,
         verification=verification,
         layer_errors=layer_errors,
+        distributed=_distributed_info(parallel, perf, results, failure) if parallel.active else None,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         mpaudit_version=__version__,
     )
@@ -201,13 +237,21 @@ class _Perf:
     compiled: dict[str, SpeedResult] = field(default_factory=dict)
     max_batch: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    step_s_per_rank: dict[str, list[float]] = field(default_factory=dict)
+    peak_bytes_per_rank: dict[str, list[int]] = field(default_factory=dict)
+    speed_rank: int | None = None
 
 
 def _measure(
     task: Task, arms: list[Arm], device: Any, cfg: AuditConfig, results: dict[str, ArmResult],
-    progress: Progress | None,
+    progress: Progress | None, parallel: Parallel,
 ) -> _Perf:
-    """The speed and memory phase: fresh models, no tracing, arms interleaved. Never loses the training results."""
+    """The speed and memory phase: fresh models, no tracing, arms interleaved. Never loses the training results.
+
+    In a distributed job every rank measures itself (the step includes its collectives); the slowest rank's
+    timings and the largest rank's memory are reported, with every rank's figures beside them. A failure
+    there ends the job (:class:`RankFailed`): a rank cannot skip a measurement its peers are stepping through.
+    """
     from mpaudit.bench import measure_speed
     from mpaudit.memory import max_batch_for_budget, measure_memory
 
@@ -223,7 +267,9 @@ def _measure(
         progress.arm_started("bench", None)
     try:
         speed, speedups = measure_speed(task, ran, device, cfg.seed, budget_s=cfg.bench_seconds,
-                                        compile=cfg.compile, step_context=ctx)
+                                        compile=cfg.compile, step_context=ctx, parallel=parallel)
+        if parallel.active:
+            speed, speedups = _slowest_rank(parallel, speed, speedups, perf)
         perf.speedups = speedups
         for key, sr in speed.items():
             if key in results:
@@ -231,9 +277,17 @@ def _measure(
             else:
                 perf.compiled[key] = sr
     except Exception as exc:  # a measurement failure must not sink the audit
+        if parallel.active:
+            raise parallel.failed(exc, "speed measurement") from exc
         perf.notes.append(f"Speed measurement failed: {type(exc).__name__}: {exc}")
+    if parallel.active and not parallel.params_replicated:
+        perf.notes.append("Memory is not measured under FSDP yet: the storage ledger does not follow sharded "
+                          "parameters (DTensors). Use DDP for the memory breakdown.")
+        return perf
     try:
-        memory = measure_memory(task, ran, device, cfg.seed, step_context=ctx)
+        memory = measure_memory(task, ran, device, cfg.seed, step_context=ctx, parallel=parallel)
+        if parallel.active:
+            memory = _largest_rank(parallel, memory, perf)
         for key, mr in memory.items():
             results[key] = replace(results[key], memory=mr)
         if cfg.memory_budget is not None:
@@ -242,14 +296,56 @@ def _measure(
                 if mr.error is None and mr.batch_size:
                     perf.max_batch[key] = max_batch_for_budget(mr, mr.batch_size, budget)
     except Exception as exc:
+        if parallel.active:
+            raise parallel.failed(exc, "memory measurement") from exc
         perf.notes.append(f"Memory measurement failed: {type(exc).__name__}: {exc}")
     return perf
+
+
+def _slowest_rank(
+    parallel: Parallel, speed: dict[str, SpeedResult], speedups: dict[str, Speedup], perf: _Perf
+) -> tuple[dict[str, SpeedResult], dict[str, Speedup]]:
+    """Every rank's timings gathered; the slowest rank's (by its summed median step times) are the job's."""
+    ranks = parallel.gather_objects((speed, speedups))
+    keys = list(speed)
+    perf.step_s_per_rank = {k: [r[0][k].step_s_median if k in r[0] else math.nan for r in ranks] for k in keys}
+
+    def total(r: tuple[dict[str, SpeedResult], dict[str, Speedup]]) -> float:
+        return sum(sr.step_s_median for sr in r[0].values() if sr.error is None and sr.times_s)
+
+    perf.speed_rank = max(range(len(ranks)), key=lambda i: total(ranks[i]))
+    chosen: tuple[dict[str, SpeedResult], dict[str, Speedup]] = ranks[perf.speed_rank]
+    return chosen
+
+
+def _largest_rank(parallel: Parallel, memory: dict[str, MemoryResult], perf: _Perf) -> dict[str, MemoryResult]:
+    """Every rank's memory gathered; per arm, the rank with the highest peak is the job's figure."""
+    ranks = parallel.gather_objects(memory)
+    perf.peak_bytes_per_rank = {k: [r[k].peak_bytes for r in ranks] for k in memory}
+    return {k: max((r[k] for r in ranks), key=lambda m: m.peak_bytes) for k in memory}
+
+
+def _distributed_info(
+    parallel: Parallel, perf: _Perf, results: dict[str, ArmResult], failure: RankFailed | None
+) -> DistributedInfo:
+    speeds = {k: r.speed for k, r in results.items() if r.speed is not None}
+    return DistributedInfo(
+        world_size=parallel.world_size,
+        backend=parallel.backend or "",
+        parallel=parallel.kind,
+        step_s_per_rank=perf.step_s_per_rank,
+        speed_rank=perf.speed_rank,
+        peak_bytes_per_rank=perf.peak_bytes_per_rank,
+        job_samples_per_s={k: sp.samples_per_s * parallel.world_size for k, sp in speeds.items()
+                           if sp.samples_per_s is not None},
+        failure=RankFailure(rank=failure.rank, arm=failure.arm, error=failure.error) if failure else None,
+    )
 
 
 def _verify(
     task: Task, arms: list[Arm], device: Any, cfg: AuditConfig, results: dict[str, ArmResult],
     replicates: dict[str, list[ArmResult]], flags: list[Flag], progress: Progress | None,
-    layer_errors: dict[str, list[LayerError]],
+    layer_errors: dict[str, list[LayerError]], parallel: Parallel,
 ) -> tuple[list[Recommendation], dict[str, ArmResult]]:
     """The verification phase: each recommendation trained as an extra arm (main seed, same batches, no
     tracing), at most ``verify_budget`` runs in all."""
@@ -259,7 +355,7 @@ def _verify(
     if baseline is None or baseline.status != "ok":
         return [], {}
     spec = TrainSpec(device=device, seed=cfg.seed, steps=cfg.steps, epochs=cfg.epochs, fp16_cpu=cfg.fp16_cpu,
-                     data_seed=cfg.seed, trace_every=0)
+                     data_seed=cfg.seed, trace_every=0, parallel=parallel)
     criteria = Criteria(baseline=baseline, max_drop=cfg.max_drop, max_loss_gap=cfg.max_loss_gap,
                         baseline_replicates=replicates.get(BASELINE, []), noise_k=cfg.noise_k)
 
@@ -283,11 +379,16 @@ class _KeepsModel(Task):
 
 
 def _shadow(
-    task: Task, model: Any, arms: list[Arm], device: Any, cfg: AuditConfig,
+    task: Task, model: Any, arms: list[Arm], device: Any, cfg: AuditConfig, parallel: Parallel,
 ) -> tuple[dict[str, list[LayerError]], str | None]:
-    """Per-layer error attribution on the trained fp32 model; a failure costs only this table."""
+    """Per-layer error attribution on the trained fp32 model; a failure costs only this table.
+
+    Under DDP every rank runs it on its own full copy of the weights (no collectives); under FSDP the
+    weights are sharded across ranks, so it is left out."""
     from mpaudit.shadow import layer_errors
 
+    if parallel.active and not parallel.params_replicated:
+        return {}, "Per-layer error attribution is not run under FSDP (each rank holds a shard of the weights)."
     try:
         paths = select_modules(model, cfg.trace, cfg.trace_depth)
         return layer_errors(task, model, arms, paths, device, cfg.fp16_cpu), None

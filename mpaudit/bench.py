@@ -25,7 +25,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mpaudit.arms import BASELINE, Arm
 from mpaudit.batches import batch_size, move_to_device
+from mpaudit.distributed import SINGLE, Parallel
 from mpaudit.env import dtype_support
+from mpaudit.errors import error_text
 from mpaudit.perf_result import STABLE_IQR_FRACTION, SpeedResult, Speedup
 from mpaudit.seeding import seed_everything
 from mpaudit.task import Task, first_batch
@@ -222,29 +224,33 @@ class _Contestant:
     scale: float | None = None
 
 
-def _error_text(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
-
-def _prepare(task: Task, arm: Arm, device: torch.device, seed: int, compiled: bool, backend: str) -> _Contestant:
-    """A fresh, seeded model and optimizer for one arm (compiled when asked); failures become ``error``."""
+def _prepare(
+    task: Task, arm: Arm, device: torch.device, seed: int, compiled: bool, backend: str, parallel: Parallel
+) -> _Contestant:
+    """A fresh, seeded model and optimizer for one arm (wrapped for the job, compiled when asked); failures
+    become ``error`` (in a distributed job they end it: see :func:`measure_speed`)."""
     c = _Contestant(arm.name + (COMPILE_SUFFIX if compiled else ""), arm, torch.nn.Module(), None, None, compiled, 0)
     try:
         seed_everything(seed)
         model = task.build_model().to(device)
         model.train()
-        c.model, c.params = model, sum(p.numel() for p in model.parameters())
+        c.params = sum(p.numel() for p in model.parameters())
+        c.model = parallel.wrap(model, device)
         c.optimizer = task.build_optimizer(model)
-        c.scaler = arm.make_scaler(device.type)
+        c.scaler = arm.make_scaler(device.type, parallel.scaler_cls)
     except Exception as exc:
-        c.error = _error_text(exc)
+        if parallel.active:
+            raise
+        c.error = error_text(exc)
         return c
     if compiled:
         try:
-            c.model = torch.compile(model, backend=backend)  # type: ignore[assignment]
+            c.model = torch.compile(c.model, backend=backend)  # type: ignore[assignment]
         except Exception as exc:
-            c.error = "torch.compile failed: " + _error_text(exc)
+            if parallel.active:
+                raise
+            c.error = "torch.compile failed: " + error_text(exc)
     return c
 
 
@@ -264,19 +270,24 @@ def measure_speed(
     step_context: StepContext = _no_context,
     min_rounds: int = MIN_ROUNDS,
     compile_backend: str = "inductor",
+    parallel: Parallel = SINGLE,
 ) -> tuple[dict[str, SpeedResult], dict[str, Speedup]]:
     """Time every arm's real training step in interleaved rounds; return per-arm times and speedups.
 
     Speedups compare each arm with fp32 in the same mode (``bf16`` with ``fp32``, ``bf16+compile`` with
     ``fp32+compile``, and ``fp32+compile`` with ``fp32``). An arm that fails (a compile error, a raise in
     the step) gets a result with ``error`` set instead of stopping the others.
+
+    In a distributed job (``parallel``) each rank times its own steps on its own first batch, the ranks
+    agree every round on whether to stop (so they take the same number of steps), and a failure raises:
+    the ranks could no longer match their collectives.
     """
     seed_everything(seed)
-    batch = move_to_device(first_batch(task, "train_loader", task.train_loader()), device)
+    batch = move_to_device(first_batch(task, "train_loader", parallel.shard(task.train_loader())), device)
     samples = batch_size(batch)
-    contestants = [_prepare(task, arm, device, seed, False, compile_backend) for arm in arms]
+    contestants = [_prepare(task, arm, device, seed, False, compile_backend, parallel) for arm in arms]
     if compile:
-        contestants += [_prepare(task, arm, device, seed, True, compile_backend) for arm in arms]
+        contestants += [_prepare(task, arm, device, seed, True, compile_backend, parallel) for arm in arms]
     clock = _StepClock(device)
 
     def step(c: _Contestant) -> None:
@@ -293,8 +304,10 @@ def measure_speed(
             with step_context(c.arm):
                 action(c)
         except Exception as exc:
+            if parallel.active:
+                raise
             prefix = "torch.compile failed: " if c.compiled and not c.times else ""
-            c.error = prefix + _error_text(exc)
+            c.error = prefix + error_text(exc)
 
     for r in range(WARMUP_ROUNDS):
         for c in [c for c in contestants if c.error is None]:
@@ -315,7 +328,8 @@ def measure_speed(
             attempt(c, timed)
         rounds += 1
         still = [c for c in active if c.error is None]
-        if _should_stop(still, rounds, time.perf_counter() - start, budget_s, min_rounds):
+        stop = _should_stop(still, rounds, time.perf_counter() - start, budget_s, min_rounds)
+        if parallel.all_true(stop, device):  # every rank stops on the same round
             break
 
     results = {c.key: _speed_result(c, samples, device) for c in contestants}

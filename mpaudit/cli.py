@@ -1,11 +1,13 @@
 """The ``mpaudit`` command: parse options, call the library, map errors to exit codes, print.
 
 Exit codes: 0 ran and every gate passed; 1 a gate failed; 2 usage or task-contract error (also an
-unreadable result file); 3 an unexpected internal error (a bug: rerun with ``--debug`` and report it).
+unreadable result file); 3 an unexpected internal error (a bug: rerun with ``--debug`` and report it);
+4 a rank of a distributed audit failed (the report holds the arms finished before it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from collections.abc import Callable
@@ -17,7 +19,7 @@ from rich.console import Console
 
 from mpaudit.errors import ResultError, TaskError, UsageError
 
-EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_RANK_FAILED = 0, 1, 2, 3, 4
 
 app = typer.Typer(
     help="Audit a PyTorch model for mixed precision: train it matched in fp32, bf16 and fp16, "
@@ -39,28 +41,55 @@ def _exits(debug_arg: str = "debug") -> Callable[[F], F]:
         @functools.wraps(fn)
         def inner(*args: Any, **kwargs: Any) -> Any:
             debug = bool(kwargs.get(debug_arg))
+            code = EXIT_OK
             try:
                 return fn(*args, **kwargs)
-            except typer.Exit:
+            except typer.Exit as exc:
+                code = exc.exit_code
                 raise
             except (TaskError, UsageError, ResultError) as exc:
+                code = EXIT_USAGE
                 if debug:
                     raise
-                err.print(f"[red]error:[/red] {exc}", markup=True)
+                err.print(f"[red]error:[/red]{_rank_prefix()} {exc}", markup=True)
                 raise typer.Exit(EXIT_USAGE) from None
             except KeyboardInterrupt:
+                code = 130
                 err.print("interrupted")
                 raise typer.Exit(130) from None
             except Exception as exc:
+                code = EXIT_INTERNAL
                 if debug:
                     raise
-                err.print(f"[red]internal error:[/red] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-                          markup=True)
+                err.print(f"[red]internal error:[/red]{_rank_prefix()} {type(exc).__name__}: {exc} "
+                          "(rerun with --debug for the traceback)", markup=True)
                 raise typer.Exit(EXIT_INTERNAL) from None
+            finally:
+                _record_exit_code(code)
 
         return inner  # type: ignore[return-value]
 
     return wrap
+
+
+def _rank_prefix() -> str:
+    """`` rank N:`` inside a torchrun job (every rank reports its own errors), empty otherwise."""
+    import os
+
+    return f" rank {os.environ['RANK']}:" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
+def _record_exit_code(code: int) -> None:
+    """Under ``mpaudit run --nproc``, rank 0 leaves its exit code where the launcher reads it (torchrun turns
+    every failure into 1)."""
+    import os
+
+    from mpaudit.distributed import EXIT_FILE_ENV
+
+    path = os.environ.get(EXIT_FILE_ENV)
+    if path and os.environ.get("RANK", "0") == "0":
+        with contextlib.suppress(OSError):
+            Path(path).write_text(str(code))
 
 
 @app.command()
@@ -91,11 +120,19 @@ def run(
     fp16_cpu: Annotated[str, typer.Option(help="fp16 on a CPU: emulate (tensor-core numerics at fp32 speed) or native (PyTorch's slow half kernels).")] = "emulate",
     plotlyjs: Annotated[str, typer.Option(help="inline (self-contained, works offline) or cdn (small file).")] = "inline",
     junit: Annotated[Path | None, typer.Option(help="Also write each gate check as a JUnit test case to this XML file.", show_default=False)] = None,
+    nproc: Annotated[int | None, typer.Option(help="Run on this many processes of this machine: launches torchrun --standalone --nproc-per-node N for you (one per GPU; gloo processes on a CPU).", show_default=False)] = None,
+    parallel: Annotated[str, typer.Option(help="Under torchrun: ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard); auto is ddp with several processes.")] = "auto",
+    dist_timeout: Annotated[float, typer.Option(help="Seconds a collective may wait for a rank that neither answers nor fails, before the job stops.")] = 300.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display and no summary, only errors and gate failures.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
 ) -> None:
-    """Train the task once per arm from identical weights on identical batches; write report.json and report.html."""
+    """Train the task once per arm from identical weights on identical batches; write report.json and report.html.
+
+    Several processes: torchrun --nproc-per-node N -m mpaudit run model.py (or --nproc N); only rank 0 writes.
+    """
     from mpaudit.audit import AuditConfig, audit
+    from mpaudit.distributed import Parallel
+    from mpaudit.env import resolve_device
     from mpaudit.gate import parse_max_drop
     from mpaudit.progress import RichProgress, progress_enabled
     from mpaudit.report import write_report
@@ -112,21 +149,45 @@ def run(
         verify=verify, verify_budget=verify_budget,
         trace_every=trace_every, trace=tuple(trace or ()), trace_depth=trace_depth,
         thresholds={**pyproject_thresholds(task), **parse_thresholds(threshold or [])},
+        parallel=parallel, dist_timeout=dist_timeout,
     ).validated()
     loaded = load_task(task)
+    if nproc is not None:  # options and task file checked once here, then every rank runs this command
+        from mpaudit.distributed import launch
+
+        raise typer.Exit(launch(nproc, sys.argv[1:]))
     target = out_dir or Path("reports") / loaded.name
     command = ["mpaudit", *sys.argv[1:]]
+    job = Parallel.from_env(config.parallel, config.dist_timeout, resolve_device(config.device).type)
+    if job.active:
+        command = [*job.launcher_command(), "-m", "mpaudit", *sys.argv[1:]]
+    job.on_sigterm()
+    quiet = quiet or not job.is_main  # other ranks print nothing but errors
     if progress_enabled(quiet):
         with RichProgress() as progress:
-            result = audit(loaded, config, progress=progress, command=command)
+            result = audit(loaded, config, progress=progress, command=command, parallel=job)
     else:
-        result = audit(loaded, config, command=command)
-    paths = write_report(result, target, plotlyjs=plotlyjs)
-    _ci_outputs(result, junit)
+        result = audit(loaded, config, command=command, parallel=job)
+    job.ignore_sigterm()  # the results are in: write them even while torchrun stops the job
+    failure = result.distributed.failure if result.distributed is not None else None
+    if failure is not None:
+        where = f" in {failure.arm}" if failure.arm else ""
+        if not job.is_main:  # leave at once: this breaks the collectives the other ranks wait in
+            if failure.rank == job.rank:
+                err.print(f"error: rank {job.rank} failed{where}: {failure.error}", markup=False)
+            job.exit_after_failure(EXIT_RANK_FAILED)
+        paths = write_report(result, target, plotlyjs=plotlyjs)
+        err.print(f"error: rank {failure.rank} failed{where}: {failure.error}; the report keeps the arms "
+                  f"finished before it: {paths['json']}", markup=False)
+        raise typer.Exit(EXIT_RANK_FAILED)
+    if job.is_main:
+        paths = write_report(result, target, plotlyjs=plotlyjs)
+        _ci_outputs(result, junit)
     if not quiet:
         _print_summary(result)
         out.print(f"report: {paths['html']}\nresult: {paths['json']}")
-    _finish_gate(result)
+    job.close()
+    _finish_gate(result, show=job.is_main)
 
 
 @app.command()
@@ -305,13 +366,15 @@ def _ci_outputs(result: Any, junit: Path | None) -> None:
     append_step_summary(summary_markdown(result))
 
 
-def _finish_gate(result: Any) -> None:
+def _finish_gate(result: Any, show: bool = True) -> None:
+    """Print the gate's outcome (unless ``show`` is off: ranks other than 0) and exit 1 when it failed."""
     if not result.gate.given:
         return
     if result.gate.passed:
-        out.print(f"gate passed ({len(result.gate.checks)} checks)")
+        if show:
+            out.print(f"gate passed ({len(result.gate.checks)} checks)")
         return
-    for check in result.gate.failures:
+    for check in result.gate.failures if show else []:
         err.print(f"GATE FAILED: {check.message} (limit {check.kind} {check.metric} {check.limit:g})")
     raise typer.Exit(EXIT_GATE_FAILED)
 

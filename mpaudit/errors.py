@@ -20,3 +20,9 @@ class UsageError(MpauditError):
 
 class ResultError(MpauditError):
     """A saved ``report.json`` cannot be read (missing, not JSON, unknown schema)."""
+
+
+def error_text(exc: BaseException) -> str:
+    """``Type: first line of the message``: how a failed arm or measurement names its error."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -29,7 +29,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from mpaudit.arms import Arm
 from mpaudit.batches import batch_size, iter_leaves, move_to_device
-from mpaudit.errors import UsageError
+from mpaudit.distributed import SINGLE, Parallel
+from mpaudit.errors import UsageError, error_text
 from mpaudit.perf_result import BREAKDOWN_KEYS, MemoryResult
 from mpaudit.seeding import seed_everything
 from mpaudit.task import Task, first_batch
@@ -292,22 +293,25 @@ def measure_arm_memory(
     seed: int,
     *,
     step_context: Callable[[Arm], AbstractContextManager[object]] = lambda arm: nullcontext(),
+    parallel: Parallel = SINGLE,
 ) -> MemoryResult:
     """Peak memory of one steady-state training step of ``arm``: measured after a step that updated the
-    weights, so the optimizer state exists, as in every step but the first."""
+    weights, so the optimizer state exists, as in every step but the first. Under DDP the step is the
+    wrapped model's (its gradient buckets count as ``other``) on this rank's first batch."""
     cuda = device.type == "cuda"
     gc.collect()
     base = torch.cuda.memory_allocated(device) if cuda else 0
     seed_everything(seed)
     model = task.build_model().to(device)
     model.train()
+    wrapped = parallel.wrap(model, device)
     optimizer = task.build_optimizer(model)
-    scaler = arm.make_scaler(device.type)
+    scaler = arm.make_scaler(device.type, parallel.scaler_cls)
     seed_everything(seed)
-    batch = move_to_device(first_batch(task, "train_loader", task.train_loader()), device)
+    batch = move_to_device(first_batch(task, "train_loader", parallel.shard(task.train_loader())), device)
 
     def step() -> None:
-        train_step(task, arm, model, optimizer, scaler, batch, device.type)
+        train_step(task, arm, wrapped, optimizer, scaler, batch, device.type)
 
     for _ in range(WARMUP_STEPS_MAX):
         if not _step_skipped(step, scaler, arm, step_context):
@@ -374,17 +378,20 @@ def measure_memory(
     seed: int,
     *,
     step_context: Callable[[Arm], AbstractContextManager[object]] = lambda arm: nullcontext(),
+    parallel: Parallel = SINGLE,
 ) -> dict[str, MemoryResult]:
     """Peak memory and breakdown of one training step for each arm, one arm at a time.
 
-    An arm whose step raises gets a result with ``error`` set (and zero bytes) instead of stopping the others.
+    An arm whose step raises gets a result with ``error`` set (and zero bytes) instead of stopping the
+    others; in a distributed job it raises instead (the ranks could no longer match their collectives).
     """
     out: dict[str, MemoryResult] = {}
     for arm in arms:
         try:
-            out[arm.name] = measure_arm_memory(task, arm, device, seed, step_context=step_context)
+            out[arm.name] = measure_arm_memory(task, arm, device, seed, step_context=step_context, parallel=parallel)
         except Exception as exc:
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            if parallel.active:
+                raise
             out[arm.name] = MemoryResult(
                 arm=arm.name,
                 peak_bytes=0,
@@ -392,7 +399,7 @@ def measure_memory(
                 at_peak=dict.fromkeys(BREAKDOWN_KEYS, 0),
                 method="failed",
                 batch_size=None,
-                error=f"{type(exc).__name__}: {text}" if text else type(exc).__name__,
+                error=error_text(exc),
             )
         if device.type == "cuda":  # hand the arm's blocks back before the next arm's peak is measured
             gc.collect()

@@ -183,6 +183,64 @@ class Recommendation:
 
 
 @dataclass(frozen=True)
+class RankFailure:
+    """The rank of a distributed audit that failed first, the arm (or phase) it was in, and its error."""
+
+    rank: int
+    arm: str | None
+    error: str
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RankFailure:
+        return cls(rank=int(d["rank"]), arm=None if d.get("arm") is None else str(d["arm"]), error=str(d["error"]))
+
+
+@dataclass(frozen=True)
+class DistributedInfo:
+    """How a distributed audit ran: world size, backend, parallelism, and every rank's speed and memory.
+
+    ``arms.<name>.speed`` holds the slowest rank's timings (rank ``speed_rank``) and ``arms.<name>.memory``
+    the rank with the highest peak; the per-rank lists here are in rank order.
+    """
+
+    world_size: int
+    backend: str
+    parallel: str
+    step_s_per_rank: dict[str, list[float]] = field(default_factory=dict)
+    """Median step time of each timed arm on each rank, seconds."""
+    speed_rank: int | None = None
+    peak_bytes_per_rank: dict[str, list[int]] = field(default_factory=dict)
+    job_samples_per_s: dict[str, float] = field(default_factory=dict)
+    """Training samples per second of the whole job per arm: every rank's batch at the slowest rank's pace."""
+    failure: RankFailure | None = None
+
+    _derived = ("peak_bytes_max", "peak_bytes_mean")
+
+    @property
+    def peak_bytes_max(self) -> dict[str, int]:
+        """Per arm, the highest peak over ranks."""
+        return {k: max(v) for k, v in self.peak_bytes_per_rank.items() if v}
+
+    @property
+    def peak_bytes_mean(self) -> dict[str, float]:
+        """Per arm, the mean peak over ranks."""
+        return {k: sum(v) / len(v) for k, v in self.peak_bytes_per_rank.items() if v}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DistributedInfo:
+        return cls(
+            world_size=int(d["world_size"]),
+            backend=str(d.get("backend", "")),
+            parallel=str(d.get("parallel", "")),
+            step_s_per_rank={str(k): [decode_float(x) for x in v] for k, v in d.get("step_s_per_rank", {}).items()},
+            speed_rank=None if d.get("speed_rank") is None else int(d["speed_rank"]),
+            peak_bytes_per_rank={str(k): [int(x) for x in v] for k, v in d.get("peak_bytes_per_rank", {}).items()},
+            job_samples_per_s={str(k): decode_float(v) for k, v in d.get("job_samples_per_s", {}).items()},
+            failure=None if d.get("failure") is None else RankFailure.from_dict(d["failure"]),
+        )
+
+
+@dataclass(frozen=True)
 class LayerError:
     """The error one layer introduces in an arm (its fp32 inputs run at the arm's precision) and the error
     accumulated up to it (the whole model at the arm's precision), against fp32: SQNR in dB and relative."""
@@ -309,6 +367,8 @@ class AuditResult:
     recommendations: list[Recommendation] = field(default_factory=list)
     verification: dict[str, ArmResult] = field(default_factory=dict)
     layer_errors: dict[str, list[LayerError]] = field(default_factory=dict)
+    distributed: DistributedInfo | None = None
+    """Set when the audit ran on several ranks (``torchrun``): world size, backend, per-rank figures."""
     created: str = ""
     mpaudit_version: str = ""
     schema_version: int = SCHEMA_VERSION
@@ -396,6 +456,7 @@ class AuditResult:
                 recommendations=[Recommendation.from_dict(r) for r in d.get("recommendations", [])],
                 verification={k: ArmResult.from_dict(v) for k, v in d.get("verification", {}).items()},
                 layer_errors={k: [LayerError.from_dict(e) for e in v] for k, v in d.get("layer_errors", {}).items()},
+                distributed=None if d.get("distributed") is None else DistributedInfo.from_dict(d["distributed"]),
                 created=str(d.get("created", "")),
                 mpaudit_version=str(d.get("mpaudit_version", "")),
                 schema_version=version,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from types import TracebackType
 from typing import Any
@@ -203,6 +203,11 @@ class Tracer:
     Per traced step: ``start_step`` → forward/backward → ``after_backward`` → optimizer step →
     ``after_optimizer_step`` (optional, for update statistics) → ``finish_step``. Every method is a no-op
     on an untraced step, so the loop may call them unconditionally.
+
+    In a distributed job, ``gather`` stacks every rank's copy of a tensor (one all-gather per traced step)
+    and ``finish_step`` merges the ranks' rows: activations and output gradients are each rank's own batch
+    shard, so they add up; parameter gradients and updates add up when each rank holds a shard of them
+    (FSDP) and are taken from rank 0 when every rank holds the same full copy (``params_replicated``, DDP).
     """
 
     def __init__(
@@ -211,9 +216,13 @@ class Tracer:
         include: Sequence[str] = (),
         depth: int | None = None,
         updates: bool = True,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        params_replicated: bool = True,
     ) -> None:
         self.model = model
         self.updates = updates
+        self._gather = gather
+        self._params_replicated = params_replicated
         self.paths = select_modules(model, include, depth)
         self._params = self._owned_params()
         rows: list[tuple[str, str]] = []
@@ -321,7 +330,7 @@ class Tracer:
                 grad = param.grad
                 if grad is None or grad.is_sparse:
                     continue
-                self._accumulate(self._row_of[(layer, GRAD_PREFIX + rel)], grad)
+                self._accumulate(self._row_of[(layer, GRAD_PREFIX + rel)], _local(grad))
             if self.updates:
                 for _, _, param in self._params:
                     self._snapshot(param)
@@ -341,9 +350,13 @@ class Tracer:
         if not self._active or self._buf is None:
             return None
         self._active = False
-        host = self._buf.to("cpu", copy=True).numpy()  # the one device-to-host copy of the step
-        rows = [row for row, count in enumerate(self._counts) if count]
-        records = _fold(host[rows], [self._counts[r] for r in rows], [self._partial[r] for r in rows])
+        if self._gather is None:
+            host = self._buf.to("cpu", copy=True).numpy()  # the one device-to-host copy of the step
+            counts = self._counts
+        else:
+            host, counts = self._merge_ranks()
+        rows = [row for row, count in enumerate(counts) if count]
+        records = _fold(host[rows], [counts[r] for r in rows], [self._partial[r] for r in rows])
         stats: dict[tuple[str, str], TensorStats] = {}
         for row, record in zip(rows, records, strict=True):
             stats[self._rows[row]] = replace(record, dtype=",".join(sorted(self._dtypes[row])))
@@ -361,6 +374,24 @@ class Tracer:
         )
         self._merged = self._merged.merge(summary)
         return summary
+
+    def _merge_ranks(self) -> tuple[np.ndarray, list[int]]:
+        """Every rank's statistics rows (and element counts) gathered in one collective and merged on the host."""
+        assert self._buf is not None and self._gather is not None
+        counts = torch.tensor(self._counts, dtype=torch.int64).to(self._buf.device)
+        packed = torch.cat([self._buf, counts[:, None]], dim=1)
+        ranks = self._gather(packed).to("cpu").numpy()  # (world, rows, width + 1)
+        if self._params_replicated:  # DDP: every rank holds the same averaged gradient and update
+            own = [i for i, (_, role) in enumerate(self._rows) if role.startswith((GRAD_PREFIX, UPDATE_PREFIX))]
+            ranks[1:, own] = 0
+            ranks[1:, own, _COL_MIN] = _INT32_MAX
+        merged = ranks[:, :, :_ROW_WIDTH].sum(axis=0)  # histogram counts
+        floats, rank_floats = merged.view(np.float64), ranks[:, :, :_ROW_WIDTH].view(np.float64)
+        floats[:, _COL_NONZERO] = rank_floats[:, :, _COL_NONZERO].sum(axis=0)
+        floats[:, _COL_SUM] = rank_floats[:, :, _COL_SUM].sum(axis=0)
+        floats[:, _COL_MAX] = rank_floats[:, :, _COL_MAX].max(axis=0)
+        merged[:, _COL_MIN] = ranks[:, :, _COL_MIN].min(axis=0)
+        return merged, [int(c) for c in ranks[:, :, _ROW_WIDTH].sum(axis=0)]
 
     def summary(self) -> TraceSummary:
         """The merge of every finished step (kept merged as steps finish, so memory does not grow)."""
@@ -478,7 +509,7 @@ class Tracer:
 
     def _sample(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The flat parameter and the fixed element sample its update statistics use (None: all elements)."""
-        flat = param.detach().reshape(-1)
+        flat = _local(param.detach()).reshape(-1)
         if flat.numel() <= UPDATE_SAMPLE:
             return flat, None
         idx = self._sample_idx.get(id(param))
@@ -564,6 +595,12 @@ class Tracer:
             if layer in bad:
                 return NonfiniteSite(layer, bad[layer], self._step)
         return None
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: the local shard of an FSDP2 DTensor, the tensor itself otherwise."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
 
 
 def _fold(rows: np.ndarray, counts: list[int], partial: list[bool]) -> list[TensorStats]:

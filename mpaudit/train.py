@@ -14,6 +14,8 @@ import torch
 
 from mpaudit.arms import Arm, fp16_mode, step_context
 from mpaudit.batches import move_to_device
+from mpaudit.distributed import SINGLE, Parallel, RankFailed
+from mpaudit.errors import error_text
 from mpaudit.keep import keep_fp32
 from mpaudit.layerstats import TraceSummary
 from mpaudit.result import ArmResult, Fingerprints, LossScale
@@ -67,6 +69,8 @@ class TrainSpec:
     trace_every: int = DEFAULT_TRACE_EVERY
     trace_include: tuple[str, ...] = ()
     trace_depth: int | None = None
+    parallel: Parallel = SINGLE
+    """The distributed job (a single process by default): how the model is wrapped and the data sharded."""
 
     @property
     def loader_seed(self) -> int:
@@ -84,7 +88,8 @@ def _epoch_batches(task: Task, first: Any, spec: TrainSpec) -> Iterator[Any]:
 
     Each epoch's iterator is created and its first batch drawn under ``data_seed + epoch`` (a shuffling
     DataLoader draws its order then); the generators are then reseeded with ``seed + epoch`` so dropout and
-    other training randomness follow the run's seed, not the data's.
+    other training randomness follow the run's seed, not the data's. In a distributed job each rank
+    iterates its shard of the loader.
     """
     loader = first
     epoch = 0
@@ -92,7 +97,7 @@ def _epoch_batches(task: Task, first: Any, spec: TrainSpec) -> Iterator[Any]:
         seed_everything(spec.loader_seed + epoch)
         if epoch > 0 and iter(loader) is loader:  # a one-shot iterator: ask the task for a fresh one
             loader = task.train_loader()
-        it = iter(loader)
+        it = iter(spec.parallel.shard(loader))
         head = next(it, _END)
         seed_everything(spec.seed + epoch)
         if head is _END:
@@ -150,10 +155,6 @@ def _planned_steps(loader: Any, spec: TrainSpec) -> int | None:
         return None
 
 
-def _error_text(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
 
 def train_arm(
     task: Task, arm: Arm, spec: TrainSpec, progress: Progress | None = None, label: str | None = None
@@ -162,6 +163,10 @@ def train_arm(
 
     Never raises for the user's errors: an exception marks the arm ``failed`` with its message, so the
     other arms still run. A non-finite loss marks it ``diverged``.
+
+    In a distributed job (``spec.parallel``) a failure on any rank ends the audit instead (the ranks can no
+    longer agree on their collectives): :class:`~mpaudit.distributed.RankFailed` is raised, naming the rank
+    that failed and carrying this arm's partial result.
     """
     progress = progress or NoProgress()
     label = label or arm.name
@@ -175,9 +180,11 @@ def train_arm(
     metrics: dict[str, float] = {}
     notes: list[str] = []
     t_start = time.perf_counter()
-    model = optimizer = None
+    parallel = spec.parallel
+    model = wrapped = optimizer = None
     tracer: Tracer | None = None
     trace: TraceSummary | None = None
+    failure: RankFailed | None = None
     try:
         seed_everything(spec.seed)
         model = task.build_model()
@@ -185,20 +192,23 @@ def train_arm(
         model.to(device)
         if arm.keep_fp32:  # a recommendation under test: the same weights, some modules kept in fp32
             keep_fp32(model, arm.keep_fp32)
+        wrapped = parallel.wrap(model, device)  # what training calls: DDP, FSDP2-sharded, or the model itself
         optimizer = task.build_optimizer(model)
-        scaler = arm.make_scaler(device.type)
+        scaler = arm.make_scaler(device.type, parallel.scaler_cls)
         seed_everything(spec.loader_seed)
         loader = task.train_loader()
         batch_fp = BatchFingerprint()
-        total = _planned_steps(loader, spec)
+        total = _planned_steps(parallel.shard(loader), spec)
         progress.arm_started(label, total)
         model.train()
         schedule = TraceSchedule(spec.trace_every)
         if spec.trace_every > 0:
-            tracer = Tracer(model, include=spec.trace_include, depth=spec.trace_depth)
+            tracer = Tracer(model, include=spec.trace_include, depth=spec.trace_depth,
+                            gather=parallel.gather if parallel.active else None,
+                            params_replicated=parallel.params_replicated)
         hooks = tracer if tracer is not None else contextlib.nullcontext()
         with hooks:
-            status, error = _loop(task, arm, spec, model, optimizer, scaler, loader, batch_fp, tracer, schedule,
+            status, error = _loop(task, arm, spec, wrapped, optimizer, scaler, loader, batch_fp, tracer, schedule,
                                   progress, label, losses, scales, skipped, step_times)
         if tracer is not None:
             trace = tracer.summary()
@@ -208,14 +218,17 @@ def train_arm(
         if task.has_evaluate:
             model.eval()
             seed_everything(spec.loader_seed)
-            with torch.no_grad():
-                metrics = task.evaluate(model, task.eval_loader() or [])
+            with torch.no_grad():  # every rank evaluates the whole eval set; rank 0's metrics are kept
+                metrics = parallel.broadcast(task.evaluate(model, task.eval_loader() or []))
     except Exception as exc:  # one failing arm never sinks the others
-        status, error = "failed", _error_text(exc)
+        status, error = "failed", error_text(exc)
+        if parallel.active:
+            failure = parallel.failed(exc, label)
+            error = str(failure)
         if tracer is not None and tracer.summary().steps:
             trace = tracer.summary()  # what was traced before the failure is evidence too
     finally:
-        del model, optimizer
+        del model, wrapped, optimizer
         if fp16_mode(arm, device.type, spec.fp16_cpu) == "emulated":
             from mpaudit.fp16_emulation import release_buffers
 
@@ -239,6 +252,9 @@ def train_arm(
         trace=trace,
     )
     progress.arm_finished(label, result)
+    if failure is not None:
+        failure.result = result
+        raise failure
     return result
 
 
@@ -275,6 +291,7 @@ def _loop(
             if scaler.get_scale() < scale:
                 skipped.append(step)
                 anomaly = True
+        loss = spec.parallel.mean(loss)  # the mean over ranks (a no-op in a single process)
         value = float(loss.float().item())  # the one host sync of the step (progress, divergence)
         _sync(device)
         step_times.append(time.perf_counter() - t0)
