@@ -17,9 +17,16 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from mpaudit.errors import ResultError, TaskError, UsageError
-
-EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_RANK_FAILED = 0, 1, 2, 3, 4
+from mpaudit.errors import (
+    EXIT_GATE_FAILED,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_RANK_FAILED,
+    EXIT_USAGE,
+    ResultError,
+    TaskError,
+    UsageError,
+)
 
 app = typer.Typer(
     help="Audit a PyTorch model for mixed precision: train it matched in fp32, bf16 and fp16, "

@@ -188,6 +188,9 @@ def test_a_rank_that_raises_stops_the_job_quickly_with_a_partial_report(tmp_path
     assert result.arms["bf16"].status == "failed" and "rank 1" in (result.arms["bf16"].error or "")
     assert result.arms["bf16"].steps == 2  # its steps before the failure are kept too
     assert "fp16" not in result.arms  # never started
+    assert "Rank 1 failed in bf16" in (tmp_path / "out" / "summary.md").read_text()
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "Rank 1 failed</strong>" not in html and "Rank 1 failed in bf16:" in html
 
 
 def test_nproc_keeps_the_single_process_exit_codes(tmp_path: Path) -> None:
@@ -234,3 +237,5 @@ def test_report_states_the_distributed_run(ddp_run: tuple[Path, subprocess.Compl
     assert "world size 2" in html and "gloo" in html and "DDP" in html
     data = json.loads((tmp / "out" / "report.json").read_text())
     assert data["distributed"]["world_size"] == 2
+    assert "DDP × 2 ranks (gloo)" in (tmp / "out" / "summary.md").read_text()
+    assert data["env"]["command"][:2] == ["torchrun", "--nproc-per-node=2"]  # how to reproduce this job

@@ -159,6 +159,9 @@ def _footer(result: AuditResult) -> str:
     parts = [f"mpaudit {result.mpaudit_version or env.get('mpaudit_version', '?')}",
              f"torch {env.get('torch_version', '?')}", device, f"{result.config.get('steps', '?')} steps",
              f"seeds {', '.join(str(s) for s in result.seeds)}"]
+    if result.distributed is not None:
+        d = result.distributed
+        parts.append(f"{d.parallel.upper()} × {d.world_size} ranks ({d.backend})")
     if env.get("task_sha256"):
         parts.append(f"task sha256 {str(env['task_sha256'])[:12]}")
     return "<sub>" + md_escape(" · ".join(parts)) + "</sub>"
@@ -185,6 +188,11 @@ def summary_markdown(result: AuditResult, max_flags: int = DEFAULT_MAX_FLAGS) ->
     flags = _flag_lines(result.flags, max_flags)
     if flags:
         out += [*flags, ""]
+    failure = result.distributed.failure if result.distributed is not None else None
+    if failure is not None:
+        where = f" in {failure.arm}" if failure.arm else ""
+        out += [f"**Rank {failure.rank} failed{md_escape(where)}:** {md_escape(failure.error)}. The job stopped; "
+                "the arms above are those finished before it.", ""]
     if result.warnings:
         out += ["**Warnings:**", "", *(f"- {md_escape(w)}" for w in result.warnings), ""]
     out.append(_footer(result))
