@@ -1,9 +1,21 @@
-"""Exceptions, one per failure domain. Each message is one sentence a user can act on.
+"""Exceptions, one per failure domain (each message one sentence a user can act on), and the exit codes
+of the ``mpaudit`` command.
 
-The CLI maps them to exit codes (see ``mpaudit.cli``): ``TaskError`` and ``UsageError`` exit 2.
+The CLI (``mpaudit.cli``) maps ``TaskError``, ``UsageError`` and ``ResultError`` to :data:`EXIT_USAGE`.
 """
 
 from __future__ import annotations
+
+EXIT_OK = 0
+"""The audit ran and every gate given passed."""
+EXIT_GATE_FAILED = 1
+"""The audit ran and a gate failed."""
+EXIT_USAGE = 2
+"""A usage or task-contract error, or a result file that cannot be read."""
+EXIT_INTERNAL = 3
+"""An unexpected internal error: a bug (rerun with ``--debug`` for the traceback and report it)."""
+EXIT_RANK_FAILED = 4
+"""A rank of a distributed audit failed: the report holds the arms finished before the failure."""
 
 
 class MpauditError(Exception):
