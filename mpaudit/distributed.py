@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from mpaudit.errors import MpauditError, UsageError, error_text
+from mpaudit.errors import EXIT_INTERNAL, EXIT_RANK_FAILED, MpauditError, UsageError, error_text
 
 PARALLEL_KINDS = ("auto", "none", "ddp", "fsdp")
 """``--parallel``: ``auto`` is DDP when the world has more than one rank, none otherwise."""
@@ -45,9 +45,6 @@ DEFAULT_DIST_TIMEOUT_S = 300.0
 
 FAILURE_LOOKUP_S = 5.0
 """How long a rank whose collective broke waits for the failing rank's error to appear in the store."""
-
-EXIT_RANK_FAILED = 4
-"""Exit code when a rank failed: the report holds the arms finished before the failure."""
 
 EXIT_FILE_ENV = "MPAUDIT_EXIT_FILE"
 """Set by :func:`launch`: the file rank 0 writes its exit code to (torchrun reports every failure as 1)."""
@@ -391,7 +388,7 @@ def launch(nproc: int, argv: list[str]) -> int:
             with open(exit_file) as f:
                 return int(f.read().strip())
         except (OSError, ValueError):  # rank 0 died before it could say (killed, out of memory)
-            return proc.returncode if proc.returncode in (0, 1, 2, 3, EXIT_RANK_FAILED) else 3
+            return proc.returncode if proc.returncode in range(EXIT_RANK_FAILED + 1) else EXIT_INTERNAL
 
 
 def _without_option(argv: list[str], name: str) -> list[str]:

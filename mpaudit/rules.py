@@ -10,9 +10,10 @@ scale (:func:`mpaudit.formats.what_if`). In the fp16 arm itself flushed values a
 excess of exact zeros over the fp32 arm's is the observed confirmation. A prediction becomes an ``error``
 only when the observation confirms it, and for gradients only when the flushed values are *significant*
 (at or above the model's 1st-percentile gradient magnitude: rounding noise of a gradient that is zero in
-exact arithmetic may flush harmlessly). An observation alone never fires, because arms drift apart during
-training and zero fractions move a little for unrelated reasons. bf16 has fp32's exponent range, so the
-underflow and overflow rules apply to fp16 arms only.
+exact arithmetic may flush harmlessly). Gradient values at the rounding-noise level (``noise_grad_ratio``)
+count for nothing at all. An observation alone never fires, because arms drift apart during training and
+zero fractions move a little for unrelated reasons. bf16 has fp32's exponent range, so the underflow and
+overflow rules apply to fp16 arms only.
 """
 
 from __future__ import annotations
@@ -23,9 +24,21 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from mpaudit.errors import UsageError
-from mpaudit.formats import BF16, FP16, HIST_BINS, HIST_MIN_EXP, Format, binade_percentile, update_lost, what_if
+from mpaudit.formats import (
+    BF16,
+    FP16,
+    HIST_BINS,
+    HIST_MIN_EXP,
+    Format,
+    WhatIf,
+    binade_percentile,
+    update_lost,
+    what_if,
+)
 from mpaudit.layerstats import (
     ACTIVATION,
+    GRAD_OUTPUT,
+    GRAD_PREFIX,
     ROOT_LAYER,
     TensorStats,
     TraceSummary,
@@ -88,6 +101,13 @@ class Thresholds:
     scale_margin_binades: int = 2
     """The recommended loss scale sits this many binades above the smallest one that lifts the significant
     gradients clear of flushing (capped so the largest gradient stays below fp16's max)."""
+    noise_grad_ratio: float = 2.0**-20
+    """Gradient values (fp32 arm) below this fraction of their layer's largest gradient magnitude are rounding
+    noise, e.g. attention's key bias or first query, zero in exact arithmetic: the underflow and precision_loss
+    rules ignore them. fp32 sums err by ~2^-24 of their terms; 2^-20 leaves a few binades. Per layer, because
+    rounding errors scale with the layer's own gradients: a model-wide maximum would hide a layer whose
+    gradients are all small but real (Adam learns from them). An output gradient, not a sum over the batch,
+    is measured against its own largest value only. 0 turns it off."""
 
     @classmethod
     def from_mapping(cls, overrides: Mapping[str, Any]) -> Thresholds:
@@ -164,6 +184,10 @@ class _Flagger:
     def __post_init__(self) -> None:
         self.flags: dict[tuple[str, str, str], Flag] = {}
         self.reference = self.summaries.get(BASELINE_ARM)
+        self.layer_grad_max: dict[str, float] = {}
+        for layer, role, s in self.reference.items() if self.reference is not None else ():
+            if is_gradient(role) and math.isfinite(s.max_abs):
+                self.layer_grad_max[layer] = max(self.layer_grad_max.get(layer, 0.0), s.max_abs)
 
     # -------------------------------------------------------------- helpers
 
@@ -187,6 +211,20 @@ class _Flagger:
 
     def ref_stats(self, layer: str, role: str) -> TensorStats | None:
         return self.reference.get(layer, role) if self.reference is not None else None
+
+    def noise_binade(self, layer: str, role: str) -> int | None:
+        """The fp32 arm's values of this gradient in binades below the returned one are rounding noise (below
+        ``noise_grad_ratio`` of the reference magnitude); None for activations, updates, or when turned off."""
+        if role == GRAD_OUTPUT:
+            own = self.ref_stats(layer, role)
+            largest = own.max_abs if own is not None and math.isfinite(own.max_abs) else 0.0
+        elif role.startswith(GRAD_PREFIX):
+            largest = self.layer_grad_max.get(layer, 0.0)
+        else:
+            return None
+        if largest <= 0 or self.t.noise_grad_ratio <= 0:
+            return None
+        return math.floor(math.log2(largest) + math.log2(self.t.noise_grad_ratio))
 
     def keeps_fp32(self, arm: str, own: TensorStats | None) -> bool:
         """True when autocast kept this tensor in fp32 in ``arm`` (so no half-precision rounding applied)."""
@@ -300,12 +338,14 @@ class _Flagger:
         For gradients the error counts only *significant* values, those at or above the model's
         ``significant_quantile`` gradient magnitude: rounding noise (e.g. the gradient of a bias feeding a
         normalisation, which is zero in exact arithmetic) may flush harmlessly, and no loss scale rescues it.
+        Values below ``noise_grad_ratio`` of the layer's largest gradient (an output gradient: of its own)
+        count for neither the error nor the warning.
         """
         if self.reference is None:
             return
         scale = self.scale_log2(arm)
         significant = advice.significant_binade if advice is not None else None
-        worst: dict[tuple[str, str], tuple[float, float, float, str]] = {}
+        worst: dict[tuple[str, str], tuple[float, float, float, str, int | None]] = {}
         for layer, role, ref in self.reference.items():
             own = summary.get(layer, role)
             if own is None or is_update(role):
@@ -313,14 +353,15 @@ class _Flagger:
             gradient = is_gradient(role)
             if not gradient and self.keeps_fp32(arm, own):
                 continue  # autocast computed this output in fp32: nothing was rounded to fp16
-            predicted = what_if(ref.hist, FP16, scale if gradient else 0).flush
-            serious = _significant_flush(ref, scale, significant) if gradient else predicted
+            noise = self.noise_binade(layer, role)
+            predicted = _what_if_from(ref, FP16, scale if gradient else 0, noise).flush
+            serious = _what_if_from(ref, FP16, scale, _higher(significant, noise)).flush if gradient else predicted
             observed = _excess_zeros(own, ref)
             kind = "gradient_underflow" if gradient else "activation_underflow"
             key = (layer, kind)
             if key not in worst or (serious, predicted) > worst[key][:2]:
-                worst[key] = (serious, predicted, observed, role)
-        for (layer, kind), (serious, predicted, observed, role) in worst.items():
+                worst[key] = (serious, predicted, observed, role, noise)
+        for (layer, kind), (serious, predicted, observed, role, noise) in worst.items():
             gradient = kind == "gradient_underflow"
             err, warn = (
                 (self.t.gradient_underflow_error, self.t.gradient_underflow_warning)
@@ -340,7 +381,11 @@ class _Flagger:
                 "warning_at": warn,
             }
             if gradient:
-                evidence |= {"significant_flush_fraction": serious, "significant_binade": significant}
+                evidence |= {
+                    "significant_flush_fraction": serious,
+                    "significant_binade": significant,
+                    "noise_binade": noise,
+                }
                 evidence["loss_scale"] = 2.0**scale
                 recommendation = self.scale_recommendation(advice, layer, scale)
             else:
@@ -402,7 +447,7 @@ class _Flagger:
             ref = self.ref_stats(layer, role)
             if ref is not None:
                 shift = scale if is_gradient(role) else 0
-                fraction = what_if(ref.hist, fmt, shift).subnormal
+                fraction = _what_if_from(ref, fmt, shift, self.noise_binade(layer, role)).subnormal
             else:
                 fraction = what_if(own.hist, fmt).subnormal
             if fraction < self.t.precision_loss_info:
@@ -576,17 +621,23 @@ class _Flagger:
             )
 
 
-def _significant_flush(ref: TensorStats, scale_log2: int, significant_binade: int | None) -> float:
-    """Fraction of ``ref``'s nonzero values that are significant (binade >= ``significant_binade``,
-    unscaled) and still flush in fp16 at ``2**scale_log2``."""
-    if significant_binade is None:
-        return what_if(ref.hist, FP16, scale_log2).flush
+def _what_if_from(ref: TensorStats, fmt: Format, scale_log2: int, binade: int | None) -> WhatIf:
+    """:func:`what_if` in ``fmt`` at ``2**scale_log2`` counting only ``ref``'s values in binades >= ``binade``
+    (unscaled; None: every value), as fractions of all of ``ref``'s nonzero values."""
+    if binade is None:
+        return what_if(ref.hist, fmt, scale_log2)
     total = ref.finite_nonzero
     if not total:
-        return 0.0
+        return WhatIf(0.0, 0.0, 0.0)
     hist = ref.hist.copy()
-    hist[: max(0, significant_binade - HIST_MIN_EXP)] = 0
-    return what_if(hist, FP16, scale_log2).flush * int(hist.sum()) / total
+    hist[: max(0, binade - HIST_MIN_EXP)] = 0
+    w, share = what_if(hist, fmt, scale_log2), int(hist.sum()) / total
+    return WhatIf(flush=w.flush * share, subnormal=w.subnormal * share, overflow=w.overflow * share)
+
+
+def _higher(a: int | None, b: int | None) -> int | None:
+    """The higher of two optional binades (None when both are)."""
+    return b if a is None else a if b is None else max(a, b)
 
 
 def _excess_zeros(own: TensorStats, ref: TensorStats) -> float:

@@ -29,8 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mpaudit.atomic import atomic_write_text
-from mpaudit.cli import EXIT_GATE_FAILED, EXIT_OK, EXIT_USAGE
-from mpaudit.errors import ResultError, UsageError
+from mpaudit.errors import EXIT_GATE_FAILED, EXIT_OK, EXIT_USAGE, ResultError, UsageError
 from mpaudit.result import AuditResult
 
 TASK_FILE = "model.py"

@@ -300,3 +300,54 @@ def test_gradients_beyond_fp16_range_before_scaling() -> None:
     over = [f for f in flags if f.kind == "gradient_overflow"]
     assert [(f.arm, f.layer) for f in over] == [("fp16", "head")]
     assert over[0].evidence["fp32_max_abs"] > 65504 and "`head`" in over[0].recommendation
+
+
+def _noisy_attention() -> tuple[dict[str, TraceSummary], dict[str, ArmResult]]:
+    """Gradients ~2^-16, plus rounding noise ~2^-30 below them that flushes in fp16 at 2^16: a key bias beside
+    its layer's real gradients and the first query's slice of a fused qkv output gradient, both zero in exact
+    arithmetic."""
+    signal = _grads(2.0**-16)
+    qkv_out = signal.copy()
+    qkv_out[:20] = _grads(2.0**-46, n=20)
+    fp32 = {
+        ("attn.key", "grad_output"): signal,
+        ("attn.key", "grad:weight"): _grads(2.0**-16, seed=1),
+        ("attn.key", "grad:bias"): _grads(2.0**-46, n=64),
+        ("attn.qkv", "grad_output"): qkv_out,
+    }
+    fp16 = {key: v * 65536 for key, v in fp32.items()}
+    fp16[("attn.key", "grad:bias")] = np.zeros(64)
+    fp16[("attn.qkv", "grad_output")][:20] = 0.0
+    summaries = {"fp32": _summary(fp32), "fp16": _summary(fp16, scale=65536.0)}
+    return summaries, {"fp32": _arm("fp32"), "fp16": _arm("fp16")}
+
+
+def test_flushing_rounding_noise_below_its_layers_gradients_is_not_flagged() -> None:
+    summaries, arms = _noisy_attention()
+    flags = flag(summaries, arms)
+    assert not [f for f in flags if f.kind in ("gradient_underflow", "precision_loss", "loss_scale")], flags
+
+    # with the noise floor off, the same trace flags both layers (the noise is 2.7% of all gradient values,
+    # so even the 1st-percentile "significant" cut keeps it, and the fp16 arm's zeros confirm it)
+    off = Thresholds.from_mapping({"noise_grad_ratio": 0})
+    assert off.noise_grad_ratio == 0.0 and Thresholds().noise_grad_ratio == 2.0**-20
+    under = [f for f in flag(summaries, arms, off) if f.kind == "gradient_underflow"]
+    assert {(f.layer, f.evidence["role"], f.severity) for f in under} == {
+        ("attn.key", "grad:bias", "error"),
+        ("attn.qkv", "grad_output", "error"),
+    }
+
+
+def test_a_layer_whose_gradients_are_all_small_is_still_flagged() -> None:
+    # the noise floor is per layer: a layer 2^-30 below the rest of the model is not noise (Adam learns from it)
+    summaries = {
+        "fp32": _summary({("big", "grad:weight"): _grads(2.0**-16), ("small", "grad:weight"): _grads(2.0**-46)}),
+        "fp16": _summary(
+            {("big", "grad:weight"): _grads(2.0**-16) * 65536, ("small", "grad:weight"): np.zeros(1000)},
+            scale=65536.0,
+        ),
+    }
+    flags = flag(summaries, {"fp32": _arm("fp32"), "fp16": _arm("fp16")})
+    under = [f for f in flags if f.kind == "gradient_underflow"]
+    assert [(f.layer, f.severity) for f in under] == [("small", "error")]
+    assert under[0].evidence["noise_binade"] < -46 - 2

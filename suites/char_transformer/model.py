@@ -12,10 +12,11 @@ Expected result (200 steps): every arm goes from perplexity 128 (uniform) to ~8.
 bf16 and fp16 within 1% of fp32.
 
 What the audit should find: a clean model, no error-severity flag. Attention, LayerNorm and softmax
-stay in range in fp16; the tied embedding gets gradient from both its uses in every arm. A
-``gradient_underflow`` warning on ``blocks.*.attn.qkv``'s bias may appear: the key third of that bias
-gets a gradient that is exactly zero in exact arithmetic (softmax ignores a constant added to a query's
-scores), so fp32 sees only rounding noise there (~1e-11), some of it below fp16's range at a 2^16 scale.
+stay in range in fp16; the tied embedding gets gradient from both its uses in every arm. The key third
+of ``blocks.*.attn.qkv``'s bias gets a gradient that is exactly zero in exact arithmetic (softmax ignores
+a constant added to a query's scores), so fp32 sees only rounding noise there (~1e-11), some of it below
+fp16's range at a 2^16 scale; the rules treat values that far below the layer's gradients as noise
+(threshold ``noise_grad_ratio``), so no flag.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ file. ``evaluate`` returns held-out ``perplexity`` (primary, per byte, lower is 
 Expected result (200 steps): every arm goes from perplexity 256 (uniform over bytes) to ~8.5;
 bf16 and fp16 within 1% of fp32.
 
-What the audit should find: a clean model, no error-severity flag (a ``gradient_underflow`` warning on
-``transformer.h.*.attn.c_attn``'s bias may appear, for the reason given in ``char_transformer``: the key
-bias's gradient is zero in exact arithmetic).
+What the audit should find: a clean model, no error-severity flag (the key bias of
+``transformer.h.*.attn.c_attn`` has a gradient that is zero in exact arithmetic, as in ``char_transformer``;
+its fp32 rounding noise is below ``noise_grad_ratio`` of the layer's gradients and is not flagged).
 
 Needs the optional ``transformers`` package (``pip install transformers``; it does not change torch).
 """
