@@ -325,6 +325,7 @@ class Parallel:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            dist.barrier()  # no rank tears its connections down while a peer still has work in flight
             dist.destroy_process_group()
 
 
