@@ -281,9 +281,9 @@ def _measure(
             raise parallel.failed(exc, "speed measurement") from exc
         perf.notes.append(f"Speed measurement failed: {type(exc).__name__}: {exc}")
     if parallel.active and not parallel.params_replicated:
-        perf.notes.append("Memory is not measured under FSDP yet: the storage ledger does not follow sharded "
-                          "parameters (DTensors). Use DDP for the memory breakdown.")
-        return perf
+        perf.notes.append("Memory under FSDP: parameters, gradients and optimizer state are each rank's shards; the "
+                          "full parameters gathered for forward and backward count as other (as activations where "
+                          "autograd saves them).")
     try:
         memory = measure_memory(task, ran, device, cfg.seed, step_context=ctx, parallel=parallel)
         if parallel.active:

@@ -152,6 +152,9 @@ class _StorageLedger(TorchDispatchMode):
         tensors on another device."""
         if not isinstance(t, torch.Tensor) or t.device.type != self._device_type:
             return None  # a CPU scalar in a CUDA step (AdamW's ``step``) takes no device memory
+        to_local = getattr(t, "to_local", None)
+        if to_local is not None:  # an FSDP2 DTensor: this rank holds its local shard
+            t = to_local()
         try:
             st = t.untyped_storage()
         except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts

@@ -136,7 +136,13 @@ def test_fsdp_runs_every_arm_and_sums_gradient_shards(tmp_path: Path) -> None:
     # each rank holds half of a weight's gradient: the shards add up to the whole parameter, once per step
     assert stats[("0", GRAD_PREFIX + "weight")].count == 2 * 32 * 8
     assert result.arms["fp32"].speed is not None and len(result.distributed.step_s_per_rank["fp32"]) == 2
-    assert any("FSDP" in n for n in result.perf_notes)  # memory is not measured there, and it says so
+    # memory per rank: parameters are the rank's dim-0 shards of Linear(8,32) and Linear(32,3); the report shows
+    # the larger rank 0, which holds rows 0-15 of the first layer and rows 0-1 (of 3) of the second
+    memory = result.arms["fp32"].memory
+    assert memory is not None and memory.error is None
+    assert memory.breakdown["parameters"] == 4 * (16 * 8 + 16 + 2 * 32 + 2)
+    assert len(result.distributed.peak_bytes_per_rank["fp32"]) == 2
+    assert any("FSDP" in n for n in result.perf_notes)  # what the breakdown means there
 
 
 def test_a_rank_that_raises_stops_the_job_quickly_with_a_partial_report(tmp_path: Path) -> None:
