@@ -59,7 +59,7 @@ class RankFailed(MpauditError):
         self.rank, self.error, self.arm = rank, error, arm
         self.result: Any = None
         """The partial :class:`~mpaudit.result.ArmResult` of the arm that was training, when there was one."""
-        where = f" in arm {arm}" if arm else ""
+        where = f" in {arm}" if arm else ""
         super().__init__(f"rank {rank} failed{where}: {error}")
 
 
