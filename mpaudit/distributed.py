@@ -5,8 +5,8 @@ shard of the training data, with the model wrapped in DDP or FSDP2's ``fully_sha
 between ranks is reduced so that every rank ends up with the same :class:`~mpaudit.result.AuditResult`:
 
 - training losses: the mean over ranks, every step (one scalar all-reduce beside the step's host sync);
-- per-layer statistics: every statistic merges (counts and histograms add, maxima max, minima min), so
-  a traced step's statistics buffer is gathered from every rank in one collective and merged;
+- per-layer statistics: every statistic merges (counts and histograms add, maxima max, minima min), so a
+  traced step's statistics are merged by two all-reduces of packed buffers (a sum and a max);
 - metrics: every rank evaluates the whole eval set (ranks hold the same weights), rank 0's are kept;
 - speed and memory: measured per rank; the report shows the slowest rank and every rank's figures.
 
@@ -208,16 +208,13 @@ class Parallel:
         dist.all_reduce(out)
         return out / self.world_size
 
-    def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Every rank's copy of ``t`` stacked along a new first axis (one all-gather)."""
-        if not self.active:
-            return t.unsqueeze(0)
-        import torch.distributed as dist
+    def all_reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
+        """``t`` reduced in place over ranks, ``op`` ``"sum"`` or ``"max"``; returns it."""
+        if self.active:
+            import torch.distributed as dist
 
-        out = torch.empty((self.world_size * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # (renamed in torch 2.13)
-        gather(out, t.contiguous())
-        return out.view(self.world_size, *t.shape)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return t
 
     def all_true(self, flag: bool, device: torch.device) -> bool:
         """True when ``flag`` holds on every rank (so every rank takes the same branch)."""

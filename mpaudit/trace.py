@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from types import TracebackType
 from typing import Any
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from mpaudit.distributed import SINGLE, Parallel
 from mpaudit.errors import UsageError
 from mpaudit.formats import HIST_BINS, HIST_MIN_EXP
 from mpaudit.layerstats import (
@@ -204,10 +205,11 @@ class Tracer:
     ``after_optimizer_step`` (optional, for update statistics) → ``finish_step``. Every method is a no-op
     on an untraced step, so the loop may call them unconditionally.
 
-    In a distributed job, ``gather`` stacks every rank's copy of a tensor (one all-gather per traced step)
-    and ``finish_step`` merges the ranks' rows: activations and output gradients are each rank's own batch
-    shard, so they add up; parameter gradients and updates add up when each rank holds a shard of them
-    (FSDP) and are taken from rank 0 when every rank holds the same full copy (``params_replicated``, DDP).
+    In a distributed job (``parallel``), ``finish_step`` merges the ranks' statistics with two all-reduces
+    of packed buffers whose size does not grow with the world: a sum of the counts, histograms and sums, and
+    a max of the extremes (max |x| and, negated, the min-nonzero key). Activations and output gradients are
+    each rank's own batch shard, so they add up; parameter gradients and updates add up when each rank holds
+    a shard of them (FSDP) and count once, rank 0's, when every rank holds the same full copy (DDP).
     """
 
     def __init__(
@@ -216,13 +218,11 @@ class Tracer:
         include: Sequence[str] = (),
         depth: int | None = None,
         updates: bool = True,
-        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        params_replicated: bool = True,
+        parallel: Parallel = SINGLE,
     ) -> None:
         self.model = model
         self.updates = updates
-        self._gather = gather
-        self._params_replicated = params_replicated
+        self._parallel = parallel
         self.paths = select_modules(model, include, depth)
         self._params = self._owned_params()
         rows: list[tuple[str, str]] = []
@@ -350,7 +350,7 @@ class Tracer:
         if not self._active or self._buf is None:
             return None
         self._active = False
-        if self._gather is None:
+        if not self._parallel.active:
             host = self._buf.to("cpu", copy=True).numpy()  # the one device-to-host copy of the step
             counts = self._counts
         else:
@@ -376,22 +376,27 @@ class Tracer:
         return summary
 
     def _merge_ranks(self) -> tuple[np.ndarray, list[int]]:
-        """Every rank's statistics rows (and element counts) gathered in one collective and merged on the host."""
-        assert self._buf is not None and self._gather is not None
-        counts = torch.tensor(self._counts, dtype=torch.int64).to(self._buf.device)
-        packed = torch.cat([self._buf, counts[:, None]], dim=1)
-        ranks = self._gather(packed).to("cpu").numpy()  # (world, rows, width + 1)
-        if self._params_replicated:  # DDP: every rank holds the same averaged gradient and update
+        """Every rank's statistics rows and element counts, merged by two all-reduces; returned on the host in
+        the buffer's layout. fp64 carries the counts exactly (below 2^53) and the int32-range min keys."""
+        assert self._buf is not None
+        buf, f64 = self._buf, self._buf.view(torch.float64)
+        counts = torch.tensor(self._counts, dtype=torch.float64).to(buf.device)
+        added = torch.cat([buf[:, :_KEY_BINS].to(torch.float64), f64[:, [_COL_NONZERO, _COL_SUM]], counts[:, None]], 1)
+        extremes = torch.stack([f64[:, _COL_MAX], -buf[:, _COL_MIN].to(torch.float64)], 1)
+        if self._parallel.params_replicated and not self._parallel.is_main:  # DDP: the same gradients on every rank
             own = [i for i, (_, role) in enumerate(self._rows) if role.startswith((GRAD_PREFIX, UPDATE_PREFIX))]
-            ranks[1:, own] = 0
-            ranks[1:, own, _COL_MIN] = _INT32_MAX
-        merged = ranks[:, :, :_ROW_WIDTH].sum(axis=0)  # histogram counts
-        floats, rank_floats = merged.view(np.float64), ranks[:, :, :_ROW_WIDTH].view(np.float64)
-        floats[:, _COL_NONZERO] = rank_floats[:, :, _COL_NONZERO].sum(axis=0)
-        floats[:, _COL_SUM] = rank_floats[:, :, _COL_SUM].sum(axis=0)
-        floats[:, _COL_MAX] = rank_floats[:, :, _COL_MAX].max(axis=0)
-        merged[:, _COL_MIN] = ranks[:, :, _COL_MIN].min(axis=0)
-        return merged, [int(c) for c in ranks[:, :, _ROW_WIDTH].sum(axis=0)]
+            added[own] = 0.0
+            extremes[own] = torch.tensor([0.0, -float(_INT32_MAX)], dtype=torch.float64, device=buf.device)
+        self._parallel.all_reduce(added, "sum")
+        self._parallel.all_reduce(extremes, "max")
+        total, top = added.to("cpu").numpy(), extremes.to("cpu").numpy()
+        merged = np.zeros((len(self._rows), _ROW_WIDTH), dtype=np.int64)
+        merged[:, :_KEY_BINS] = total[:, :_KEY_BINS].astype(np.int64)
+        floats = merged.view(np.float64)
+        floats[:, _COL_NONZERO], floats[:, _COL_SUM] = total[:, _KEY_BINS], total[:, _KEY_BINS + 1]
+        floats[:, _COL_MAX] = top[:, 0]
+        merged[:, _COL_MIN] = (-top[:, 1]).astype(np.int64)
+        return merged, [int(c) for c in total[:, -1]]
 
     def summary(self) -> TraceSummary:
         """The merge of every finished step (kept merged as steps finish, so memory does not grow)."""

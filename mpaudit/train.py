@@ -204,8 +204,7 @@ def train_arm(
         schedule = TraceSchedule(spec.trace_every)
         if spec.trace_every > 0:
             tracer = Tracer(model, include=spec.trace_include, depth=spec.trace_depth,
-                            gather=parallel.gather if parallel.active else None,
-                            params_replicated=parallel.params_replicated)
+                            parallel=parallel)
         hooks = tracer if tracer is not None else contextlib.nullcontext()
         with hooks:
             status, error = _loop(task, arm, spec, wrapped, optimizer, scaler, loader, batch_fp, tracer, schedule,
