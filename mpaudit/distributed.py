@@ -146,17 +146,13 @@ class Parallel:
         return device
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
-        """The model as training calls it: DDP-wrapped, FSDP2-sharded in place, or as it is."""
+        """The model as training calls it: DDP-wrapped, FSDP2-sharded in place, or as it is.
+
+        Under FSDP see :func:`shard_fsdp` for the parameter groups."""
         if not self.active:
             return model
         if self.kind == "fsdp":
-            try:
-                from torch.distributed.fsdp import fully_shard
-            except ImportError:  # torch < 2.6
-                from torch.distributed._composable.fsdp import fully_shard
-
-            fully_shard(model)
-            return model
+            return shard_fsdp(model)
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
@@ -324,6 +320,23 @@ class Parallel:
         if dist.is_initialized():
             dist.barrier()  # no rank tears its connections down while a peer still has work in flight
             dist.destroy_process_group()
+
+
+def shard_fsdp(model: nn.Module) -> nn.Module:
+    """Apply FSDP2's ``fully_shard`` in place. FSDP2 gathers one group's parameters at a time: every block of
+    each ``nn.ModuleList`` (the usual way to hold a stack of layers, e.g. a transformer's blocks) is a group of
+    its own, and the root holds the rest (embeddings, head)."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
+
+    for blocks in [m for m in model.modules() if isinstance(m, nn.ModuleList)]:
+        for block in blocks:
+            if any(p.requires_grad for p in block.parameters()):
+                fully_shard(block)
+    fully_shard(model)
+    return model
 
 
 def _looks_like_peer_loss(exc: BaseException) -> bool:

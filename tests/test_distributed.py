@@ -18,7 +18,7 @@ import pytest
 
 from conftest import OVERFLOW_TASK, TINY_TASK
 from mpaudit import audit
-from mpaudit.distributed import EXIT_RANK_FAILED, Parallel, _EveryKth, _without_option
+from mpaudit.distributed import EXIT_RANK_FAILED, Parallel, _EveryKth, _without_option, shard_fsdp
 from mpaudit.errors import UsageError
 from mpaudit.layerstats import ACTIVATION, GRAD_OUTPUT, GRAD_PREFIX
 from mpaudit.result import AuditResult
@@ -216,3 +216,32 @@ def test_report_states_the_distributed_run(ddp_run: tuple[Path, subprocess.Compl
     assert data["distributed"]["world_size"] == 2
     assert "DDP × 2 ranks (gloo)" in (tmp / "out" / "summary.md").read_text()
     assert data["env"]["command"][:2] == ["torchrun", "--nproc-per-node=2"]  # how to reproduce this job
+
+
+def test_fsdp_shards_each_block_of_a_layer_stack_as_its_own_group(tmp_path: Path) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    class Stack(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(4, 8)
+            self.blocks = nn.ModuleList([nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)])
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.embed(x)
+            for block in self.blocks:
+                x = block(x)
+            return self.head(x)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = shard_fsdp(Stack())
+        grouped = {name for name, m in model.named_modules() if type(m).__name__.startswith("FSDP")}
+        assert grouped == {"", "blocks.0", "blocks.2"}  # the parameter-free ReLU gets no group of its own
+        model(torch.randn(3, 4)).sum().backward()
+        assert all(p.grad is not None for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
