@@ -25,6 +25,7 @@ import datetime
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -50,6 +51,10 @@ EXIT_FILE_ENV = "MPAUDIT_EXIT_FILE"
 """Set by :func:`launch`: the file rank 0 writes its exit code to (torchrun reports every failure as 1)."""
 
 _FAILURE_KEY = "mpaudit/failure/"
+
+_FAILING = threading.Event()
+"""Set once this process is on the failure path: a SIGTERM then no longer interrupts it (rank 0 must still
+write the arms that finished; torchrun's SIGKILL 30 s after its SIGTERM remains the bound)."""
 
 
 class RankFailed(MpauditError):
@@ -250,6 +255,7 @@ class Parallel:
         If another rank already reported a failure (this rank's collective broke because that rank left),
         that failure is the cause. Otherwise this rank is where it started: its error goes to the store.
         """
+        _FAILING.set()
         if isinstance(exc, RankFailed):
             return exc
         mine = "stopped by SIGTERM" if isinstance(exc, Terminated) else error_text(exc)
@@ -294,7 +300,8 @@ class Parallel:
 
         def handler(signum: int, frame: FrameType | None) -> None:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: finish writing, then exit
-            raise Terminated("SIGTERM")
+            if not _FAILING.is_set():  # (already on the failure path: let it finish writing)
+                raise Terminated("SIGTERM")
 
         signal.signal(signal.SIGTERM, handler)
 
