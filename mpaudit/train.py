@@ -155,7 +155,6 @@ def _planned_steps(loader: Any, spec: TrainSpec) -> int | None:
         return None
 
 
-
 def train_arm(
     task: Task, arm: Arm, spec: TrainSpec, progress: Progress | None = None, label: str | None = None
 ) -> ArmResult:
@@ -203,8 +202,7 @@ def train_arm(
         model.train()
         schedule = TraceSchedule(spec.trace_every)
         if spec.trace_every > 0:
-            tracer = Tracer(model, include=spec.trace_include, depth=spec.trace_depth,
-                            parallel=parallel)
+            tracer = Tracer(model, include=spec.trace_include, depth=spec.trace_depth, parallel=parallel)
         hooks = tracer if tracer is not None else contextlib.nullcontext()
         with hooks:
             status, error = _loop(task, arm, spec, wrapped, optimizer, scaler, loader, batch_fp, tracer, schedule,
