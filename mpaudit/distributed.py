@@ -159,7 +159,7 @@ class Parallel:
         if self.kind == "fsdp":
             return shard_fsdp(model)
         ids = [device.index] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return _DDP(model, device_ids=ids)
 
     @property
     def scaler_cls(self) -> type[torch.amp.GradScaler]:
@@ -327,6 +327,20 @@ class Parallel:
         if dist.is_initialized():
             dist.barrier()  # no rank tears its connections down while a peer still has work in flight
             dist.destroy_process_group()
+
+
+class _DDP(nn.parallel.DistributedDataParallel):
+    """DDP that also answers for the wrapped model's attributes (``model.config``, ``model.vocab_size``), so a
+    ``loss_fn`` written for the bare model runs unchanged. (The forward pass must still go through the
+    wrapper, ``model(...)``, for DDP to synchronise gradients.)"""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module":
+                raise
+            return getattr(super().__getattr__("module"), name)
 
 
 def shard_fsdp(model: nn.Module) -> nn.Module:
