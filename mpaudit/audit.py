@@ -12,7 +12,7 @@ from typing import Any
 
 from mpaudit.arms import BASELINE, DEFAULT_ARMS, FP16_CPU_MODES, Arm, parse_arms, step_context
 from mpaudit.bench import DEFAULT_BENCH_SECONDS
-from mpaudit.distributed import DEFAULT_DIST_TIMEOUT_S, PARALLEL_KINDS, Parallel, RankFailed
+from mpaudit.distributed import DEFAULT_DIST_TIMEOUT_S, Parallel, RankFailed, check_options
 from mpaudit.env import collect_env, resolve_device, tf32_setting
 from mpaudit.errors import UsageError
 from mpaudit.gate import AUTO, DEFAULT_NOISE_K, evaluate_gate, lower_is_better
@@ -105,10 +105,7 @@ class AuditConfig:
             raise UsageError("--verify compares recommendations against fp32, so --arms must include fp32.")
         if self.verify_budget < 1:
             raise UsageError("--verify-budget must be at least 1.")
-        if self.parallel not in PARALLEL_KINDS:
-            raise UsageError(f"--parallel must be one of {', '.join(PARALLEL_KINDS)}, not {self.parallel!r}.")
-        if not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
-            raise UsageError("--dist-timeout must be a positive number of seconds.")
+        check_options(self.parallel, self.dist_timeout)
         if not (math.isfinite(self.noise_k) and self.noise_k > 0):
             raise UsageError("--noise-k must be a positive number.")
         for metric, limit in self.max_drop.items():

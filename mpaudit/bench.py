@@ -224,7 +224,6 @@ class _Contestant:
     scale: float | None = None
 
 
-
 def _prepare(
     task: Task, arm: Arm, device: torch.device, seed: int, compiled: bool, backend: str, parallel: Parallel
 ) -> _Contestant:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -81,16 +82,12 @@ def _exits(debug_arg: str = "debug") -> Callable[[F], F]:
 
 def _rank_prefix() -> str:
     """`` rank N:`` inside a torchrun job (every rank reports its own errors), empty otherwise."""
-    import os
-
     return f" rank {os.environ['RANK']}:" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
 def _record_exit_code(code: int) -> None:
     """Under ``mpaudit run --nproc``, rank 0 leaves its exit code where the launcher reads it (torchrun turns
     every failure into 1)."""
-    import os
-
     from mpaudit.distributed import EXIT_FILE_ENV
 
     path = os.environ.get(EXIT_FILE_ENV)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 import signal
 import sys
@@ -33,6 +34,7 @@ from types import FrameType
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DistributedSampler
 
@@ -55,6 +57,20 @@ _FAILURE_KEY = "mpaudit/failure/"
 _FAILING = threading.Event()
 """Set once this process is on the failure path: a SIGTERM then no longer interrupts it (rank 0 must still
 write the arms that finished; torchrun's SIGKILL 30 s after its SIGTERM remains the bound)."""
+
+
+def check_options(parallel: str, timeout_s: float) -> None:
+    """UsageError for an unknown ``--parallel`` or a ``--dist-timeout`` that is not a positive number."""
+    if parallel not in PARALLEL_KINDS:
+        raise UsageError(f"--parallel must be one of {', '.join(PARALLEL_KINDS)}, not {parallel!r}.")
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise UsageError("--dist-timeout must be a positive number of seconds.")
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: the local shard of an FSDP2 DTensor, the tensor itself otherwise."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
 
 
 class RankFailed(MpauditError):
@@ -110,10 +126,7 @@ class Parallel:
         Initialises the default process group (NCCL for ``device_type`` cuda, gloo for cpu) when the world
         has more than one rank and no group exists yet. Without torchrun this is a single process.
         """
-        if parallel not in PARALLEL_KINDS:
-            raise UsageError(f"--parallel must be one of {', '.join(PARALLEL_KINDS)}, not {parallel!r}.")
-        if not (timeout_s > 0):
-            raise UsageError("--dist-timeout must be a positive number of seconds.")
+        check_options(parallel, timeout_s)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             if parallel in ("ddp", "fsdp"):
@@ -124,8 +137,6 @@ class Parallel:
             return cls()
         if parallel == "none":
             raise UsageError("--parallel none cannot run under torchrun with more than one process.")
-        import torch.distributed as dist
-
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         backend = "nccl" if device_type == "cuda" else "gloo"
         if not dist.is_initialized():
@@ -203,17 +214,11 @@ class Parallel:
         """The mean of a scalar tensor over ranks (a sum all-reduce; gloo has no average)."""
         if not self.active:
             return value
-        import torch.distributed as dist
-
-        out = value.detach().float().clone()
-        dist.all_reduce(out)
-        return out / self.world_size
+        return self.all_reduce(value.detach().float().clone(), "sum") / self.world_size
 
     def all_reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
         """``t`` reduced in place over ranks, ``op`` ``"sum"`` or ``"max"``; returns it."""
         if self.active:
-            import torch.distributed as dist
-
             dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
         return t
 
@@ -221,18 +226,13 @@ class Parallel:
         """True when ``flag`` holds on every rank (so every rank takes the same branch)."""
         if not self.active:
             return flag
-        import torch.distributed as dist
-
-        t = torch.tensor([0 if flag else 1], dtype=torch.int32, device=device)
-        dist.all_reduce(t)
-        return int(t.item()) == 0
+        failing = self.all_reduce(torch.tensor([0 if flag else 1], dtype=torch.int32, device=device), "max")
+        return int(failing.item()) == 0
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (picklable), in rank order."""
         if not self.active:
             return [obj]
-        import torch.distributed as dist
-
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
@@ -241,8 +241,6 @@ class Parallel:
         """Rank 0's ``obj`` on every rank."""
         if not self.active:
             return obj
-        import torch.distributed as dist
-
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
@@ -322,8 +320,6 @@ class Parallel:
         """Tear the process group down at the end of a clean run."""
         if not self.active:
             return
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.barrier()  # no rank tears its connections down while a peer still has work in flight
             dist.destroy_process_group()
@@ -362,8 +358,6 @@ def shard_fsdp(model: nn.Module) -> nn.Module:
 
 def _looks_like_peer_loss(exc: BaseException) -> bool:
     """A collective that broke because a peer left: gloo's closed connection, NCCL's errors, a timeout."""
-    import torch.distributed as dist
-
     if isinstance(exc, (dist.DistError, Terminated)):
         return True
     text = str(exc).lower()

@@ -29,7 +29,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from mpaudit.arms import Arm
 from mpaudit.batches import batch_size, iter_leaves, move_to_device
-from mpaudit.distributed import SINGLE, Parallel
+from mpaudit.distributed import SINGLE, Parallel, local_shard
 from mpaudit.errors import UsageError, error_text
 from mpaudit.perf_result import BREAKDOWN_KEYS, MemoryResult
 from mpaudit.seeding import seed_everything
@@ -152,9 +152,7 @@ class _StorageLedger(TorchDispatchMode):
         tensors on another device."""
         if not isinstance(t, torch.Tensor) or t.device.type != self._device_type:
             return None  # a CPU scalar in a CUDA step (AdamW's ``step``) takes no device memory
-        to_local = getattr(t, "to_local", None)
-        if to_local is not None:  # an FSDP2 DTensor: this rank holds its local shard
-            t = to_local()
+        t = local_shard(t)  # an FSDP2 DTensor: this rank holds its local shard
         try:
             st = t.untyped_storage()
         except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts

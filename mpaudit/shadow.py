@@ -117,23 +117,6 @@ def _like(values: Any, arm_values: Any) -> Any:
     return values
 
 
-def _record(model: nn.Module, paths: Sequence[str], keep_inputs: bool) -> tuple[_Record, list[Any]]:
-    rec = _Record()
-    modules = dict(model.named_modules())
-    handles = []
-    for path in paths:
-        def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any, path: str = path) -> None:
-            y = _first_float(out)
-            if y is None:
-                return
-            rec.outputs.setdefault(path, []).append(y.detach())
-            if keep_inputs:
-                rec.inputs.setdefault(path, []).append((_detach(args), _detach(kwargs)))
-
-        handles.append(modules[path].register_forward_hook(hook, with_kwargs=True))
-    return rec, handles
-
-
 def _batches(task: Task, n: int) -> Iterator[Any]:
     loader: Iterable[Any] | None = task.eval_loader() if task.has_evaluate else None
     source = loader if loader is not None else task.train_loader()
@@ -161,12 +144,7 @@ def layer_errors(
         with torch.no_grad():
             for batch in _batches(task, batches):
                 batch = move_to_device(batch, device)
-                ref, handles = _record(model, paths, keep_inputs=True)
-                try:
-                    task.loss(model, batch)
-                finally:
-                    for h in handles:
-                        h.remove()
+                ref = _recorded_loss(task, model, paths, batch)
                 for arm in targets:
                     _compare_arm(task, model, modules, arm, batch, ref, paths, device, fp16_cpu,
                                  local[arm.name], drift[arm.name])
@@ -182,6 +160,28 @@ def layer_errors(
     }
 
 
+def _recorded_loss(task: Task, model: nn.Module, paths: Sequence[str], batch: Any) -> _Record:
+    """The inputs and outputs of the modules at ``paths`` while ``loss_fn`` runs once on ``batch``."""
+    rec = _Record()
+    modules = dict(model.named_modules())
+    handles = []
+    for path in paths:
+        def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any, path: str = path) -> None:
+            y = _first_float(out)
+            if y is None:
+                return
+            rec.outputs.setdefault(path, []).append(y.detach())
+            rec.inputs.setdefault(path, []).append((_detach(args), _detach(kwargs)))
+
+        handles.append(modules[path].register_forward_hook(hook, with_kwargs=True))
+    try:
+        task.loss(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return rec
+
+
 def _seen(*accs: _Acc) -> bool:
     """True when anything was compared (the module ran and returned a floating tensor)."""
     return any(a.signal or a.noise or a.nonfinite for a in accs)
@@ -192,12 +192,7 @@ def _compare_arm(
     paths: Sequence[str], device: torch.device, fp16_cpu: str, local: dict[str, _Acc], drift: dict[str, _Acc],
 ) -> None:
     with step_context(arm, device.type, fp16_cpu), arm.autocast(device.type):
-        run, handles = _record(model, paths, keep_inputs=True)
-        try:
-            task.loss(model, batch)
-        finally:
-            for h in handles:
-                h.remove()
+        run = _recorded_loss(task, model, paths, batch)
         for path in paths:
             calls = zip(ref.inputs.get(path, []), run.inputs.get(path, []), ref.outputs.get(path, []), strict=False)
             for (args, kwargs), (arm_args, arm_kwargs), y in calls:

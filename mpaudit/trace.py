@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from mpaudit.distributed import SINGLE, Parallel
+from mpaudit.distributed import SINGLE, Parallel, local_shard
 from mpaudit.errors import UsageError
 from mpaudit.formats import HIST_BINS, HIST_MIN_EXP
 from mpaudit.layerstats import (
@@ -233,6 +233,7 @@ class Tracer:
             rows += [(layer, UPDATE_PREFIX + rel) for layer, rel, _ in self._params]
         self._rows = rows
         self._row_of = {key: i for i, key in enumerate(rows)}
+        self._param_rows = [i for i, (_, role) in enumerate(rows) if role.startswith((GRAD_PREFIX, UPDATE_PREFIX))]
         self._handles: list[RemovableHandle] = []
         self._active = False
         self._step = 0
@@ -330,7 +331,7 @@ class Tracer:
                 grad = param.grad
                 if grad is None or grad.is_sparse:
                     continue
-                self._accumulate(self._row_of[(layer, GRAD_PREFIX + rel)], _local(grad))
+                self._accumulate(self._row_of[(layer, GRAD_PREFIX + rel)], local_shard(grad))
             if self.updates:
                 for _, _, param in self._params:
                     self._snapshot(param)
@@ -384,9 +385,8 @@ class Tracer:
         added = torch.cat([buf[:, :_KEY_BINS].to(torch.float64), f64[:, [_COL_NONZERO, _COL_SUM]], counts[:, None]], 1)
         extremes = torch.stack([f64[:, _COL_MAX], -buf[:, _COL_MIN].to(torch.float64)], 1)
         if self._parallel.params_replicated and not self._parallel.is_main:  # DDP: the same gradients on every rank
-            own = [i for i, (_, role) in enumerate(self._rows) if role.startswith((GRAD_PREFIX, UPDATE_PREFIX))]
-            added[own] = 0.0
-            extremes[own] = torch.tensor([0.0, -float(_INT32_MAX)], dtype=torch.float64, device=buf.device)
+            added[self._param_rows] = 0.0
+            extremes[self._param_rows] = torch.tensor([0.0, -float(_INT32_MAX)], dtype=torch.float64, device=buf.device)
         self._parallel.all_reduce(added, "sum")
         self._parallel.all_reduce(extremes, "max")
         total, top = added.to("cpu").numpy(), extremes.to("cpu").numpy()
@@ -514,7 +514,7 @@ class Tracer:
 
     def _sample(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The flat parameter and the fixed element sample its update statistics use (None: all elements)."""
-        flat = _local(param.detach()).reshape(-1)
+        flat = local_shard(param.detach()).reshape(-1)
         if flat.numel() <= UPDATE_SAMPLE:
             return flat, None
         idx = self._sample_idx.get(id(param))
@@ -600,12 +600,6 @@ class Tracer:
             if layer in bad:
                 return NonfiniteSite(layer, bad[layer], self._step)
         return None
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a tensor: the local shard of an FSDP2 DTensor, the tensor itself otherwise."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None else t
 
 
 def _fold(rows: np.ndarray, counts: list[int], partial: list[bool]) -> list[TensorStats]:

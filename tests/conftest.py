@@ -7,6 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 # A tiny, learnable 3-class problem. Widths are small because native fp16 on a CPU is slow.
 TINY_TASK = '''
@@ -60,6 +62,17 @@ def build_model():
         act=nn.ReLU(), head=nn.Linear(32, 3),
     ))''',
 ).replace("import torch\n", "from collections import OrderedDict\nimport torch\n", 1)
+
+
+class Scale(nn.Module):
+    """Multiplies its input by a constant: lifts activations past fp16's max, or scales them back down."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
 
 
 @pytest.fixture

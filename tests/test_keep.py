@@ -10,18 +10,10 @@ import torch
 from torch import nn
 
 import mpaudit
+from conftest import Scale
 from mpaudit.arms import ARMS, step_context
 from mpaudit.task import load_task
 from mpaudit.train import TrainSpec, train_arm
-
-
-class Scale(nn.Module):
-    def __init__(self, factor: float) -> None:
-        super().__init__()
-        self.factor = factor
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.factor
 
 
 def overflow_model() -> nn.Module:

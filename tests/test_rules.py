@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import Scale
 from mpaudit.arms import ARMS
 from mpaudit.errors import UsageError
 from mpaudit.layerstats import TensorStats, TraceSummary
@@ -23,15 +24,6 @@ from mpaudit.trace import Tracer, TraceSchedule
 from mpaudit.train import train_step
 
 ARM_NAMES = ("fp32", "bf16", "fp16")
-
-
-class Scale(nn.Module):
-    def __init__(self, factor: float) -> None:
-        super().__init__()
-        self.factor = factor
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.factor
 
 
 def _mlp() -> nn.Module:

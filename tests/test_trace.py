@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import Scale
 from mpaudit import trace
 from mpaudit.errors import UsageError
 from mpaudit.formats import hist_from_values
@@ -26,15 +27,6 @@ class Emit(nn.Module):
 
     def forward(self, x: Any) -> Any:
         return x
-
-
-class Scale(nn.Module):
-    def __init__(self, factor: float) -> None:
-        super().__init__()
-        self.factor = factor
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.factor
 
 
 class Sqrt(nn.Module):
