@@ -1,7 +1,7 @@
 """Step time of the fp16 arm on a CPU: native fp16 autocast vs emulated fp16 vs the fp32 arm.
 
-Builds an MLP 1024 -> 4096 -> 4096 -> 10 (batch 256, AdamW) and times ``mpaudit.train.train_step`` for
-the fp32 arm, the fp16 arm inside :func:`mpaudit.fp16_emulation.emulated_fp16`, and the fp16 arm run
+Builds an MLP 1024 -> 4096 -> 4096 -> 10 (batch 256, AdamW) and times ``mpaudit.run.train.train_step`` for
+the fp32 arm, the fp16 arm inside :func:`mpaudit.run.fp16_emulation.emulated_fp16`, and the fp16 arm run
 natively (only a couple of steps: each takes tens of seconds). Steps are interleaved after warm-up and
 medians are compared, so a busy neighbour on the CPU slows every arm alike. Prints the ratios
 ``emulated/fp32`` (goal: at most ``EMULATED_GOAL``) and ``native/fp32``. Run:
@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from mpaudit.arms import ARMS
-from mpaudit.fp16_emulation import emulated_fp16
-from mpaudit.task import Task
-from mpaudit.train import train_step
+from mpaudit.run.fp16_emulation import emulated_fp16
+from mpaudit.run.task import Task
+from mpaudit.run.train import train_step
 from workload import BATCH, WIDTHS, mlp, mlp_task
 
 WARMUP_STEPS = 2

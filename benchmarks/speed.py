@@ -1,7 +1,7 @@
 """The speed phase on a CPU: bf16 speedup with its interval, agreement with torch.utils.benchmark, repeatability.
 
 Builds an MLP 1024 -> 4096 -> 4096 -> 10 (batch 256, AdamW), which is matmul-bound, and runs
-:func:`mpaudit.bench.measure_speed` for the fp32 and bf16 arms ``REPEATS`` times. Just before and just after
+:func:`mpaudit.perf.speed.measure_speed` for the fp32 and bf16 arms ``REPEATS`` times. Just before and just after
 each run it times the same fp32 step with ``torch.utils.benchmark.Timer(...).blocked_autorange()`` and prints
 how far measure_speed's fp32 median is from the mean of the two (goal: within ``AGREEMENT_GOAL``; bracketing
 the run cancels most of a shared machine's drift). At the end it prints the spread of the bf16 speedups (goal:
@@ -17,10 +17,10 @@ import torch
 from torch.utils import benchmark
 
 from mpaudit.arms import ARMS
-from mpaudit.bench import measure_speed
-from mpaudit.perf_result import SpeedResult, Speedup
-from mpaudit.task import Task
-from mpaudit.train import train_step
+from mpaudit.perf.speed import measure_speed
+from mpaudit.results.perf import SpeedResult, Speedup
+from mpaudit.run.task import Task
+from mpaudit.run.train import train_step
 from workload import BATCH, WIDTHS, mlp_task
 
 SEED = 0

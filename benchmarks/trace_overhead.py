@@ -1,12 +1,12 @@
 """Cost of tracing: whole training runs untraced, traced on every step, and on the default schedule.
 
 Builds an MLP 1024 -> 4096 -> 4096 -> 10 (batch 256, AdamW, fp32 on the CPU) and trains it for ``--steps``
-steps with :func:`mpaudit.train.train_step` three ways: no tracer, a :class:`~mpaudit.trace.Tracer` on every
-step (``every=1``, update statistics included), and the default :class:`~mpaudit.trace.TraceSchedule`.
+steps with :func:`mpaudit.run.train.train_step` three ways: no tracer, a :class:`~mpaudit.trace.tracer.Tracer` on every
+step (``every=1``, update statistics included), and the default :class:`~mpaudit.trace.tracer.TraceSchedule`.
 Runs are interleaved (untraced, every=1, default, then every=1, default, untraced, ...: the order rotates)
 so a busy neighbour on the CPU slows all three alike, and the medians of whole-run wall times are compared.
 Prints the ratios ``every=1/untraced`` (goal: at most ``EVERY_STEP_GOAL``) and ``default/untraced`` (goal:
-at most ``DEFAULT_GOAL``). Tracing reduces CPU tensors on one thread (see ``mpaudit.trace._cpu_threads``).
+at most ``DEFAULT_GOAL``). Tracing reduces CPU tensors on one thread (see ``mpaudit.trace.tracer._cpu_threads``).
 Run: ``python benchmarks/trace_overhead.py`` (3-8 minutes on 2 cores, depending on how busy they are).
 """
 
@@ -21,8 +21,8 @@ import time
 import torch
 
 from mpaudit.arms import ARMS
-from mpaudit.trace import DEFAULT_TRACE_EVERY, Tracer, TraceSchedule
-from mpaudit.train import train_step
+from mpaudit.run.train import train_step
+from mpaudit.trace.tracer import DEFAULT_TRACE_EVERY, Tracer, TraceSchedule
 from workload import BATCH, WIDTHS, mlp, mlp_task
 
 STEPS = 30

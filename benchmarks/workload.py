@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mpaudit.task import Task
+from mpaudit.run.task import Task
 
 WIDTHS = (1024, 4096, 4096, 10)
 """Layer widths of the benchmark MLP."""

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from mpaudit.audit import AuditConfig, audit
 from mpaudit.errors import MpauditError, ResultError, TaskError, UsageError
-from mpaudit.keep import KeepFp32, keep_fp32
 from mpaudit.report import write_report
-from mpaudit.result import (
+from mpaudit.results.model import (
     SCHEMA_VERSION,
     ArmResult,
     AuditResult,
@@ -27,6 +25,8 @@ from mpaudit.result import (
     LossScale,
     Recommendation,
 )
+from mpaudit.run.audit import AuditConfig, audit
+from mpaudit.run.keep import KeepFp32, keep_fp32
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -29,7 +29,7 @@ class Arm:
     grad_scaler: bool
     description: str
     keep_fp32: tuple[str, ...] = ()
-    """Module paths run in fp32 inside autocast (:func:`mpaudit.keep.keep_fp32`): a recommendation under test."""
+    """Module paths run in fp32 inside autocast (:func:`mpaudit.run.keep.keep_fp32`): a recommendation under test."""
     init_scale: float | None = None
     """The GradScaler's initial loss scale; None keeps PyTorch's default (2^16)."""
 
@@ -97,7 +97,7 @@ def fp16_mode(arm: Arm, device_type: str, fp16_cpu: str) -> str | None:
 def step_context(arm: Arm, device_type: str, fp16_cpu: str) -> contextlib.AbstractContextManager[Any]:
     """The context a whole training step (forward, backward, optimizer) of ``arm`` runs in."""
     if fp16_mode(arm, device_type, fp16_cpu) == "emulated":
-        from mpaudit.fp16_emulation import emulated_fp16
+        from mpaudit.run.fp16_emulation import emulated_fp16
 
         return emulated_fp16()
     return contextlib.nullcontext()

@@ -88,7 +88,7 @@ def _rank_prefix() -> str:
 def _record_exit_code(code: int) -> None:
     """Under ``mpaudit run --nproc``, rank 0 leaves its exit code where the launcher reads it (torchrun turns
     every failure into 1)."""
-    from mpaudit.distributed import EXIT_FILE_ENV
+    from mpaudit.run.distributed import EXIT_FILE_ENV
 
     path = os.environ.get(EXIT_FILE_ENV)
     if path and os.environ.get("RANK", "0") == "0":
@@ -134,14 +134,14 @@ def run(
 
     Several processes: torchrun --nproc-per-node N -m mpaudit run model.py (or --nproc N); only rank 0 writes.
     """
-    from mpaudit.audit import AuditConfig, audit
-    from mpaudit.distributed import Parallel
-    from mpaudit.env import resolve_device
-    from mpaudit.gate import parse_max_drop
-    from mpaudit.progress import RichProgress, progress_enabled
+    from mpaudit.ci.gate import parse_max_drop
     from mpaudit.report import write_report
-    from mpaudit.settings import parse_thresholds, pyproject_thresholds
-    from mpaudit.task import load_task
+    from mpaudit.run.audit import AuditConfig, audit
+    from mpaudit.run.distributed import Parallel
+    from mpaudit.run.env import resolve_device
+    from mpaudit.run.progress import RichProgress, progress_enabled
+    from mpaudit.run.settings import parse_thresholds, pyproject_thresholds
+    from mpaudit.run.task import load_task
 
     if plotlyjs not in ("inline", "cdn"):
         raise UsageError(f"--plotlyjs must be inline or cdn, not {plotlyjs!r}.")
@@ -157,7 +157,7 @@ def run(
     ).validated()
     loaded = load_task(task)
     if nproc is not None:  # options and task file checked once here, then every rank runs this command
-        from mpaudit.distributed import launch
+        from mpaudit.run.distributed import launch
 
         raise typer.Exit(launch(nproc, sys.argv[1:]))
     target = out_dir or Path("reports") / loaded.name
@@ -203,8 +203,8 @@ def report(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
 ) -> None:
     """Re-render report.html from a saved report.json (no training)."""
-    from mpaudit.atomic import atomic_write_text
     from mpaudit.report import render_html
+    from mpaudit.results.atomic import atomic_write_text
 
     result = _read_result(result_json)
     target = out_file or result_json.with_name("report.html")
@@ -225,7 +225,7 @@ def gate(
     """Re-evaluate the gate on a saved report.json without training; exit 1 when it fails."""
     from dataclasses import replace
 
-    from mpaudit.gate import evaluate_gate, parse_max_drop
+    from mpaudit.ci.gate import evaluate_gate, parse_max_drop
 
     result = _read_result(result_json)
     limits = parse_max_drop(max_drop or [])
@@ -256,10 +256,10 @@ def compare(
     """Compare two results of the same task across commits; exit 1 when precision got worse, 2 when not comparable."""
     import json
 
-    from mpaudit import compare as cmp
-    from mpaudit.atomic import atomic_write_text
-    from mpaudit.gate import parse_max_drop
+    from mpaudit.ci import compare as cmp
+    from mpaudit.ci.gate import parse_max_drop
     from mpaudit.report.junit import junit_xml_for_comparison
+    from mpaudit.results.atomic import atomic_write_text
 
     if markdown and as_json:
         raise UsageError("Give --markdown or --json, not both.")
@@ -293,7 +293,7 @@ def suite(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
 ) -> None:
     """Audit every workload in a folder, each in its own process; write index.html and index.json. Exit 1 if a gate failed, 2 if a workload errored."""
-    from mpaudit.suite import run_suite
+    from mpaudit.ci.suite import run_suite
 
     args: list[str] = []
     if steps is not None:
@@ -315,7 +315,7 @@ def suite(
 
 
 def _read_result(path: Path) -> Any:
-    from mpaudit.result import AuditResult
+    from mpaudit.results.model import AuditResult
 
     if not path.is_file():
         raise ResultError(f"Result file {path} does not exist.")
@@ -361,9 +361,9 @@ def _print_summary(result: Any) -> None:
 
 def _ci_outputs(result: Any, junit: Path | None) -> None:
     """The JUnit file when asked for, and summary.md appended to $GITHUB_STEP_SUMMARY when that is set."""
-    from mpaudit.atomic import atomic_write_text
     from mpaudit.report.junit import junit_xml
     from mpaudit.report.markdown import append_step_summary, summary_markdown
+    from mpaudit.results.atomic import atomic_write_text
 
     if junit is not None:
         atomic_write_text(junit, junit_xml(result))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mpaudit.arms import ARMS, Arm
-from mpaudit.bench import (
+from mpaudit.perf.speed import (
     CPU_VECTOR_RATIO,
     FLOOR_ROUNDS,
     WARMUP_ROUNDS,
@@ -22,8 +22,8 @@ from mpaudit.bench import (
     measure_speed,
     theoretical_ratio,
 )
-from mpaudit.perf_result import STABLE_IQR_FRACTION
-from mpaudit.task import Task, load_task
+from mpaudit.results.perf import STABLE_IQR_FRACTION
+from mpaudit.run.task import Task, load_task
 
 CPU = torch.device("cpu")
 BATCH, D_IN, D_HIDDEN, D_OUT = 8, 16, 32, 4

@@ -12,11 +12,11 @@ import pytest
 
 import mpaudit
 from conftest import OVERFLOW_TASK, TINY_TASK
-from mpaudit.compare import compare, load_result, result_from_json, to_dict, to_markdown, to_text
+from mpaudit.ci.compare import compare, load_result, result_from_json, to_dict, to_markdown, to_text
+from mpaudit.ci.gate import evaluate_gate
 from mpaudit.errors import ResultError, UsageError
-from mpaudit.gate import evaluate_gate
-from mpaudit.perf_result import MemoryResult, Speedup
-from mpaudit.result import ArmResult, AuditResult, Flag
+from mpaudit.results.model import ArmResult, AuditResult, Flag
+from mpaudit.results.perf import MemoryResult, Speedup
 
 
 def arm(name: str, status: str = "ok", loss: float = 0.5, error: str | None = None, **metrics: float) -> ArmResult:

@@ -18,10 +18,10 @@ import pytest
 
 from conftest import OVERFLOW_TASK, TINY_TASK
 from mpaudit import audit
-from mpaudit.distributed import EXIT_RANK_FAILED, Parallel, _EveryKth, _without_option, shard_fsdp
 from mpaudit.errors import UsageError
-from mpaudit.layerstats import ACTIVATION, GRAD_OUTPUT, GRAD_PREFIX
-from mpaudit.result import AuditResult
+from mpaudit.numerics.layerstats import ACTIVATION, GRAD_OUTPUT, GRAD_PREFIX
+from mpaudit.results.model import AuditResult
+from mpaudit.run.distributed import EXIT_RANK_FAILED, Parallel, _EveryKth, _without_option, shard_fsdp
 
 # The tiny task with DataLoaders and no shuffling: rank r of 2 gets samples r, r+2, ... of each 2*BATCH block,
 # so the union of both ranks' batches at step s is exactly the single-process batch s of size 2*BATCH.

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpaudit.formats import (
+from mpaudit.numerics.formats import (
     BF16,
     E4M3,
     E5M2,

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpaudit.arms import ARMS
-from mpaudit.fp16_emulation import INTERCEPTED_OPS, EmulatedFp16, emulated_fp16, release_buffers
-from mpaudit.task import Task
-from mpaudit.train import train_step
+from mpaudit.run.fp16_emulation import INTERCEPTED_OPS, EmulatedFp16, emulated_fp16, release_buffers
+from mpaudit.run.task import Task
+from mpaudit.run.train import train_step
 
 aten = torch.ops.aten
 

@@ -6,9 +6,9 @@ import math
 
 import pytest
 
+from mpaudit.ci.gate import evaluate_gate, lower_is_better, parse_max_drop, t_interval
 from mpaudit.errors import UsageError
-from mpaudit.gate import evaluate_gate, lower_is_better, parse_max_drop, t_interval
-from mpaudit.result import ArmResult
+from mpaudit.results.model import ArmResult
 
 
 def arm(name: str, status: str = "ok", loss: float = 0.5, **metrics: float) -> ArmResult:

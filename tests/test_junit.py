@@ -6,10 +6,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import mpaudit
-from mpaudit.compare import compare
-from mpaudit.gate import evaluate_gate
+from mpaudit.ci.compare import compare
+from mpaudit.ci.gate import evaluate_gate
 from mpaudit.report.junit import junit_xml, junit_xml_for_comparison
-from mpaudit.result import ArmResult, AuditResult
+from mpaudit.results.model import ArmResult, AuditResult
 
 
 def arm(name: str, status: str = "ok", error: str | None = None, **metrics: float) -> ArmResult:

@@ -12,8 +12,8 @@ from torch import nn
 import mpaudit
 from conftest import Scale
 from mpaudit.arms import ARMS, step_context
-from mpaudit.task import load_task
-from mpaudit.train import TrainSpec, train_arm
+from mpaudit.run.task import load_task
+from mpaudit.run.train import TrainSpec, train_arm
 
 
 def overflow_model() -> nn.Module:

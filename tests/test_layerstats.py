@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from mpaudit.formats import FORMATS, HIST_MIN_EXP, update_lost, what_if
-from mpaudit.layerstats import NonfiniteSite, TensorStats, TraceSummary
-from mpaudit.result import to_jsonable
+from mpaudit.numerics.formats import FORMATS, HIST_MIN_EXP, update_lost, what_if
+from mpaudit.numerics.layerstats import NonfiniteSite, TensorStats, TraceSummary
+from mpaudit.results.model import to_jsonable
 
 RNG = np.random.default_rng(0)
 

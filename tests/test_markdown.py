@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 import mpaudit
-from mpaudit.gate import evaluate_gate
-from mpaudit.perf_result import Speedup
+from mpaudit.ci.gate import evaluate_gate
 from mpaudit.report.markdown import append_step_summary, md_escape, summary_markdown
-from mpaudit.result import ArmResult, AuditResult, Flag, LossScale
+from mpaudit.results.model import ArmResult, AuditResult, Flag, LossScale
+from mpaudit.results.perf import Speedup
 
 
 def arm(name: str, status: str = "ok", error: str | None = None, skipped: int | None = None,

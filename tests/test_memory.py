@@ -11,9 +11,9 @@ import torch
 
 from mpaudit.arms import ARMS, Arm
 from mpaudit.errors import UsageError
-from mpaudit.memory import max_batch_for_budget, measure_memory, parse_bytes
-from mpaudit.perf_result import BREAKDOWN_KEYS, MemoryResult, activation_savings
-from mpaudit.task import Task, load_task
+from mpaudit.perf.memory import max_batch_for_budget, measure_memory, parse_bytes
+from mpaudit.results.perf import BREAKDOWN_KEYS, MemoryResult, activation_savings
+from mpaudit.run.task import Task, load_task
 
 CPU = torch.device("cpu")
 BATCH, D_IN, D_HIDDEN, D_OUT = 64, 256, 512, 10

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from mpaudit.perf_result import (
+from mpaudit.results.perf import (
     BREAKDOWN_KEYS,
     MemoryResult,
     Performance,

@@ -9,7 +9,7 @@ from pathlib import Path
 import mpaudit
 from conftest import TINY_TASK
 from mpaudit.report import render_html
-from mpaudit.result import AuditResult
+from mpaudit.results.model import AuditResult
 
 HOSTILE = "</script><img src=x onerror=alert(1)>"
 

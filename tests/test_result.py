@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 import mpaudit
-from mpaudit.atomic import atomic_write_text
 from mpaudit.errors import ResultError
-from mpaudit.result import SCHEMA_VERSION, AuditResult
+from mpaudit.results.atomic import atomic_write_text
+from mpaudit.results.model import SCHEMA_VERSION, AuditResult
 
 
 def test_json_round_trip_of_a_real_run(overflow_task: Path) -> None:

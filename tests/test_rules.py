@@ -16,12 +16,12 @@ from torch import nn
 from conftest import Scale
 from mpaudit.arms import ARMS
 from mpaudit.errors import UsageError
-from mpaudit.layerstats import TensorStats, TraceSummary
-from mpaudit.result import ArmResult, Flag, LossScale, to_jsonable
-from mpaudit.rules import Thresholds, flag
-from mpaudit.task import Task
-from mpaudit.trace import Tracer, TraceSchedule
-from mpaudit.train import train_step
+from mpaudit.numerics.layerstats import TensorStats, TraceSummary
+from mpaudit.numerics.rules import Thresholds, flag
+from mpaudit.results.model import ArmResult, Flag, LossScale, to_jsonable
+from mpaudit.run.task import Task
+from mpaudit.run.train import train_step
+from mpaudit.trace.tracer import Tracer, TraceSchedule
 
 ARM_NAMES = ("fp32", "bf16", "fp16")
 

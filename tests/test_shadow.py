@@ -9,12 +9,12 @@ import torch
 
 import mpaudit
 from mpaudit.arms import ARMS
-from mpaudit.recommend import rank_layers
+from mpaudit.ci.recommend import rank_layers
 from mpaudit.report.html import render_html
-from mpaudit.result import AuditResult, LayerError
-from mpaudit.shadow import layer_errors
-from mpaudit.task import load_task
-from mpaudit.trace import select_modules
+from mpaudit.results.model import AuditResult, LayerError
+from mpaudit.run.task import load_task
+from mpaudit.trace.shadow import layer_errors
+from mpaudit.trace.tracer import select_modules
 
 CPU = torch.device("cpu")
 

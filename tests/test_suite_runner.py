@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import OVERFLOW_TASK, TINY_TASK
+from mpaudit.ci.suite import discover, run_suite
 from mpaudit.errors import UsageError
-from mpaudit.suite import discover, run_suite
 
 FAST = ("--steps", "3", "--arms", "fp32,bf16", "--no-bench")
 """Run arguments that keep each subprocess to a few seconds."""

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import mpaudit
-from mpaudit.task import load_task
+from mpaudit.run.task import load_task
 
 SUITES = Path(__file__).resolve().parent.parent / "suites"
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from conftest import TINY_TASK
 from mpaudit.cli import EXIT_USAGE, app
 from mpaudit.errors import TaskError
-from mpaudit.task import load_task, preflight
+from mpaudit.run.task import load_task, preflight
 
 runner = CliRunner()
 

@@ -14,12 +14,12 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import Scale
-from mpaudit import trace
 from mpaudit.errors import UsageError
-from mpaudit.formats import hist_from_values
-from mpaudit.layerstats import ROOT_LAYER, NonfiniteSite, TensorStats, TraceSummary
-from mpaudit.result import to_jsonable
-from mpaudit.trace import UPDATE_SAMPLE, Tracer, TraceSchedule, select_modules
+from mpaudit.numerics.formats import hist_from_values
+from mpaudit.numerics.layerstats import ROOT_LAYER, NonfiniteSite, TensorStats, TraceSummary
+from mpaudit.results.model import to_jsonable
+from mpaudit.trace import tracer as trace
+from mpaudit.trace.tracer import UPDATE_SAMPLE, Tracer, TraceSchedule, select_modules
 
 
 class Emit(nn.Module):

@@ -1,13 +1,13 @@
-"""Renderers: everything here reads an :class:`~mpaudit.result.AuditResult` and nothing else."""
+"""Renderers: everything here reads an :class:`~mpaudit.results.model.AuditResult` and nothing else."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from mpaudit.atomic import atomic_write_text
 from mpaudit.report.html import render_html
 from mpaudit.report.markdown import summary_markdown
-from mpaudit.result import AuditResult
+from mpaudit.results.atomic import atomic_write_text
+from mpaudit.results.model import AuditResult
 
 
 def write_report(result: AuditResult, out_dir: str | Path, *, plotlyjs: str = "inline") -> dict[str, Path]:

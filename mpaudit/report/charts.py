@@ -8,7 +8,7 @@ from typing import Any
 import plotly.graph_objects as go
 
 from mpaudit.report import layers_view
-from mpaudit.result import AuditResult
+from mpaudit.results.model import AuditResult
 
 ARM_COLORS = {"fp32": "#1f77b4", "bf16": "#2ca02c", "fp16": "#d62728"}
 
@@ -118,7 +118,7 @@ def speed_bars(result: AuditResult) -> go.Figure | None:
 
 def memory_bars(result: AuditResult) -> go.Figure | None:
     """Each category's high-water mark during one training step, stacked per arm."""
-    from mpaudit.perf_result import BREAKDOWN_KEYS
+    from mpaudit.results.perf import BREAKDOWN_KEYS
 
     mems = {n: a.memory for n, a in result.arms.items() if a.memory is not None and a.memory.error is None}
     if not mems:

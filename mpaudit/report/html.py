@@ -10,13 +10,13 @@ import jinja2
 import plotly.io
 import plotly.offline
 
-from mpaudit.gate import lower_is_better
-from mpaudit.recommend import snippet
+from mpaudit.ci.gate import lower_is_better
+from mpaudit.ci.recommend import snippet
+from mpaudit.ci.verdict import verdicts
 from mpaudit.report import layers_view
 from mpaudit.report.charts import all_charts
-from mpaudit.result import AuditResult
-from mpaudit.shadow import POOR_SQNR_DB
-from mpaudit.verdict import verdicts
+from mpaudit.results.model import AuditResult
+from mpaudit.trace.shadow import POOR_SQNR_DB
 
 PLOTLY_CDN = "https://cdn.plot.ly/plotly-{version}.min.js"
 

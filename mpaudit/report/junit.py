@@ -23,8 +23,8 @@ import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 
-from mpaudit.compare import Comparison
-from mpaudit.result import AuditResult, GateCheck
+from mpaudit.ci.compare import Comparison
+from mpaudit.results.model import AuditResult, GateCheck
 
 SUITE_PREFIX = "mpaudit"
 """Test-case class names are ``mpaudit.<task>.<arm>``, so CI views group them by task and arm."""

@@ -13,9 +13,9 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from mpaudit.formats import FORMATS, HIST_MIN_EXP, what_if
-from mpaudit.layerstats import ACTIVATION, GRAD_OUTPUT, GRAD_PREFIX, TraceSummary
-from mpaudit.result import AuditResult
+from mpaudit.numerics.formats import FORMATS, HIST_MIN_EXP, what_if
+from mpaudit.numerics.layerstats import ACTIVATION, GRAD_OUTPUT, GRAD_PREFIX, TraceSummary
+from mpaudit.results.model import AuditResult
 
 MAX_HEATMAP_ROWS = 300
 """Layers shown in the heatmap and the histogram explorer; the rest are counted and left to layers.csv."""

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from mpaudit.arms import BASELINE
-from mpaudit.compare import FINAL_LOSS, MAX_ERROR_CHARS, fp32_noise, gap_to_fp32
+from mpaudit.ci.compare import FINAL_LOSS, MAX_ERROR_CHARS, fp32_noise, gap_to_fp32
+from mpaudit.ci.gate import lower_is_better
 from mpaudit.errors import UsageError
-from mpaudit.gate import lower_is_better
 from mpaudit.report.html import fmt
-from mpaudit.result import ArmResult, AuditResult, Flag
+from mpaudit.results.model import ArmResult, AuditResult, Flag
 
 DEFAULT_MAX_FLAGS = 10
 """Flags listed in the summary, worst first; the rest are counted and left to report.html."""

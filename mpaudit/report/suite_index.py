@@ -20,14 +20,14 @@ from urllib.parse import quote
 import jinja2
 
 from mpaudit.arms import BASELINE
-from mpaudit.compare import gap_to_fp32
-from mpaudit.gate import lower_is_better
+from mpaudit.ci.compare import gap_to_fp32
+from mpaudit.ci.gate import lower_is_better
+from mpaudit.ci.verdict import verdicts
 from mpaudit.report.html import fmt
-from mpaudit.result import ArmResult, AuditResult, to_jsonable
-from mpaudit.verdict import verdicts
+from mpaudit.results.model import ArmResult, AuditResult, to_jsonable
 
 if TYPE_CHECKING:
-    from mpaudit.suite import SuiteResult, WorkloadRun
+    from mpaudit.ci.suite import SuiteResult, WorkloadRun
 
 INDEX_SCHEMA_VERSION = 1
 """Bumped when a key of ``index.json`` changes meaning or moves."""

@@ -5,7 +5,7 @@ sees (module outputs, the gradients flowing into them, parameter gradients, opti
 on the device into one preallocated int64 buffer: a histogram of the fp32 bit pattern's top bits (sign,
 exponent, first mantissa bit), the nonzero count, and the finite sum / max / min-nonzero of |x|. Nothing
 comes to the host until :meth:`Tracer.finish_step`, which copies that buffer once and folds it into
-:class:`~mpaudit.layerstats.TraceSummary` records. fp16 and bf16 tensors are widened to fp32 first, which
+:class:`~mpaudit.numerics.layerstats.TraceSummary` records. fp16 and bf16 tensors are widened to fp32 first, which
 is exact, so their exponents are binned exactly and their sums cannot overflow.
 
 Untraced steps cost one attribute check per hook call. ``TraceSchedule`` decides which steps are traced.
@@ -26,10 +26,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from mpaudit.distributed import SINGLE, Parallel, local_shard
 from mpaudit.errors import UsageError
-from mpaudit.formats import HIST_BINS, HIST_MIN_EXP
-from mpaudit.layerstats import (
+from mpaudit.numerics.formats import HIST_BINS, HIST_MIN_EXP
+from mpaudit.numerics.layerstats import (
     ACTIVATION,
     GRAD_OUTPUT,
     GRAD_PREFIX,
@@ -39,6 +38,7 @@ from mpaudit.layerstats import (
     TensorStats,
     TraceSummary,
 )
+from mpaudit.run.distributed import SINGLE, Parallel, local_shard
 
 DEFAULT_TRACE_EVERY = 50
 """Trace step 0 and every 50th step after it. On ``benchmarks/trace_overhead.py``'s MLP a traced step
@@ -338,7 +338,7 @@ class Tracer:
                 self._snapshot_taken = True
 
     def after_optimizer_step(self) -> None:
-        """Record each parameter's update relative to its weight's binade (see ``mpaudit.layerstats``)."""
+        """Record each parameter's update relative to its weight's binade (see ``mpaudit.numerics.layerstats``)."""
         if not (self._active and self._snapshot_taken):
             return
         with torch.no_grad():

@@ -24,14 +24,14 @@ from numpy.typing import ArrayLike
 from torch.utils.flop_counter import FlopCounterMode
 
 from mpaudit.arms import BASELINE, Arm
-from mpaudit.batches import batch_size, move_to_device
-from mpaudit.distributed import SINGLE, Parallel
-from mpaudit.env import dtype_support
 from mpaudit.errors import error_text
-from mpaudit.perf_result import STABLE_IQR_FRACTION, SpeedResult, Speedup
-from mpaudit.seeding import seed_everything
-from mpaudit.task import Task, first_batch
-from mpaudit.train import train_step
+from mpaudit.results.perf import STABLE_IQR_FRACTION, SpeedResult, Speedup
+from mpaudit.run.batches import batch_size, move_to_device
+from mpaudit.run.distributed import SINGLE, Parallel
+from mpaudit.run.env import dtype_support
+from mpaudit.run.seeding import seed_everything
+from mpaudit.run.task import Task, first_batch
+from mpaudit.run.train import train_step
 
 DEFAULT_BENCH_SECONDS = 10.0
 """Time budget of the timed rounds (warm-up and compilation come on top)."""

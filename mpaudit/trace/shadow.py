@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from mpaudit.arms import Arm, step_context
-from mpaudit.batches import move_to_device
-from mpaudit.result import LayerError
-from mpaudit.task import Task
+from mpaudit.results.model import LayerError
+from mpaudit.run.batches import move_to_device
+from mpaudit.run.task import Task
 
 SHADOW_BATCHES = 2
 """Batches the attribution runs on: enough to average out one odd batch, cheap next to training."""

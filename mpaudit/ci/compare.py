@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from mpaudit.arms import BASELINE
+from mpaudit.ci.gate import AUTO, DEFAULT_NOISE_K, Limit, lower_is_better, noise_floor, t_interval
 from mpaudit.errors import ResultError, UsageError
-from mpaudit.gate import AUTO, DEFAULT_NOISE_K, Limit, lower_is_better, noise_floor, t_interval
-from mpaudit.result import ArmResult, AuditResult, Flag, NoiseFloor, to_jsonable
+from mpaudit.results.model import ArmResult, AuditResult, Flag, NoiseFloor, to_jsonable
 
 DEFAULT_SPEEDUP_TOLERANCE = 0.10
 """A benchmark speedup regresses when it shrinks by more than this fraction of the base ratio *and* the two

@@ -28,13 +28,13 @@ from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
 from mpaudit.arms import Arm
-from mpaudit.batches import batch_size, iter_leaves, move_to_device
-from mpaudit.distributed import SINGLE, Parallel, local_shard
 from mpaudit.errors import UsageError, error_text
-from mpaudit.perf_result import BREAKDOWN_KEYS, MemoryResult
-from mpaudit.seeding import seed_everything
-from mpaudit.task import Task, first_batch
-from mpaudit.train import train_step
+from mpaudit.results.perf import BREAKDOWN_KEYS, MemoryResult
+from mpaudit.run.batches import batch_size, iter_leaves, move_to_device
+from mpaudit.run.distributed import SINGLE, Parallel, local_shard
+from mpaudit.run.seeding import seed_everything
+from mpaudit.run.task import Task, first_batch
+from mpaudit.run.train import train_step
 
 CUDA_BLOCK_BYTES = 512
 """The CUDA caching allocator rounds every allocation up to a multiple of this (c10's kMinBlockSize)."""

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from mpaudit.jsonfloat import decode_float, encode_float
+from mpaudit.results.codec import decode_float, encode_float
 
 STABLE_IQR_FRACTION = 0.05
 """An arm's step time counts as stable when its interquartile range is below this fraction of its median

@@ -2,7 +2,7 @@
 
 Every rank runs the whole audit in lockstep (same arms, same seeds, same number of steps), each on its
 shard of the training data, with the model wrapped in DDP or FSDP2's ``fully_shard``. What differs
-between ranks is reduced so that every rank ends up with the same :class:`~mpaudit.result.AuditResult`:
+between ranks is reduced so that every rank ends up with the same :class:`~mpaudit.results.model.AuditResult`:
 
 - training losses: the mean over ranks, every step (one scalar all-reduce beside the step's host sync);
 - per-layer statistics: every statistic merges (counts and histograms add, maxima max, minima min), so a
@@ -79,7 +79,7 @@ class RankFailed(MpauditError):
     def __init__(self, rank: int, error: str, arm: str | None) -> None:
         self.rank, self.error, self.arm = rank, error, arm
         self.result: Any = None
-        """The partial :class:`~mpaudit.result.ArmResult` of the arm that was training, when there was one."""
+        """The partial :class:`~mpaudit.results.model.ArmResult` of the arm that was training, when there was one."""
         where = f" in {arm}" if arm else ""
         super().__init__(f"rank {rank} failed{where}: {error}")
 

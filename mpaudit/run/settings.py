@@ -1,7 +1,7 @@
 """Settings from outside the command line: rule thresholds from ``--threshold`` and ``pyproject.toml``.
 
 ``[tool.mpaudit.thresholds]`` in the nearest ``pyproject.toml`` (searched from the task file's folder up,
-then the working directory) overrides the defaults in :class:`mpaudit.rules.Thresholds`; ``--threshold
+then the working directory) overrides the defaults in :class:`mpaudit.numerics.rules.Thresholds`; ``--threshold
 NAME=VALUE`` overrides both.
 """
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mpaudit.arms import BASELINE
-from mpaudit.gate import lower_is_better
-from mpaudit.result import AuditResult
+from mpaudit.ci.gate import lower_is_better
+from mpaudit.results.model import AuditResult
 
 SAFE, SAFE_WITH_CHANGES, NOT_SAFE, BASELINE_LEVEL = "safe", "safe with changes", "not safe", "baseline"
 

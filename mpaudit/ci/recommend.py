@@ -1,7 +1,7 @@
 """Recommendations that are proven before they are given: each is trained as an extra arm and checked.
 
 For every mixed-precision arm that does not pass (the user's gate, or without one: status ok and the
-primary metric within :data:`~mpaudit.verdict.UNGATED_RELATIVE_DROP` of fp32), two changes are tried:
+primary metric within :data:`~mpaudit.ci.verdict.UNGATED_RELATIVE_DROP` of fp32), two changes are tried:
 
 * a loss scale: the ``init_scale`` 2^k the rules already computed from fp32's gradient histograms
   (``loss_scale`` flag, ``recommended_log2``), for arms with a GradScaler;
@@ -19,11 +19,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from mpaudit.arms import BASELINE, Arm
-from mpaudit.formats import FP16, what_if
-from mpaudit.gate import Limit, evaluate_gate, lower_is_better
-from mpaudit.layerstats import ACTIVATION, ROOT_LAYER, TraceSummary
-from mpaudit.result import ArmResult, Flag, Recommendation
-from mpaudit.verdict import UNGATED_RELATIVE_DROP
+from mpaudit.ci.gate import Limit, evaluate_gate, lower_is_better
+from mpaudit.ci.verdict import UNGATED_RELATIVE_DROP
+from mpaudit.numerics.formats import FP16, what_if
+from mpaudit.numerics.layerstats import ACTIVATION, ROOT_LAYER, TraceSummary
+from mpaudit.results.model import ArmResult, Flag, Recommendation
 
 DEFAULT_VERIFY_BUDGET = 4
 """Extra training runs ``--verify`` may spend by default: enough for a loss scale plus a two-layer

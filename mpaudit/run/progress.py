@@ -8,7 +8,7 @@ import sys
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from mpaudit.result import ArmResult
+from mpaudit.results.model import ArmResult
 
 
 class RichProgress:

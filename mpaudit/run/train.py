@@ -13,15 +13,15 @@ from typing import Any, Protocol
 import torch
 
 from mpaudit.arms import Arm, fp16_mode, step_context
-from mpaudit.batches import move_to_device
-from mpaudit.distributed import SINGLE, Parallel, RankFailed
 from mpaudit.errors import error_text
-from mpaudit.keep import keep_fp32
-from mpaudit.layerstats import TraceSummary
-from mpaudit.result import ArmResult, Fingerprints, LossScale
-from mpaudit.seeding import BatchFingerprint, fingerprint_model, seed_everything
-from mpaudit.task import Task
-from mpaudit.trace import DEFAULT_TRACE_EVERY, Tracer, TraceSchedule
+from mpaudit.numerics.layerstats import TraceSummary
+from mpaudit.results.model import ArmResult, Fingerprints, LossScale
+from mpaudit.run.batches import move_to_device
+from mpaudit.run.distributed import SINGLE, Parallel, RankFailed
+from mpaudit.run.keep import keep_fp32
+from mpaudit.run.seeding import BatchFingerprint, fingerprint_model, seed_everything
+from mpaudit.run.task import Task
+from mpaudit.trace.tracer import DEFAULT_TRACE_EVERY, Tracer, TraceSchedule
 
 DIVERGE_PATIENCE = 25
 """An fp16 arm is called diverged after this many consecutive non-finite losses (GradScaler skips each
@@ -164,7 +164,7 @@ def train_arm(
     other arms still run. A non-finite loss marks it ``diverged``.
 
     In a distributed job (``spec.parallel``) a failure on any rank ends the audit instead (the ranks can no
-    longer agree on their collectives): :class:`~mpaudit.distributed.RankFailed` is raised, naming the rank
+    longer agree on their collectives): :class:`~mpaudit.run.distributed.RankFailed` is raised, naming the rank
     that failed and carrying this arm's partial result.
     """
     progress = progress or NoProgress()
@@ -227,7 +227,7 @@ def train_arm(
     finally:
         del model, wrapped, optimizer
         if fp16_mode(arm, device.type, spec.fp16_cpu) == "emulated":
-            from mpaudit.fp16_emulation import release_buffers
+            from mpaudit.run.fp16_emulation import release_buffers
 
             release_buffers()  # the emulation's reusable fp32 workspace
         if device.type == "cuda":

@@ -167,7 +167,7 @@ def preflight(task: Task, device: torch.device) -> list[str]:
     Catches: a non-Module model, an empty loader, a non-scalar or gradient-free loss, a bad optimizer,
     an evaluate that returns something other than a dict of numbers. Returns the metric names.
     """
-    from mpaudit.batches import move_to_device
+    from mpaudit.run.batches import move_to_device
 
     model = task.build_model().to(device)
     batch = first_batch(task, "train_loader", task.train_loader())

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from mpaudit.arms import BASELINE
 from mpaudit.errors import UsageError
-from mpaudit.result import ArmResult, Gate, GateCheck, NoiseFloor
+from mpaudit.results.model import ArmResult, Gate, GateCheck, NoiseFloor
 
 AUTO = "auto"
 DEFAULT_NOISE_K = 3.0

@@ -18,9 +18,9 @@ from typing import Any
 import pandas as pd
 
 from mpaudit.errors import ResultError
-from mpaudit.jsonfloat import decode_float, encode_float
-from mpaudit.layerstats import TraceSummary
-from mpaudit.perf_result import MemoryResult, SpeedResult, Speedup, activation_savings
+from mpaudit.numerics.layerstats import TraceSummary
+from mpaudit.results.codec import decode_float, encode_float
+from mpaudit.results.perf import MemoryResult, SpeedResult, Speedup, activation_savings
 
 SCHEMA_VERSION = 1
 """Bumped whenever a key CI scripts read changes meaning or moves; readers accept every older version."""

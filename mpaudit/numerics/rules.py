@@ -6,7 +6,7 @@ for the record), the numbers that fired it, and a concrete recommendation.
 
 The fp32 arm is the reference. Its histograms are what a tensor *would* hold without rounding, so "what
 would flush to zero in fp16 at the loss scale the fp16 arm used" is the fp32 histogram shifted by that
-scale (:func:`mpaudit.formats.what_if`). In the fp16 arm itself flushed values are already zeros, so its
+scale (:func:`mpaudit.numerics.formats.what_if`). In the fp16 arm itself flushed values are already zeros, so its
 excess of exact zeros over the fp32 arm's is the observed confirmation. A prediction becomes an ``error``
 only when the observation confirms it, and for gradients only when the flushed values are *significant*
 (at or above the model's 1st-percentile gradient magnitude: rounding noise of a gradient that is zero in
@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from mpaudit.errors import UsageError
-from mpaudit.formats import (
+from mpaudit.numerics.formats import (
     BF16,
     FP16,
     HIST_BINS,
@@ -35,7 +35,7 @@ from mpaudit.formats import (
     update_lost,
     what_if,
 )
-from mpaudit.layerstats import (
+from mpaudit.numerics.layerstats import (
     ACTIVATION,
     GRAD_OUTPUT,
     GRAD_PREFIX,
@@ -45,7 +45,7 @@ from mpaudit.layerstats import (
     is_gradient,
     is_update,
 )
-from mpaudit.result import ArmResult, Flag
+from mpaudit.results.model import ArmResult, Flag
 
 BASELINE_ARM = "fp32"
 SEVERITIES = ("error", "warning", "info")

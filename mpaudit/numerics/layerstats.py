@@ -8,8 +8,8 @@ A record describes one traced tensor of one layer ("role"):
 - ``grad_output``: the gradient w.r.t. that output (in the fp16 arm: multiplied by the loss scale);
 - ``grad:<param>``: the gradient of a parameter, e.g. ``grad:weight`` (fp16 arm: still scaled);
 - ``update:<param>``: the optimizer step r = Δw / 2^floor(log2|w|), the update in units of the weight's
-  binade, so that :func:`mpaudit.formats.update_lost` says which updates weights stored in fp16/bf16
-  would not register. Recorded over a fixed sample of at most ``mpaudit.trace.UPDATE_SAMPLE`` elements per
+  binade, so that :func:`mpaudit.numerics.formats.update_lost` says which updates weights stored in fp16/bf16
+  would not register. Recorded over a fixed sample of at most ``mpaudit.trace.tracer.UPDATE_SAMPLE`` elements per
   parameter, with counts and histogram only (max / min / sum are NaN). A zero weight's update is scaled by
   2^127, far above any format's loss edge.
 
@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from mpaudit.formats import (
+from mpaudit.numerics.formats import (
     FORMATS,
     HIST_BINS,
     HIST_MAX_EXP,
@@ -39,7 +39,7 @@ from mpaudit.formats import (
     update_lost,
     what_if,
 )
-from mpaudit.jsonfloat import decode_float
+from mpaudit.results.codec import decode_float
 
 ACTIVATION = "activation"
 GRAD_OUTPUT = "grad_output"
@@ -83,7 +83,7 @@ class TensorStats:
     ``max_abs``, ``min_nonzero_abs`` and ``sum_abs`` are over finite values; ``min_nonzero_abs`` is inf and
     ``max_abs`` 0 when there is no nonzero finite value; all three are NaN (not measured) for ``update:*``
     records, which keep only counts and the histogram to keep tracing cheap. ``hist`` is the binade histogram
-    of the nonzero finite values (layout in :mod:`mpaudit.formats`). ``dtype`` lists the dtypes seen.
+    of the nonzero finite values (layout in :mod:`mpaudit.numerics.formats`). ``dtype`` lists the dtypes seen.
     """
 
     count: int = 0
@@ -135,7 +135,7 @@ class TensorStats:
         return self.zeros / self.count if self.count else math.nan
 
     def what_if(self, fmt: str, scale_log2: int = 0) -> WhatIf:
-        """:func:`mpaudit.formats.what_if` on this record's histogram for the format named ``fmt``."""
+        """:func:`mpaudit.numerics.formats.what_if` on this record's histogram for the format named ``fmt``."""
         return what_if(self.hist, FORMATS[fmt], scale_log2)
 
     def merge(self, other: TensorStats) -> TensorStats:
@@ -327,7 +327,7 @@ class TraceSummary:
     def to_frame(self, grad_scale_log2: int = 0) -> pd.DataFrame:
         """One row per layer × role: the raw statistics and, for every format, what-if fractions.
 
-        Columns ``<fmt>_flush``, ``<fmt>_subnormal``, ``<fmt>_overflow`` hold :func:`~mpaudit.formats.what_if`
+        Columns ``<fmt>_flush``, ``<fmt>_subnormal``, ``<fmt>_overflow`` hold :func:`~mpaudit.numerics.formats.what_if`
         at the scale in force (gradients of a loss-scaled arm already include it; ``grad_scale_log2`` shifts
         gradient rows further, e.g. to ask how the fp32 arm's gradients would fare at the fp16 arm's scale).
         ``<fmt>_update_lost`` is filled for ``update:*`` rows, whose what-if columns are NaN.

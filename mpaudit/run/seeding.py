@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mpaudit.batches import iter_leaves
+from mpaudit.run.batches import iter_leaves
 
 FINGERPRINT_BATCHES = 3
 """How many leading training batches are hashed into an arm's data fingerprint."""

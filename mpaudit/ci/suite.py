@@ -28,9 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from mpaudit.atomic import atomic_write_text
 from mpaudit.errors import EXIT_GATE_FAILED, EXIT_OK, EXIT_USAGE, ResultError, UsageError
-from mpaudit.result import AuditResult
+from mpaudit.results.atomic import atomic_write_text
+from mpaudit.results.model import AuditResult
 
 TASK_FILE = "model.py"
 """A workload is a folder holding this file."""

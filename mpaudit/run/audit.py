@@ -11,15 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from mpaudit.arms import BASELINE, DEFAULT_ARMS, FP16_CPU_MODES, Arm, parse_arms, step_context
-from mpaudit.bench import DEFAULT_BENCH_SECONDS
-from mpaudit.distributed import DEFAULT_DIST_TIMEOUT_S, Parallel, RankFailed, check_options
-from mpaudit.env import collect_env, resolve_device, tf32_setting
+from mpaudit.ci.gate import AUTO, DEFAULT_NOISE_K, evaluate_gate, lower_is_better
+from mpaudit.ci.recommend import DEFAULT_VERIFY_BUDGET
 from mpaudit.errors import UsageError
-from mpaudit.gate import AUTO, DEFAULT_NOISE_K, evaluate_gate, lower_is_better
-from mpaudit.memory import parse_bytes
-from mpaudit.perf_result import MemoryResult, SpeedResult, Speedup
-from mpaudit.recommend import DEFAULT_VERIFY_BUDGET
-from mpaudit.result import (
+from mpaudit.numerics.rules import Thresholds, flag
+from mpaudit.perf.memory import parse_bytes
+from mpaudit.perf.speed import DEFAULT_BENCH_SECONDS
+from mpaudit.results.model import (
     ArmResult,
     AuditResult,
     DistributedInfo,
@@ -28,10 +26,12 @@ from mpaudit.result import (
     RankFailure,
     Recommendation,
 )
-from mpaudit.rules import Thresholds, flag
-from mpaudit.task import Task, load_task, preflight
-from mpaudit.trace import DEFAULT_TRACE_EVERY, select_modules
-from mpaudit.train import Progress, TrainSpec, train_arm
+from mpaudit.results.perf import MemoryResult, SpeedResult, Speedup
+from mpaudit.run.distributed import DEFAULT_DIST_TIMEOUT_S, Parallel, RankFailed, check_options
+from mpaudit.run.env import collect_env, resolve_device, tf32_setting
+from mpaudit.run.task import Task, load_task, preflight
+from mpaudit.run.train import Progress, TrainSpec, train_arm
+from mpaudit.trace.tracer import DEFAULT_TRACE_EVERY, select_modules
 
 DEFAULT_STEPS = 200
 """Optimizer steps per arm when neither ``steps`` nor ``epochs`` is given: under a minute for a small model on a CPU."""
@@ -127,7 +127,7 @@ def audit(
     """Train ``task`` once per arm from identical weights on identical batches, and return the result.
 
     Args:
-        task: path to a ``model.py`` (or an already loaded :class:`~mpaudit.task.Task`).
+        task: path to a ``model.py`` (or an already loaded :class:`~mpaudit.run.task.Task`).
         config: the options; keyword ``overrides`` replace single fields (``audit("m.py", steps=50)``).
         progress: receives per-step events (the CLI draws a progress bar from them).
         command: the command line recorded for reproduction (defaults to ``sys.argv``).
@@ -249,8 +249,8 @@ def _measure(
     timings and the largest rank's memory are reported, with every rank's figures beside them. A failure
     there ends the job (:class:`RankFailed`): a rank cannot skip a measurement its peers are stepping through.
     """
-    from mpaudit.bench import measure_speed
-    from mpaudit.memory import max_batch_for_budget, measure_memory
+    from mpaudit.perf.memory import max_batch_for_budget, measure_memory
+    from mpaudit.perf.speed import measure_speed
 
     perf = _Perf()
     ran = [a for a in arms if results[a.name].status != "failed"]
@@ -346,7 +346,7 @@ def _verify(
 ) -> tuple[list[Recommendation], dict[str, ArmResult]]:
     """The verification phase: each recommendation trained as an extra arm (main seed, same batches, no
     tracing), at most ``verify_budget`` runs in all."""
-    from mpaudit.recommend import Criteria, recommend
+    from mpaudit.ci.recommend import Criteria, recommend
 
     baseline = results.get(BASELINE)
     if baseline is None or baseline.status != "ok":
@@ -382,7 +382,7 @@ def _shadow(
 
     Under DDP every rank runs it on its own full copy of the weights (no collectives); under FSDP the
     weights are sharded across ranks, so it is left out."""
-    from mpaudit.shadow import layer_errors
+    from mpaudit.trace.shadow import layer_errors
 
     if parallel.active and not parallel.params_replicated:
         return {}, "Per-layer error attribution is not run under FSDP (each rank holds a shard of the weights)."
