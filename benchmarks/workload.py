@@ -45,3 +45,53 @@ def mlp_task(name: str) -> Task:
     module.train_loader = lambda: [batch()]  # type: ignore[attr-defined]
     module.loss_fn = loss_fn  # type: ignore[attr-defined]
     return Task(path=Path(f"{name}.py"), sha256="", module=module)
+
+
+# Models with many small layers, for the tracing benchmark: a traced step's cost follows the number of traced
+# tensors, which these have plenty of (the MLP above has five large layers).
+
+MANY_BLOCKS = 200
+"""Blocks of ``Linear(64, 64)`` + ReLU in :func:`many_layers` (400 leaf modules, plus the head)."""
+MANY_WIDTH = 64
+MANY_BATCH = 32
+
+
+def many_layers() -> nn.Module:
+    """200 x (Linear 64 -> 64 + ReLU), then a Linear 64 -> 10 head: 401 leaf modules, all of them small."""
+    layers: list[nn.Module] = []
+    for _ in range(MANY_BLOCKS):
+        layers += [nn.Linear(MANY_WIDTH, MANY_WIDTH), nn.ReLU()]
+    layers.append(nn.Linear(MANY_WIDTH, 10))
+    return nn.Sequential(*layers)
+
+
+def many_batch(seed: int = SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fixed (x, y) batch for :func:`many_layers`."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(MANY_BATCH, MANY_WIDTH, generator=g), torch.randint(0, 10, (MANY_BATCH,), generator=g)
+
+
+GPT2_CONTEXT = 32
+GPT2_BATCH = 8
+GPT2_VOCAB = 256
+
+
+def gpt2_tiny() -> nn.Module:
+    """A GPT-2 built from a config (nothing downloads): 2 blocks, 64 wide, 4 heads, byte vocabulary, no dropout.
+
+    Needs the optional ``transformers`` package.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=GPT2_VOCAB, n_positions=GPT2_CONTEXT, n_embd=64, n_layer=2, n_head=4,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def gpt2_batch(seed: int = SEED) -> dict[str, torch.Tensor]:
+    """One fixed batch of random byte ids, as an HF causal LM takes it (it shifts ``labels`` itself)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, GPT2_VOCAB, (GPT2_BATCH, GPT2_CONTEXT), generator=g)
+    return {"input_ids": ids, "labels": ids.clone()}

@@ -2,32 +2,30 @@
 
 ``Tracer`` hooks the selected modules of the user's model. On a traced step every floating tensor it
 sees (module outputs, the gradients flowing into them, parameter gradients, optimizer updates) is reduced
-on the device into one preallocated int64 buffer: a histogram of the fp32 bit pattern's top bits (sign,
-exponent, first mantissa bit), the nonzero count, and the finite sum / max / min-nonzero of |x|. Nothing
-comes to the host until :meth:`Tracer.finish_step`, which copies that buffer once and folds it into
-:class:`~mpaudit.numerics.layerstats.TraceSummary` records. fp16 and bf16 tensors are widened to fp32 first, which
-is exact, so their exponents are binned exactly and their sums cannot overflow.
+on the device into one preallocated int64 buffer (:class:`~mpaudit.trace.reduce.StatsRows`): a histogram of
+the fp32 bit pattern's top bits (sign, exponent, first mantissa bit), the nonzero count, and the finite
+sum / max / min-nonzero of |x|. Small tensors are staged and reduced together, so a traced step costs a few
+batched reductions rather than ten passes per tensor. Nothing comes to the host until
+:meth:`Tracer.finish_step`, which copies that buffer once and folds it into
+:class:`~mpaudit.numerics.layerstats.TraceSummary` records. fp16 and bf16 tensors are widened to fp32 first,
+which is exact, so their exponents are binned exactly and their sums cannot overflow.
 
-Untraced steps cost one attribute check per hook call. ``TraceSchedule`` decides which steps are traced.
-On a CPU the reductions run on one thread (see :func:`_cpu_threads` for why).
+The hook is registered by ``start_step`` and removed by ``finish_step``: untraced steps run the model without
+any. ``TraceSchedule`` decides which steps are traced.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from mpaudit.errors import UsageError
-from mpaudit.numerics.formats import HIST_BINS, HIST_MIN_EXP
 from mpaudit.numerics.layerstats import (
     ACTIVATION,
     GRAD_OUTPUT,
@@ -39,6 +37,7 @@ from mpaudit.numerics.layerstats import (
     TraceSummary,
 )
 from mpaudit.run.distributed import SINGLE, Parallel, local_shard
+from mpaudit.trace.reduce import STAGE_LIMIT, StatsRows, fold, slot_width
 
 DEFAULT_TRACE_EVERY = 50
 """Trace step 0 and every 50th step after it. On ``benchmarks/trace_overhead.py``'s MLP a traced step
@@ -61,55 +60,7 @@ MAX_ANOMALY_TRACES = 20
 """At most this many extra steps are traced because of anomalies, so an fp16 arm that skips step after
 step does not end up traced on every step."""
 
-
-@contextlib.contextmanager
-def _cpu_threads(n: int) -> Iterator[None]:
-    """Limit torch's intra-op CPU threads to ``n`` inside the block, restoring the setting after it.
-
-    The tracer reduces CPU tensors on one thread. Its passes are memory-bound, so more threads gain little
-    on a quiet machine, while on a busy one every parallel pass waits for its slowest thread, up to a
-    scheduler time slice per pass (measured on a shared 2-core machine, MLP benchmark: a traced step cost
-    1.4-2.6x an untraced one with two threads, 1.1x with one).
-    """
-    before = torch.get_num_threads()
-    if before <= n:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-CHUNK = 1 << 20
-"""Tensors are reduced in chunks of at most this many elements (all statistics merge), so the two work
-buffers stay at 8 MiB however large a layer is, and a chunk's ten passes run out of the CPU's cache rather
-than main memory (on the benchmark MLP's gradients: 31 ms a step at 2^20, 40 ms at 2^22). A chunk's
-nonzero count is summed in fp32, exact below 2^24."""
-
-# Layout of one row of the on-device statistics buffer (int64; float columns hold float64 bit patterns).
-_KEY_SHIFT = 22
-"""fp32 bits >> 22 keeps sign (1 bit), exponent (8) and the top mantissa bit (1): that bit tells a (quiet)
-NaN from an infinity in the all-ones exponent. A signalling NaN with that bit clear would count as ±Inf;
-arithmetic never produces one."""
-_KEY_BINS = 1 << 10
-_KEY_MASK = _KEY_BINS - 1
-_COL_NONZERO = _KEY_BINS  # float64: nonzero count (exact below 2^53)
-_COL_SUM = _KEY_BINS + 1  # float64: sum of finite |x|
-_COL_MAX = _KEY_BINS + 2  # float64: max of finite |x|
-_COL_MIN = _KEY_BINS + 3  # int: min over 2*bits + _MIN_KEY_ZERO (int32 wrap) of finite values
-_ROW_WIDTH = _KEY_BINS + 4
-_INT32_MAX = 0x7FFFFFFF
-_MIN_KEY_ZERO = 2**31 - 2
-"""g = 2*bits + this, in wrapping int32, is 2u - 2^31 - 2 for |x|'s pattern u >= 1 (monotone, from INT32_MIN
-up to below this) and exactly this for +-0: the min of g over a tensor is its min nonzero |x|."""
-_FP32_BIAS = 127
-_FP32_MANTISSA = 23
-_FP32_EXP_ALL_ONES = 255
 _FP32_EXP_MASK = 0x7F800000
-_FIRST_FIELD = _FP32_BIAS + HIST_MIN_EXP  # exponent field of the first histogram bin's binade
-_LAST_FIELD = _FIRST_FIELD + HIST_BINS - 1  # ... and of the last bin's
 _FP32_TWO_POW_MINUS_E = 0x7F000000
 
 
@@ -198,6 +149,21 @@ def _floating_tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
             yield from _floating_tensors(value, depth + 1)
 
 
+class _UpdateBlock:
+    """The sampled weights of parameters whose samples share a row width, before and after the optimizer step:
+    row i holds parameter i's sample (fp32), then zeros, so the relative updates of all of them are computed
+    and reduced in one go."""
+
+    def __init__(self, params: list[nn.Parameter], rows: list[int], sizes: list[int], width: int,
+                 stats: StatsRows, device: torch.device) -> None:
+        self.params, self.rows, self.sizes = params, rows, sizes
+        self.index = stats.index(rows)
+        self.before = torch.zeros((len(params), width), dtype=torch.float32, device=device)
+        self.after = torch.zeros_like(self.before)
+        self.before_slots = [self.before[i, :n] for i, n in enumerate(sizes)]
+        self.after_slots = [self.after[i, :n] for i, n in enumerate(sizes)]
+
+
 class Tracer:
     """Per-layer numerics of one model during training. Use as ``with tracer:`` around the training loop.
 
@@ -205,11 +171,10 @@ class Tracer:
     ``after_optimizer_step`` (optional, for update statistics) → ``finish_step``. Every method is a no-op
     on an untraced step, so the loop may call them unconditionally.
 
-    In a distributed job (``parallel``), ``finish_step`` merges the ranks' statistics with two all-reduces
-    of packed buffers whose size does not grow with the world: a sum of the counts, histograms and sums, and
-    a max of the extremes (max |x| and, negated, the min-nonzero key). Activations and output gradients are
-    each rank's own batch shard, so they add up; parameter gradients and updates add up when each rank holds
-    a shard of them (FSDP) and count once, rank 0's, when every rank holds the same full copy (DDP).
+    In a distributed job (``parallel``), ``finish_step`` merges the ranks' statistics (see
+    :meth:`~mpaudit.trace.reduce.StatsRows.collect`). Activations and output gradients are each rank's own
+    batch shard, so they add up; parameter gradients and updates add up when each rank holds a shard of them
+    (FSDP) and count once, rank 0's, when every rank holds the same full copy (DDP).
     """
 
     def __init__(
@@ -233,19 +198,21 @@ class Tracer:
             rows += [(layer, UPDATE_PREFIX + rel) for layer, rel, _ in self._params]
         self._rows = rows
         self._row_of = {key: i for i, key in enumerate(rows)}
+        self._grad_rows = [self._row_of[(layer, GRAD_PREFIX + rel)] for layer, rel, _ in self._params]
         self._param_rows = [i for i, (_, role) in enumerate(rows) if role.startswith((GRAD_PREFIX, UPDATE_PREFIX))]
-        self._handles: list[RemovableHandle] = []
+        self._stats = StatsRows(len(rows))
+        self._hooked: dict[int, tuple[str, int, Callable[[torch.Tensor], None]]] = {}
+        self._attached = False
+        self._handle: RemovableHandle | None = None
         self._active = False
         self._step = 0
         self._loss_scale: float | None = None
         self._merged = TraceSummary()
-        self._buf: torch.Tensor | None = None
-        self._f32: torch.Tensor | None = None
-        self._i32: torch.Tensor | None = None
-        self._snapshots: dict[int, torch.Tensor] = {}
+        self._update_blocks: list[_UpdateBlock] | None = None
+        self._update_scratch: torch.Tensor | None = None
         self._sample_idx: dict[int, torch.Tensor] = {}
         self._snapshot_taken = False
-        self._consts: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+        self._consts: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._reset_host()
 
     # ------------------------------------------------------------------ selection
@@ -277,24 +244,27 @@ class Tracer:
     # ------------------------------------------------------------------ attach / detach
 
     def attach(self) -> Tracer:
-        """Register the forward hooks (inert until ``start_step``)."""
-        if self._handles:
+        """Get ready to trace. Nothing is registered on the model yet: ``start_step`` adds one global forward
+        hook and ``finish_step`` removes it (adding and removing a hook per module would cost ~8 µs each)."""
+        if self._attached:
             return self
         modules = dict(self.model.named_modules())
         for path in self.paths:
             layer = layer_name(path)
-            hook = self._make_forward_hook(layer, self._row_of[(layer, ACTIVATION)], self._row_of[(layer, GRAD_OUTPUT)])
-            self._handles.append(modules[path].register_forward_hook(hook))
+            grad_hook = self._make_grad_hook(layer, self._row_of[(layer, GRAD_OUTPUT)])
+            self._hooked[id(modules[path])] = (layer, self._row_of[(layer, ACTIVATION)], grad_hook)
+        self._attached = True
         return self
 
     def detach(self) -> None:
-        """Remove every hook and free the device buffers; the model is left exactly as it was."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        """Remove the hook and free the device buffers; the model is left exactly as it was."""
+        self._remove_hook()
+        self._hooked.clear()
+        self._attached = False
         self._active = False
-        self._buf = self._f32 = self._i32 = None
-        self._snapshots.clear()
+        self._stats.release()
+        self._update_blocks = None
+        self._update_scratch = None
         self._consts.clear()
 
     def __enter__(self) -> Tracer:
@@ -305,62 +275,77 @@ class Tracer:
     ) -> None:
         self.detach()
 
+    def _remove_hook(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
     # ------------------------------------------------------------------ the step protocol
 
     def start_step(self, step: int, loss_scale: float | None = None) -> None:
         """Trace the next forward/backward as step ``step``; ``loss_scale`` is the GradScaler scale in force."""
-        if not self._handles:
-            raise RuntimeError("Tracer.start_step() needs attached hooks: call it inside `with tracer:`.")
-        device = self._device()
-        if self._buf is None or self._buf.device != device:
-            self._buf = torch.empty((len(self._rows), _ROW_WIDTH), dtype=torch.int64, device=device)
-        self._buf.zero_()
-        self._buf[:, _COL_MIN].fill_(_INT32_MAX)
+        if not self._attached:
+            raise RuntimeError("Tracer.start_step() needs an attached tracer: call it inside `with tracer:`.")
+        self._stats.start(self._device())
         self._reset_host()
         self._step, self._loss_scale = step, loss_scale
         self._snapshot_taken = False
+        if self._handle is None:
+            self._handle = nn.modules.module.register_module_forward_hook(self._forward_hook)
         self._active = True
 
     def after_backward(self) -> None:
         """Record parameter gradients (fp16 arm: still multiplied by the loss scale) and, when update
-        statistics are on, keep a copy of the weights to diff after the optimizer step."""
+        statistics are on, keep a copy of the (sampled) weights to diff after the optimizer step."""
         if not self._active:
             return
         with torch.no_grad():
-            for layer, rel, param in self._params:
+            rows: list[int] = []
+            grads: list[torch.Tensor] = []
+            for row, (_, _, param) in zip(self._grad_rows, self._params, strict=True):
                 grad = param.grad
                 if grad is None or grad.is_sparse:
                     continue
-                self._accumulate(self._row_of[(layer, GRAD_PREFIX + rel)], local_shard(grad))
+                rows.append(row)
+                grads.append(local_shard(grad))
+            self._stats.add_all(rows, grads)
             if self.updates:
-                for _, _, param in self._params:
-                    self._snapshot(param)
+                self._gather_samples(after=False)
                 self._snapshot_taken = True
 
     def after_optimizer_step(self) -> None:
-        """Record each parameter's update relative to its weight's binade (see ``mpaudit.numerics.layerstats``)."""
+        """Record each parameter's update relative to its weight's binade (see ``mpaudit.numerics.layerstats``):
+        r = (w_after - w_before) / 2^floor(log2|w_before|) over the sampled elements, built from the fp32 bit
+        pattern (no division, so the binade of r is exactly that of Δw minus that of w)."""
         if not (self._active and self._snapshot_taken):
             return
-        with torch.no_grad():
-            for layer, rel, param in self._params:
-                self._accumulate_update(self._row_of[(layer, UPDATE_PREFIX + rel)], param)
         self._snapshot_taken = False
+        with torch.no_grad():
+            blocks = self._gather_samples(after=True)
+            for block in blocks:
+                k = self._int32_scratch(block.before.numel()).view(block.before.shape)
+                # The pattern of 2^-e for w's exponent field E is (254 - E) << 23 = 0x7F000000 - (w & 0x7F800000).
+                # (A zero or fp32-subnormal weight, padding included, gets the factor 2^127: its update lands far
+                # above any loss edge, and padding stays 0.)
+                torch.bitwise_and(block.before.view(torch.int32), _FP32_EXP_MASK, out=k)
+                torch.sub(self._const(_FP32_TWO_POW_MINUS_E, block.before.device), k, out=k)
+                block.after.sub_(block.before).mul_(k.view(torch.float32))
+                self._stats.add_block(block.after, block.index, block.rows, block.sizes, full=False)
 
     def finish_step(self) -> TraceSummary | None:
         """End the traced step: one device-to-host copy, folded into this step's summary (None if untraced)."""
-        if not self._active or self._buf is None:
+        if not self._active:
             return None
         self._active = False
-        if not self._parallel.active:
-            host = self._buf.to("cpu", copy=True).numpy()  # the one device-to-host copy of the step
-            counts = self._counts
-        else:
-            host, counts = self._merge_ranks()
+        self._remove_hook()
+        replicated = self._param_rows if self._parallel.params_replicated else []
+        host, counts = self._stats.collect(self._parallel, replicated)
         rows = [row for row, count in enumerate(counts) if count]
-        records = _fold(host[rows], [counts[r] for r in rows], [self._partial[r] for r in rows])
+        partial = self._stats.partial
+        records = fold(host[rows], [counts[r] for r in rows], [partial[r] for r in rows])
         stats: dict[tuple[str, str], TensorStats] = {}
         for row, record in zip(rows, records, strict=True):
-            stats[self._rows[row]] = replace(record, dtype=",".join(sorted(self._dtypes[row])))
+            stats[self._rows[row]] = replace(record, dtype=",".join(sorted(self._stats.dtypes[row])))
         forward = list(self._forward_order)
         recorded = {layer for layer, _ in stats}
         # forward order, then layers seen only through their parameters, in module order (root last)
@@ -376,35 +361,34 @@ class Tracer:
         self._merged = self._merged.merge(summary)
         return summary
 
-    def _merge_ranks(self) -> tuple[np.ndarray, list[int]]:
-        """Every rank's statistics rows and element counts, merged by two all-reduces; returned on the host in
-        the buffer's layout. fp64 carries the counts exactly (below 2^53) and the int32-range min keys."""
-        assert self._buf is not None
-        buf, f64 = self._buf, self._buf.view(torch.float64)
-        counts = torch.tensor(self._counts, dtype=torch.float64).to(buf.device)
-        added = torch.cat([buf[:, :_KEY_BINS].to(torch.float64), f64[:, [_COL_NONZERO, _COL_SUM]], counts[:, None]], 1)
-        extremes = torch.stack([f64[:, _COL_MAX], -buf[:, _COL_MIN].to(torch.float64)], 1)
-        if self._parallel.params_replicated and not self._parallel.is_main:  # DDP: the same gradients on every rank
-            added[self._param_rows] = 0.0
-            extremes[self._param_rows] = torch.tensor([0.0, -float(_INT32_MAX)], dtype=torch.float64, device=buf.device)
-        self._parallel.all_reduce(added, "sum")
-        self._parallel.all_reduce(extremes, "max")
-        total, top = added.to("cpu").numpy(), extremes.to("cpu").numpy()
-        merged = np.zeros((len(self._rows), _ROW_WIDTH), dtype=np.int64)
-        merged[:, :_KEY_BINS] = total[:, :_KEY_BINS].astype(np.int64)
-        floats = merged.view(np.float64)
-        floats[:, _COL_NONZERO], floats[:, _COL_SUM] = total[:, _KEY_BINS], total[:, _KEY_BINS + 1]
-        floats[:, _COL_MAX] = top[:, 0]
-        merged[:, _COL_MIN] = (-top[:, 1]).astype(np.int64)
-        return merged, [int(c) for c in total[:, -1]]
-
     def summary(self) -> TraceSummary:
         """The merge of every finished step (kept merged as steps finish, so memory does not grow)."""
         return self._merged
 
     # ------------------------------------------------------------------ hooks
 
-    def _make_forward_hook(self, layer: str, row_act: int, row_grad: int) -> Any:
+    def _forward_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        """The global forward hook of a traced step: records the outputs of the traced modules (and only theirs)."""
+        entry = self._hooked.get(id(module))
+        if entry is None or not self._active:
+            return
+        layer, row, grad_hook = entry
+        if layer not in self._forward_seen:
+            self._forward_seen.add(layer)
+            self._forward_order.append(layer)
+        tensors = list(_floating_tensors(output))
+        with torch.no_grad():
+            for t in tensors:
+                self._stats.add(row, t.detach())  # copied or reduced now: later in-place ops do not matter
+        # A tensor hook, not a module backward hook: full backward hooks wrap the output in a custom
+        # autograd function, which breaks in-place ops (ReLU(inplace=True)) applied to it downstream.
+        # (Leaf outputs, e.g. a parameter returned as is, are skipped: a hook on them would outlive
+        # the step, and their gradient is recorded as ``grad:<param>`` anyway.)
+        for t in tensors:
+            if t.requires_grad and not t.is_leaf:
+                t.register_hook(grad_hook)
+
+    def _make_grad_hook(self, layer: str, row: int) -> Callable[[torch.Tensor], None]:
         def grad_hook(grad: torch.Tensor) -> None:
             if not self._active:
                 return
@@ -412,29 +396,11 @@ class Tracer:
                 self._backward_seen.add(layer)
                 self._backward_order.append(layer)
             with torch.no_grad():
-                self._accumulate(row_grad, grad)
+                self._stats.add(row, grad)  # copied or reduced now, before autograd passes it on
 
-        def forward_hook(module: nn.Module, args: Any, output: Any) -> None:
-            if not self._active:
-                return
-            if layer not in self._forward_seen:
-                self._forward_seen.add(layer)
-                self._forward_order.append(layer)
-            tensors = list(_floating_tensors(output))
-            with torch.no_grad():
-                for t in tensors:
-                    self._accumulate(row_act, t.detach())
-            # A tensor hook, not a module backward hook: full backward hooks wrap the output in a custom
-            # autograd function, which breaks in-place ops (ReLU(inplace=True)) applied to it downstream.
-            # (Leaf outputs, e.g. a parameter returned as is, are skipped: a hook on them would outlive
-            # the step, and their gradient is recorded as ``grad:<param>`` anyway.)
-            for t in tensors:
-                if t.requires_grad and not t.is_leaf:
-                    t.register_hook(grad_hook)
+        return grad_hook
 
-        return forward_hook
-
-    # ------------------------------------------------------------------ on-device reductions
+    # ------------------------------------------------------------------ update samples
 
     def _device(self) -> torch.device:
         for _, _, param in self._params:
@@ -442,75 +408,6 @@ class Tracer:
         for buffer in self.model.buffers():
             return buffer.device
         return torch.device("cpu")
-
-    def _scratch(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat fp32 and int32 work buffers of at least ``n`` (<= CHUNK) elements, grown as needed."""
-        if self._f32 is None or self._f32.numel() < n or self._f32.device != device:
-            size = max([n] + [min(p.numel(), CHUNK) for _, _, p in self._params if p.device == device])
-            self._f32 = torch.empty(size, dtype=torch.float32, device=device)
-            self._i32 = torch.empty(size, dtype=torch.int32, device=device)
-        assert self._i32 is not None
-        return self._f32[:n], self._i32[:n]
-
-    def _accumulate(self, row: int, t: torch.Tensor, full: bool = True) -> None:
-        """Add ``t``'s statistics to buffer row ``row``: all on the device, no host sync, fixed sizes.
-
-        About ten memory passes over ``t``, chunk by chunk (every statistic merges); ``full=False`` (update
-        rows) stops after the histogram and the nonzero count, leaving max / min / sum unmeasured.
-        """
-        n = t.numel()
-        if n == 0 or self._buf is None:
-            return
-        self._counts[row] += n
-        self._dtypes[row].add(str(t.dtype).removeprefix("torch."))
-        self._partial[row] = self._partial[row] or not full
-        flat = t.reshape(-1)
-        with _cpu_threads(1) if t.device.type == "cpu" else contextlib.nullcontext():
-            for start in range(0, n, CHUNK):
-                self._reduce(row, flat[start : start + CHUNK], full)
-
-    def _reduce(self, row: int, t: torch.Tensor, full: bool) -> None:
-        """One chunk (a flat tensor) into row ``row``."""
-        n = t.numel()
-        assert self._buf is not None
-        f, k = self._scratch(n, t.device)
-        if t.dtype == torch.float32 and t.is_contiguous():
-            x = t
-        else:
-            f.copy_(t)  # widening fp16/bf16 to fp32 is exact
-            x = f
-        buf = self._buf
-        x_is_scratch = x.data_ptr() == f.data_ptr()
-        torch.bitwise_right_shift(x.view(torch.int32), _KEY_SHIFT, out=k)
-        k.bitwise_and_(_KEY_MASK)
-        if t.device.type == "cpu":  # bincount is ~30% faster on CPU; k < _KEY_BINS, so its size is fixed
-            buf[row, :_KEY_BINS].add_(torch.bincount(k, minlength=_KEY_BINS))
-        else:  # (on CUDA bincount reads the max back to size its output: a host sync)
-            buf[row, :_KEY_BINS].index_add_(0, k, self._ones(n, t.device))
-        if not full:
-            # here non-finite values count as nonzero
-            buf[row].view(torch.float64)[_COL_NONZERO].add_(torch.count_nonzero(x))
-            return
-        # |x| with non-finite values zeroed: max / sum / min / nonzero count over finite values only
-        if x_is_scratch:
-            f.abs_()
-        else:
-            torch.abs(x, out=f)
-        f.nan_to_num_(0.0, 0.0, 0.0)
-        # sign(|x|) is 1 or 0: its fp32 sum is the exact nonzero count (chunk < 2^24), ~2x faster than
-        # count_nonzero on a CPU. The int32 scratch holds it until the min pass below overwrites it.
-        ones = k.view(torch.float32)
-        torch.sign(f, out=ones)
-        floats = buf[row].view(torch.float64)
-        floats[_COL_NONZERO].add_(ones.sum())
-        col_max = floats[_COL_MAX : _COL_MAX + 1]
-        torch.maximum(col_max, f.amax().view(1), out=col_max)
-        floats[_COL_SUM].add_(f.sum())  # fp32 accumulation: fp64 is ~10x slower on CPU
-        # min nonzero |x| in one pass: g = 2*bits + C (int32, wrapping) is monotone in |x| for x != 0 and
-        # sends 0 (zeros and the zeroed non-finite values) to C, above every nonzero value.
-        torch.add(self._const(_MIN_KEY_ZERO, t.device), f.view(torch.int32), alpha=2, out=k)
-        col_min = buf[row, _COL_MIN : _COL_MIN + 1]
-        torch.minimum(col_min, k.amin().view(1), out=col_min)
 
     def _sample(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The flat parameter and the fixed element sample its update statistics use (None: all elements)."""
@@ -525,53 +422,60 @@ class Tracer:
             self._sample_idx[id(param)] = idx
         return flat, idx
 
-    def _snapshot(self, param: torch.Tensor) -> None:
-        """Keep the (sampled) weights before the optimizer step, in fp32."""
-        flat, idx = self._sample(param)
-        n = flat.numel() if idx is None else idx.numel()
-        snap = self._snapshots.get(id(param))
-        if snap is None or snap.device != flat.device:
-            snap = self._snapshots[id(param)] = torch.empty(n, dtype=torch.float32, device=flat.device)
-        if idx is None:
-            snap.copy_(flat)
-        else:
-            snap.copy_(flat.index_select(0, idx))
+    def _blocks(self) -> list[_UpdateBlock]:
+        """The update samples' layout: parameters grouped by row width, at most ``STAGE_LIMIT`` elements a block."""
+        device = self._device()
+        if self._update_blocks is not None and all(b.before.device == device for b in self._update_blocks):
+            return self._update_blocks
+        groups: dict[int, list[tuple[nn.Parameter, int, int]]] = {}
+        for layer, rel, param in self._params:
+            n = min(local_shard(param.detach()).numel(), UPDATE_SAMPLE)
+            if n:
+                groups.setdefault(slot_width(n), []).append((param, self._row_of[(layer, UPDATE_PREFIX + rel)], n))
+        blocks = []
+        for width, members in groups.items():
+            per_block = max(1, STAGE_LIMIT // width)
+            for i in range(0, len(members), per_block):
+                part = members[i : i + per_block]
+                blocks.append(_UpdateBlock([p for p, _, _ in part], [r for _, r, _ in part], [n for _, _, n in part],
+                                           width, self._stats, device))
+        self._update_blocks = blocks
+        return blocks
 
-    def _accumulate_update(self, row: int, param: torch.Tensor) -> None:
-        """Record r = (w_after - w_before) / 2^floor(log2|w_before|) over the sampled elements, built from
-        the fp32 bit pattern (no division, so the binade of r is exactly that of Δw minus that of w)."""
-        before = self._snapshots[id(param)]
-        flat, idx = self._sample(param)
-        n = before.numel()
-        if n == 0:
-            return
-        f, k = self._scratch(n, flat.device)
-        # The pattern of 2^-e for w's exponent field E is (254 - E) << 23 = 0x7F000000 - (w & 0x7F800000).
-        # (A zero or fp32-subnormal weight gets the factor 2^127: its update lands far above any loss edge.)
-        torch.bitwise_and(before.view(torch.int32), _FP32_EXP_MASK, out=k)
-        torch.sub(self._const(_FP32_TWO_POW_MINUS_E, flat.device), k, out=k)
-        after = flat if idx is None else flat.index_select(0, idx)
-        torch.sub(after, before, out=f)
-        f.mul_(k.view(torch.float32))
-        self._accumulate(row, f, full=False)
+    def _gather_samples(self, after: bool) -> list[_UpdateBlock]:
+        """Copy every parameter's (sampled) weights into the blocks' ``before`` or ``after`` rows: one
+        ``_foreach_copy_`` for the unsampled parameters, one ``index_select`` per sampled one."""
+        blocks = self._blocks()
+        dsts: list[torch.Tensor] = []
+        srcs: list[torch.Tensor] = []
+        for block in blocks:
+            for param, slot in zip(block.params, block.after_slots if after else block.before_slots, strict=True):
+                flat, idx = self._sample(param)
+                if idx is None:
+                    dsts.append(slot)
+                    srcs.append(flat)
+                else:
+                    torch.index_select(flat, 0, idx, out=slot)
+        if dsts:
+            torch._foreach_copy_(dsts, srcs)
+        return blocks
 
-    def _ones(self, n: int, device: torch.device) -> torch.Tensor:
-        return self._const(1, device, torch.int64).expand(n)
+    def _int32_scratch(self, n: int) -> torch.Tensor:
+        if self._update_scratch is None or self._update_scratch.numel() < n:
+            self._update_scratch = torch.empty(n, dtype=torch.int32, device=self._device())
+        return self._update_scratch[:n]
 
-    def _const(self, value: int, device: torch.device, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-        """A cached 0-d device tensor (so no host-to-device copy per call)."""
-        key = (value, device, dtype)
+    def _const(self, value: int, device: torch.device) -> torch.Tensor:
+        """A cached 0-d int32 device tensor (so no host-to-device copy per call)."""
+        key = (value, device)
         c = self._consts.get(key)
         if c is None:
-            c = self._consts[key] = torch.tensor(value, dtype=dtype, device=device)
+            c = self._consts[key] = torch.tensor(value, dtype=torch.int32, device=device)
         return c
 
     # ------------------------------------------------------------------ host side
 
     def _reset_host(self) -> None:
-        self._counts = [0] * len(self._rows)
-        self._partial = [False] * len(self._rows)
-        self._dtypes: list[set[str]] = [set() for _ in self._rows]
         self._forward_order: list[str] = []
         self._forward_seen: set[str] = set()
         self._backward_order: list[str] = []
@@ -600,48 +504,3 @@ class Tracer:
             if layer in bad:
                 return NonfiniteSite(layer, bad[layer], self._step)
         return None
-
-
-def _fold(rows: np.ndarray, counts: list[int], partial: list[bool]) -> list[TensorStats]:
-    """Turn buffer rows (key histogram and reductions) into :class:`TensorStats`, all rows at once."""
-    key = rows[:, :_KEY_BINS].reshape(-1, 2, 256, 2)  # row, sign, exponent field, top mantissa bit
-    per_field = key.sum(axis=(1, 3))
-    # exponent field E holds binade E - 127: fields up to _FIRST_FIELD clamp into bin 0, fields from
-    # _LAST_FIELD up (but not 255: inf/NaN) into the last bin; field 0 (zero/subnormal) is handled below
-    hist = np.empty((len(counts), HIST_BINS), dtype=np.int64)
-    hist[:, 0] = per_field[:, 1 : _FIRST_FIELD + 1].sum(axis=1)
-    hist[:, 1:-1] = per_field[:, _FIRST_FIELD + 1 : _LAST_FIELD]
-    hist[:, -1] = per_field[:, _LAST_FIELD:_FP32_EXP_ALL_ONES].sum(axis=1)
-    nonfinite = per_field[:, _FP32_EXP_ALL_ONES]
-    # the nonzero column counts finite values for full records, finite and non-finite ones for partial ones
-    nonzero = rows.view(np.float64)[:, _COL_NONZERO].astype(np.int64)
-    zeros = np.asarray(counts, dtype=np.int64) - nonzero - np.where(partial, 0, nonfinite)
-    hist[:, 0] += per_field[:, 0] - zeros  # fp32 subnormals: below 2^-126, so in the clamped first bin
-    nan = key[:, :, _FP32_EXP_ALL_ONES, 1].sum(axis=1)
-    floats = rows.view(np.float64)
-    out = []
-    for i, count in enumerate(counts):
-        min_key = int(rows[i, _COL_MIN])
-        if partial[i]:
-            max_abs = min_nonzero = sum_abs = math.nan
-        else:
-            max_abs, sum_abs = float(floats[i, _COL_MAX]), float(floats[i, _COL_SUM])
-            min_nonzero = math.inf if min_key >= _MIN_KEY_ZERO else _f32_from_bits((min_key + 2**31 + 2) // 2)
-        out.append(
-            TensorStats(
-                count=count,
-                zeros=int(zeros[i]),
-                nan=int(nan[i]),
-                posinf=int(key[i, 0, _FP32_EXP_ALL_ONES, 0]),
-                neginf=int(key[i, 1, _FP32_EXP_ALL_ONES, 0]),
-                max_abs=max_abs,
-                min_nonzero_abs=min_nonzero,
-                sum_abs=sum_abs,
-                hist=hist[i].copy(),
-            )
-        )
-    return out
-
-
-def _f32_from_bits(bits: int) -> float:
-    return float(np.array([bits], dtype=np.int32).view(np.float32)[0])

@@ -1,0 +1,501 @@
+"""Statistics of many tensors reduced on the device in a few batched passes, into one int64 buffer.
+
+Each traced tensor adds to a numbered row of the buffer: a histogram of its fp32 bit pattern's top bits (sign,
+exponent, first mantissa bit), its finite nonzero count, and the finite sum / max / min-nonzero of |x|. Nothing
+comes to the host until :meth:`StatsRows.collect`, which copies the buffer once (or merges it across ranks).
+fp16 and bf16 tensors are widened to fp32 first, which is exact.
+
+Reducing a tensor takes about ten passes, each one kernel launch (about 0.1 ms of fixed cost per tensor on a CPU)
+whatever its size. So only large tensors are reduced as they arrive, chunk by chunk. A small one (most tensors of
+most models) is copied into a staging block, one row per tensor padded with zeros to the block's width, and the
+rows of a block are reduced together when staging fills up or the step's statistics are collected: the same ten
+passes, now over (tensors x width) at once, with one ``bincount`` binning every row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from mpaudit.numerics.formats import HIST_BINS, HIST_MIN_EXP
+from mpaudit.numerics.layerstats import TensorStats
+from mpaudit.run.distributed import Parallel
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    """Limit torch's intra-op CPU threads to ``n`` inside the block, restoring the setting after it.
+
+    Reductions run on one thread. Their passes are memory-bound, so more threads gain little on a quiet machine,
+    while on a busy one every parallel pass waits for its slowest thread, up to a scheduler time slice per pass
+    (measured on a shared 2-core machine, MLP benchmark: a traced step cost 1.4-2.6x an untraced one with two
+    threads, 1.1x with one; ``bincount`` over many rows was 40x slower on two threads than on one).
+    """
+    before = torch.get_num_threads()
+    if before <= n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+CHUNK = 1 << 20
+"""Large tensors are reduced in chunks of at most this many elements (all statistics merge), so the two work
+buffers stay at 8 MiB however large a layer is, and a chunk's ten passes run out of the CPU's cache rather
+than main memory (on the benchmark MLP's gradients: 31 ms a step at 2^20, 40 ms at 2^22). A chunk's
+nonzero count is summed in fp32, exact below 2^24."""
+
+SMALL_TENSOR = 1 << 17
+"""Tensors with fewer elements than this are staged and reduced in batches; larger ones right away, where their
+passes cost more than their launches (at 2^17 elements, ten passes take about as long as ten launches on a CPU)."""
+
+MIN_SLOT = 1 << 10
+"""Narrowest staging row: a tensor of n elements takes a row of max(MIN_SLOT, next power of two >= n) elements,
+so padding at most doubles the staged work, and tensors of similar sizes share a block (few blocks per flush)."""
+
+STAGE_LIMIT = 1 << 20
+"""Staging holds at most this many elements (4 MiB of fp32 rows, padding included) before it is reduced: the
+memory bound on what waits, small enough that the batched passes run out of the CPU's cache. A block's rows stay
+allocated between steps (at most this much per row width)."""
+
+_INDEX_CACHE_SIZE = 256
+"""Device copies of row-index lists kept for reuse (a model stages the same lists step after step, so a GPU
+gets them without a host-to-device copy per flush)."""
+
+# Layout of one row of the statistics buffer (int64; float columns hold float64 bit patterns).
+_KEY_SHIFT = 22
+"""fp32 bits >> 22 keeps sign (1 bit), exponent (8) and the top mantissa bit (1): that bit tells a (quiet)
+NaN from an infinity in the all-ones exponent. A signalling NaN with that bit clear would count as ±Inf;
+arithmetic never produces one."""
+_KEY_BINS = 1 << 10
+_KEY_MASK = _KEY_BINS - 1
+_COL_NONZERO = _KEY_BINS  # float64: finite nonzero count (exact below 2^53)
+_COL_SUM = _KEY_BINS + 1  # float64: sum of finite |x|
+_COL_MAX = _KEY_BINS + 2  # float64: max of finite |x|
+_COL_MIN = _KEY_BINS + 3  # int: min over 2*bits + _MIN_KEY_ZERO (int32 wrap) of finite values
+ROW_WIDTH = _KEY_BINS + 4
+_INT32_MAX = 0x7FFFFFFF
+_MIN_KEY_ZERO = 2**31 - 2
+"""g = 2*bits + this, in wrapping int32, is 2u - 2^31 - 2 for |x|'s pattern u >= 1 (monotone, from INT32_MIN
+up to below this) and exactly this for +-0: the min of g over a tensor is its min nonzero |x|."""
+_FP32_BIAS = 127
+_FP32_EXP_ALL_ONES = 255
+_FIRST_FIELD = _FP32_BIAS + HIST_MIN_EXP  # exponent field of the first histogram bin's binade
+_LAST_FIELD = _FIRST_FIELD + HIST_BINS - 1  # ... and of the last bin's
+
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+
+
+def slot_width(n: int) -> int:
+    """The staging row width for a tensor of ``n`` elements (a power of two, at least ``MIN_SLOT``)."""
+    return max(MIN_SLOT, 1 << (n - 1).bit_length())
+
+
+class _Block:
+    """Staged tensors of one row width: row i of ``data`` holds tensor i's values in fp32, then zeros."""
+
+    __slots__ = ("data", "rows")
+
+    def __init__(self, width: int, capacity: int, device: torch.device) -> None:
+        self.data = torch.zeros((capacity, width), dtype=torch.float32, device=device)
+        self.rows: list[int] = []  # the statistics row of each staged tensor
+
+    def slot(self, shape: torch.Size, n: int) -> torch.Tensor:
+        """The next free row's first ``n`` elements, viewed as ``shape`` (the caller copies into it)."""
+        if len(self.rows) == self.data.shape[0]:  # grow by doubling (the rows so far are kept)
+            wider = torch.zeros((2 * len(self.rows), self.data.shape[1]), dtype=torch.float32, device=self.data.device)
+            wider[: len(self.rows)].copy_(self.data)
+            self.data = wider
+        return self.data[len(self.rows), :n].view(shape)
+
+
+class StatsRows:
+    """The statistics of a step's tensors, one buffer row per traced (layer, role), on one device.
+
+    ``start`` zeroes the buffer; ``add`` / ``add_all`` / ``add_block`` feed tensors (no host sync); ``collect``
+    reduces what is still staged and brings the rows to the host. Host-side it keeps per row the element count,
+    the dtypes seen, whether the row is partial (histogram and counts only) and the staging padding added to its
+    zero bin (subtracted on the host).
+    """
+
+    def __init__(self, n_rows: int) -> None:
+        self.n_rows = n_rows
+        self.device = torch.device("cpu")
+        self.buf: torch.Tensor | None = None
+        self._blocks: dict[tuple[int, bool], _Block] = {}
+        self._staged = 0
+        self._f32: torch.Tensor | None = None
+        self._i32: torch.Tensor | None = None
+        self._f64: torch.Tensor | None = None
+        self._i64: torch.Tensor | None = None
+        self._offsets: torch.Tensor | None = None
+        self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._consts: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self._reset_host()
+
+    def _reset_host(self) -> None:
+        self.counts = [0] * self.n_rows
+        self.partial = [False] * self.n_rows
+        self.dtypes: list[set[str]] = [set() for _ in range(self.n_rows)]
+        self._pads = [0] * self.n_rows
+
+    def start(self, device: torch.device) -> None:
+        """Begin a step's statistics on ``device``: a zeroed buffer, nothing staged."""
+        if self.buf is None or self.buf.device != device:
+            self.release()
+            self.device = device
+            self.buf = torch.empty((self.n_rows, ROW_WIDTH), dtype=torch.int64, device=device)
+        self.buf.zero_()
+        self.buf[:, _COL_MIN].fill_(_INT32_MAX)
+        self._discard_staged()
+        self._reset_host()
+
+    def release(self) -> None:
+        """Free every device buffer (the next ``start`` allocates them again)."""
+        self.buf = self._f32 = self._i32 = self._f64 = self._i64 = self._offsets = None
+        self._blocks.clear()
+        self._staged = 0
+        self._index_cache.clear()
+        self._consts.clear()
+
+    # ------------------------------------------------------------------ feeding tensors
+
+    def _note(self, row: int, n: int, dtype: torch.dtype, full: bool, pad: int = 0) -> None:
+        self.counts[row] += n
+        name = _DTYPE_NAMES.get(dtype)
+        if name is None:
+            name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+        self.dtypes[row].add(name)
+        if not full:
+            self.partial[row] = True
+        self._pads[row] += pad
+
+    def add(self, row: int, t: torch.Tensor, full: bool = True) -> None:
+        """Add the floating tensor ``t`` to row ``row``; ``full=False`` leaves max / min / sum unmeasured.
+
+        A small ``t`` is copied (as it is now: later in-place changes to it do not matter) and reduced later.
+        """
+        n = t.numel()
+        if n == 0 or self.buf is None:
+            return
+        if n >= SMALL_TENSOR:
+            self._note(row, n, t.dtype, full)
+            self._reduce_now(row, t, full)
+            return
+        width = slot_width(n)
+        self._note(row, n, t.dtype, full, width - n)
+        self._slot(row, t, n, width, full).copy_(t)
+
+    def add_all(self, rows: Sequence[int], tensors: Sequence[torch.Tensor]) -> None:
+        """``add`` for several tensors at once (full statistics): the small ones are staged with one
+        ``_foreach_copy_`` (a single fused kernel on a GPU)."""
+        if self.buf is None:
+            return
+        dsts: list[torch.Tensor] = []
+        srcs: list[torch.Tensor] = []
+        large: list[tuple[int, torch.Tensor]] = []
+        for row, t in zip(rows, tensors, strict=True):
+            n = t.numel()
+            if n == 0:
+                continue
+            if n >= SMALL_TENSOR:
+                self._note(row, n, t.dtype, True)
+                large.append((row, t))
+                continue
+            width = slot_width(n)
+            if self._staged + width > STAGE_LIMIT and dsts:  # the flush below must see these copies done
+                torch._foreach_copy_(dsts, srcs)
+                dsts, srcs = [], []
+            self._note(row, n, t.dtype, True, width - n)
+            dsts.append(self._slot(row, t, n, width, True))
+            srcs.append(t)
+        if dsts:
+            torch._foreach_copy_(dsts, srcs)
+        for row, t in large:
+            self._reduce_now(row, t, True)
+
+    def add_block(self, x: torch.Tensor, index: torch.Tensor, rows: Sequence[int], sizes: Sequence[int],
+                  full: bool) -> None:
+        """Add a caller-packed block: row i of the fp32 ``x`` (S, width) holds ``sizes[i]`` values for statistics
+        row ``rows[i]`` (``index`` on the device), then zeros. ``x`` is overwritten."""
+        if self.buf is None:
+            return
+        width = x.shape[1]
+        for row, n in zip(rows, sizes, strict=True):
+            self._note(row, n, torch.float32, full, width - n)
+        with self._threads():
+            self._reduce_block(x, index, full)
+
+    def _slot(self, row: int, t: torch.Tensor, n: int, width: int, full: bool) -> torch.Tensor:
+        """Reserve a staging row for ``t`` (reducing what is staged first if it would pass ``STAGE_LIMIT``)."""
+        if self._staged + width > STAGE_LIMIT:
+            self.flush()
+        block = self._blocks.get((width, full))
+        if block is None:
+            capacity = max(4, min(STAGE_LIMIT, 1 << 16) // width)
+            block = self._blocks[(width, full)] = _Block(width, capacity, self.device)
+        dst = block.slot(t.shape, n)
+        block.rows.append(row)
+        self._staged += width
+        return dst
+
+    def flush(self) -> None:
+        """Reduce everything staged into the buffer (a fixed number of passes per staging block)."""
+        if not self._staged:
+            return
+        with self._threads():
+            for (_, full), block in self._blocks.items():
+                if not block.rows:
+                    continue
+                x = block.data[: len(block.rows)]
+                self._reduce_block(x, self._index(block.rows), full)
+                x.zero_()
+                block.rows.clear()
+        self._staged = 0
+
+    def _discard_staged(self) -> None:
+        for block in self._blocks.values():
+            if block.rows:
+                block.data[: len(block.rows)].zero_()
+                block.rows.clear()
+        self._staged = 0
+
+    def _threads(self) -> contextlib.AbstractContextManager[None]:
+        return cpu_threads(1) if self.device.type == "cpu" else contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ the reductions
+
+    def _reduce_block(self, x: torch.Tensor, index: torch.Tensor, full: bool) -> None:
+        """Reduce the staged rows ``x`` (S, width), zero-padded, into buffer rows ``index`` (S,) in one go.
+
+        The histogram of row i goes to bins i * 1024 + key of one ``bincount``; the other statistics are
+        per-row reductions of x, merged into the buffer with ``index_put_`` / ``scatter_reduce_`` (a row may
+        appear more than once). Padding adds zeros to each row's zero bin only (corrected on the host).
+        """
+        assert self.buf is not None
+        s, width = x.shape
+        buf, f64 = self.buf, self.buf.view(torch.float64)
+        k = self._scratch_i32(s * width).view(s, width)
+        torch.bitwise_right_shift(x.view(torch.int32), _KEY_SHIFT, out=k)
+        k.bitwise_and_(_KEY_MASK)
+        k.add_(self._row_offsets(s))
+        buf[:, :_KEY_BINS].index_put_((index,), self._bincount(k.view(-1), s * _KEY_BINS).view(s, _KEY_BINS),
+                                      accumulate=True)
+        # |x| with non-finite values zeroed: counts and extremes over finite values only
+        x.abs_()
+        x.nan_to_num_(0.0, 0.0, 0.0)
+        ones = k.view(torch.float32)
+        torch.sign(x, out=ones)  # 1 or 0: its fp32 row sum is the exact nonzero count (width < 2^24)
+        vals = self._scratch_f64(3 * s).view(s, 3)
+        if not full:
+            vals[:, 0].copy_(ones.sum(1))
+            f64[:, _COL_NONZERO].index_put_((index,), vals[:, 0], accumulate=True)
+            return
+        torch.stack((ones.sum(1), x.sum(1), x.amax(1)), 1, out=vals)
+        f64[:, _COL_NONZERO : _COL_SUM + 1].index_put_((index,), vals[:, :2], accumulate=True)
+        f64[:, _COL_MAX].scatter_reduce_(0, index, vals[:, 2], "amax")
+        # min nonzero |x| in one pass: g = 2*bits + C (int32, wrapping) is monotone in |x| for x != 0 and
+        # sends 0 (zeros, padding and the zeroed non-finite values) to C, above every nonzero value.
+        torch.add(self._const(_MIN_KEY_ZERO, torch.int32), x.view(torch.int32), alpha=2, out=k)
+        mins = self._scratch_i64(s)
+        mins.copy_(k.amin(1))
+        buf[:, _COL_MIN].scatter_reduce_(0, index, mins, "amin")
+
+    def _bincount(self, keys: torch.Tensor, bins: int) -> torch.Tensor:
+        """Counts of ``keys`` (int32, all below ``bins``) in a fixed-size int64 tensor of ``bins``."""
+        if keys.device.type == "cpu":  # bincount is ~30% faster on CPU; keys < bins, so its size is fixed
+            return torch.bincount(keys, minlength=bins)
+        # (on CUDA bincount reads the max back to size its output: a host sync)
+        hist = torch.zeros(bins, dtype=torch.int64, device=keys.device)
+        return hist.index_add_(0, keys, self._const(1, torch.int64).expand(keys.numel()))
+
+    def _reduce_now(self, row: int, t: torch.Tensor, full: bool) -> None:
+        """Reduce a large tensor into row ``row`` right away, chunk by chunk (every statistic merges)."""
+        flat = t.reshape(-1)
+        with self._threads():
+            for start in range(0, flat.numel(), CHUNK):
+                self._reduce_chunk(row, flat[start : start + CHUNK], full)
+
+    def _reduce_chunk(self, row: int, t: torch.Tensor, full: bool) -> None:
+        """One chunk (a flat tensor) into row ``row``: about ten passes, no host sync."""
+        assert self.buf is not None
+        n = t.numel()
+        f = self._scratch_f32(n)
+        k = self._scratch_i32(n)
+        if t.dtype == torch.float32 and t.is_contiguous():
+            x = t
+        else:
+            f.copy_(t)  # widening fp16/bf16 to fp32 is exact
+            x = f
+        buf = self.buf
+        torch.bitwise_right_shift(x.view(torch.int32), _KEY_SHIFT, out=k)
+        k.bitwise_and_(_KEY_MASK)
+        buf[row, :_KEY_BINS].add_(self._bincount(k, _KEY_BINS))
+        # |x| with non-finite values zeroed: max / sum / min / nonzero count over finite values only
+        if x is f:
+            f.abs_()
+        else:
+            torch.abs(x, out=f)
+        f.nan_to_num_(0.0, 0.0, 0.0)
+        # sign(|x|) is 1 or 0: its fp32 sum is the exact nonzero count (chunk < 2^24), ~2x faster than
+        # count_nonzero on a CPU. The int32 scratch holds it until the min pass below overwrites it.
+        ones = k.view(torch.float32)
+        torch.sign(f, out=ones)
+        floats = buf[row].view(torch.float64)
+        floats[_COL_NONZERO].add_(ones.sum())
+        if not full:
+            return
+        col_max = floats[_COL_MAX : _COL_MAX + 1]
+        torch.maximum(col_max, f.amax().view(1), out=col_max)
+        floats[_COL_SUM].add_(f.sum())  # fp32 accumulation: fp64 is ~10x slower on CPU
+        torch.add(self._const(_MIN_KEY_ZERO, torch.int32), f.view(torch.int32), alpha=2, out=k)
+        col_min = buf[row, _COL_MIN : _COL_MIN + 1]
+        torch.minimum(col_min, k.amin().view(1), out=col_min)
+
+    # ------------------------------------------------------------------ work buffers
+
+    def _scratch_f32(self, n: int) -> torch.Tensor:
+        if self._f32 is None or self._f32.numel() < n:
+            self._f32 = torch.empty(max(n, min(CHUNK, SMALL_TENSOR)), dtype=torch.float32, device=self.device)
+        return self._f32[:n]
+
+    def _scratch_i32(self, n: int) -> torch.Tensor:
+        if self._i32 is None or self._i32.numel() < n:
+            self._i32 = torch.empty(max(n, min(CHUNK, SMALL_TENSOR)), dtype=torch.int32, device=self.device)
+        return self._i32[:n]
+
+    def _scratch_f64(self, n: int) -> torch.Tensor:
+        if self._f64 is None or self._f64.numel() < n:
+            self._f64 = torch.empty(max(n, 3 * 1024), dtype=torch.float64, device=self.device)
+        return self._f64[:n]
+
+    def _scratch_i64(self, n: int) -> torch.Tensor:
+        if self._i64 is None or self._i64.numel() < n:
+            self._i64 = torch.empty(max(n, 1024), dtype=torch.int64, device=self.device)
+        return self._i64[:n]
+
+    def _row_offsets(self, s: int) -> torch.Tensor:
+        """(s, 1) int32: row i's first bin, i * 1024."""
+        if self._offsets is None or self._offsets.shape[0] < s:
+            n = max(s, 1024)
+            self._offsets = torch.arange(0, n * _KEY_BINS, _KEY_BINS, dtype=torch.int32, device=self.device)[:, None]
+        return self._offsets[:s]
+
+    def _index(self, rows: list[int]) -> torch.Tensor:
+        """``rows`` as an int64 device tensor, cached: a GPU gets a repeated list without another copy, a new
+        one from pinned memory (a copy that does not wait for the device)."""
+        key = tuple(rows)
+        index = self._index_cache.get(key)
+        if index is None:
+            index = self.index(key)
+            if len(self._index_cache) >= _INDEX_CACHE_SIZE:
+                self._index_cache.clear()
+            self._index_cache[key] = index
+        return index
+
+    def index(self, rows: Sequence[int]) -> torch.Tensor:
+        """``rows`` as an int64 tensor on the device, copied without waiting for the device."""
+        host = torch.tensor(rows, dtype=torch.int64)
+        if self.device.type == "cpu":
+            return host
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
+
+    def _const(self, value: int, dtype: torch.dtype) -> torch.Tensor:
+        """A cached 0-d device tensor (so no host-to-device copy per call)."""
+        key = (value, dtype)
+        c = self._consts.get(key)
+        if c is None:
+            c = self._consts[key] = torch.tensor(value, dtype=dtype, device=self.device)
+        return c
+
+    # ------------------------------------------------------------------ to the host
+
+    def collect(self, parallel: Parallel, replicated_rows: Sequence[int] = ()) -> tuple[np.ndarray, list[int]]:
+        """Reduce what is staged and return the rows and their element counts on the host (one device-to-host
+        copy), merged across the ranks of ``parallel`` when it is active.
+
+        In a distributed job the ranks' rows merge with two all-reduces of packed buffers whose size does not grow
+        with the world: a sum of the counts, histograms and sums, and a max of the extremes (max |x| and, negated,
+        the min-nonzero key). ``replicated_rows`` hold the same tensor on every rank (DDP's parameter gradients
+        and updates) and count once, rank 0's.
+        """
+        self.flush()
+        assert self.buf is not None
+        if not parallel.active:
+            host = self.buf.to("cpu", copy=True).numpy()  # the one device-to-host copy of the step
+            host[:, 0] -= np.asarray(self._pads, dtype=np.int64)  # staging padding: zeros that were never there
+            return host, list(self.counts)
+        buf, f64 = self.buf, self.buf.view(torch.float64)
+        # fp64 carries the counts exactly (below 2^53) and the int32-range min keys
+        host_cols = torch.tensor([self.counts, self._pads], dtype=torch.float64).t().contiguous()
+        cols = host_cols.to(buf.device)
+        added = torch.cat([buf[:, :_KEY_BINS].to(torch.float64), f64[:, [_COL_NONZERO, _COL_SUM]], cols[:, :1]], 1)
+        added[:, 0] -= cols[:, 1]
+        extremes = torch.stack([f64[:, _COL_MAX], -buf[:, _COL_MIN].to(torch.float64)], 1)
+        if replicated_rows and not parallel.is_main:
+            rows = list(replicated_rows)
+            added[rows] = 0.0
+            extremes[rows] = torch.tensor([0.0, -float(_INT32_MAX)], dtype=torch.float64, device=buf.device)
+        parallel.all_reduce(added, "sum")
+        parallel.all_reduce(extremes, "max")
+        total, top = added.to("cpu").numpy(), extremes.to("cpu").numpy()
+        merged = np.zeros((self.n_rows, ROW_WIDTH), dtype=np.int64)
+        merged[:, :_KEY_BINS] = total[:, :_KEY_BINS].astype(np.int64)
+        floats = merged.view(np.float64)
+        floats[:, _COL_NONZERO], floats[:, _COL_SUM] = total[:, _KEY_BINS], total[:, _KEY_BINS + 1]
+        floats[:, _COL_MAX] = top[:, 0]
+        merged[:, _COL_MIN] = (-top[:, 1]).astype(np.int64)
+        return merged, [int(c) for c in total[:, -1]]
+
+
+def fold(rows: np.ndarray, counts: list[int], partial: list[bool]) -> list[TensorStats]:
+    """Turn buffer rows (key histogram and reductions) into :class:`TensorStats`, all rows at once."""
+    key = rows[:, :_KEY_BINS].reshape(-1, 2, 256, 2)  # row, sign, exponent field, top mantissa bit
+    per_field = key.sum(axis=(1, 3))
+    # exponent field E holds binade E - 127: fields up to _FIRST_FIELD clamp into bin 0, fields from
+    # _LAST_FIELD up (but not 255: inf/NaN) into the last bin; field 0 (zero/subnormal) is handled below
+    hist = np.empty((len(counts), HIST_BINS), dtype=np.int64)
+    hist[:, 0] = per_field[:, 1 : _FIRST_FIELD + 1].sum(axis=1)
+    hist[:, 1:-1] = per_field[:, _FIRST_FIELD + 1 : _LAST_FIELD]
+    hist[:, -1] = per_field[:, _LAST_FIELD:_FP32_EXP_ALL_ONES].sum(axis=1)
+    nonfinite = per_field[:, _FP32_EXP_ALL_ONES]
+    nonzero = rows.view(np.float64)[:, _COL_NONZERO].astype(np.int64)  # finite nonzero values
+    zeros = np.asarray(counts, dtype=np.int64) - nonzero - nonfinite
+    hist[:, 0] += per_field[:, 0] - zeros  # fp32 subnormals: below 2^-126, so in the clamped first bin
+    nan = key[:, :, _FP32_EXP_ALL_ONES, 1].sum(axis=1)
+    floats = rows.view(np.float64)
+    out = []
+    for i, count in enumerate(counts):
+        min_key = int(rows[i, _COL_MIN])
+        if partial[i]:
+            max_abs = min_nonzero = sum_abs = math.nan
+        else:
+            max_abs, sum_abs = float(floats[i, _COL_MAX]), float(floats[i, _COL_SUM])
+            min_nonzero = math.inf if min_key >= _MIN_KEY_ZERO else _f32_from_bits((min_key + 2**31 + 2) // 2)
+        out.append(
+            TensorStats(
+                count=count,
+                zeros=int(zeros[i]),
+                nan=int(nan[i]),
+                posinf=int(key[i, 0, _FP32_EXP_ALL_ONES, 0]),
+                neginf=int(key[i, 1, _FP32_EXP_ALL_ONES, 0]),
+                max_abs=max_abs,
+                min_nonzero_abs=min_nonzero,
+                sum_abs=sum_abs,
+                hist=hist[i].copy(),
+            )
+        )
+    return out
+
+
+def _f32_from_bits(bits: int) -> float:
+    return float(np.array([bits], dtype=np.int32).view(np.float32)[0])
