@@ -336,7 +336,7 @@ def test_no_host_sync_while_tracing() -> None:
             opt.zero_grad()
     syncing = {"_local_scalar_dense", "item", "nonzero", "unique", "masked_select", "_to_copy"}
     assert not syncing & set(hot.ops) and not syncing & set(hot_update.ops)
-    assert finish.ops["_to_copy"] == 1  # the one device-to-host copy
+    assert finish.ops["_to_copy"] == 0  # on a CPU the buffer is read in place (a GPU copies it once)
     assert not {"_local_scalar_dense", "item"} & set(finish.ops)
     # fixed-size histograms, 1024 bins per tensor: 4 updates, then 3 outputs, 3 output gradients, 4 gradients
     # (small tensors: staged, and binned together when the step finishes)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -62,8 +63,8 @@ so padding at most doubles the staged work, and tensors of similar sizes share a
 
 STAGE_LIMIT = 1 << 20
 """Staging holds at most this many elements (4 MiB of fp32 rows, padding included) before it is reduced: the
-memory bound on what waits, small enough that the batched passes run out of the CPU's cache. A block's rows stay
-allocated between steps (at most this much per row width)."""
+memory bound on what waits, small enough that the batched passes run out of the CPU's cache. Each row width in
+use has a block of this size, allocated on first use and kept between steps."""
 
 _INDEX_CACHE_SIZE = 256
 """Device copies of row-index lists kept for reuse (a model stages the same lists step after step, so a GPU
@@ -107,13 +108,25 @@ class _Block:
         self.data = torch.zeros((capacity, width), dtype=torch.float32, device=device)
         self.rows: list[int] = []  # the statistics row of each staged tensor
 
-    def slot(self, shape: torch.Size, n: int) -> torch.Tensor:
-        """The next free row's first ``n`` elements, viewed as ``shape`` (the caller copies into it)."""
-        if len(self.rows) == self.data.shape[0]:  # grow by doubling (the rows so far are kept)
-            wider = torch.zeros((2 * len(self.rows), self.data.shape[1]), dtype=torch.float32, device=self.data.device)
-            wider[: len(self.rows)].copy_(self.data)
-            self.data = wider
-        return self.data[len(self.rows), :n].view(shape)
+    def slot(self, shape: torch.Size) -> torch.Tensor:
+        """The next free row's first elements, viewed as ``shape`` (the caller copies into it, maybe later: the
+        block never reallocates)."""
+        used, width = len(self.rows), self.data.shape[1]
+        strides = _STRIDES.get(shape)
+        if strides is None:
+            strides = _STRIDES[shape] = _contiguous_strides(shape)
+        return self.data.as_strided(shape, strides, used * width)  # one view op, where indexing takes three
+
+
+_STRIDES: dict[torch.Size, tuple[int, ...]] = {}
+
+
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 class StatsRows:
@@ -191,7 +204,7 @@ class StatsRows:
             return
         width = slot_width(n)
         self._note(row, n, t.dtype, full, width - n)
-        self._slot(row, t, n, width, full).copy_(t)
+        self._slot(row, t, width, full).copy_(t)
 
     def add_all(self, rows: Sequence[int], tensors: Sequence[torch.Tensor]) -> None:
         """``add`` for several tensors at once (full statistics): the small ones are staged with one
@@ -214,7 +227,7 @@ class StatsRows:
                 torch._foreach_copy_(dsts, srcs)
                 dsts, srcs = [], []
             self._note(row, n, t.dtype, True, width - n)
-            dsts.append(self._slot(row, t, n, width, True))
+            dsts.append(self._slot(row, t, width, True))
             srcs.append(t)
         if dsts:
             torch._foreach_copy_(dsts, srcs)
@@ -233,15 +246,14 @@ class StatsRows:
         with self._threads():
             self._reduce_block(x, index, full)
 
-    def _slot(self, row: int, t: torch.Tensor, n: int, width: int, full: bool) -> torch.Tensor:
+    def _slot(self, row: int, t: torch.Tensor, width: int, full: bool) -> torch.Tensor:
         """Reserve a staging row for ``t`` (reducing what is staged first if it would pass ``STAGE_LIMIT``)."""
         if self._staged + width > STAGE_LIMIT:
             self.flush()
         block = self._blocks.get((width, full))
-        if block is None:
-            capacity = max(4, min(STAGE_LIMIT, 1 << 16) // width)
-            block = self._blocks[(width, full)] = _Block(width, capacity, self.device)
-        dst = block.slot(t.shape, n)
+        if block is None:  # as many rows as the bound lets wait (one, for a row wider than the bound)
+            block = self._blocks[(width, full)] = _Block(width, max(1, STAGE_LIMIT // width), self.device)
+        dst = block.slot(t.shape)
         block.rows.append(row)
         self._staged += width
         return dst
@@ -431,7 +443,8 @@ class StatsRows:
         self.flush()
         assert self.buf is not None
         if not parallel.active:
-            host = self.buf.to("cpu", copy=True).numpy()  # the one device-to-host copy of the step
+            # the one device-to-host copy of the step; on a CPU the buffer is read in place (``start`` zeroes it)
+            host = self.buf.numpy() if self.buf.device.type == "cpu" else self.buf.to("cpu", copy=True).numpy()
             host[:, 0] -= np.asarray(self._pads, dtype=np.int64)  # staging padding: zeros that were never there
             return host, list(self.counts)
         buf, f64 = self.buf, self.buf.view(torch.float64)
@@ -457,10 +470,62 @@ class StatsRows:
         return merged, [int(c) for c in total[:, -1]]
 
 
-def fold(rows: np.ndarray, counts: list[int], partial: list[bool]) -> list[TensorStats]:
-    """Turn buffer rows (key histogram and reductions) into :class:`TensorStats`, all rows at once."""
-    key = rows[:, :_KEY_BINS].reshape(-1, 2, 256, 2)  # row, sign, exponent field, top mantissa bit
-    per_field = key.sum(axis=(1, 3))
+@dataclass
+class Folded:
+    """The statistics of buffer rows on the host, as arrays with one entry per row: what :class:`TensorStats`
+    holds, for many rows at once (so merging a step into a running total is a few numpy operations, not one
+    object per tensor). ``max_abs`` / ``min_nonzero_abs`` / ``sum_abs`` are NaN for partial rows."""
+
+    count: np.ndarray
+    zeros: np.ndarray
+    nan: np.ndarray
+    posinf: np.ndarray
+    neginf: np.ndarray
+    max_abs: np.ndarray
+    min_nonzero_abs: np.ndarray
+    sum_abs: np.ndarray
+    hist: np.ndarray
+
+    @classmethod
+    def empty(cls, n_rows: int) -> Folded:
+        """``n_rows`` rows of nothing: each merges with another row into that row."""
+        def ints() -> np.ndarray:
+            return np.zeros(n_rows, dtype=np.int64)
+
+        return cls(
+            count=ints(), zeros=ints(), nan=ints(), posinf=ints(), neginf=ints(), max_abs=np.zeros(n_rows),
+            min_nonzero_abs=np.full(n_rows, math.inf), sum_abs=np.zeros(n_rows),
+            hist=np.zeros((n_rows, HIST_BINS), dtype=np.int64),
+        )
+
+    def merge_rows(self, other: Folded, rows: np.ndarray) -> None:
+        """Merge ``other``'s rows ``rows`` into the same rows of this one, in place (as ``TensorStats.merge``:
+        counts add, extremes max / min, a NaN, not measured, wins)."""
+        for name in ("count", "zeros", "nan", "posinf", "neginf", "sum_abs", "hist"):
+            getattr(self, name)[rows] += getattr(other, name)[rows]
+        self.max_abs[rows] = np.maximum(self.max_abs[rows], other.max_abs[rows])
+        self.min_nonzero_abs[rows] = np.minimum(self.min_nonzero_abs[rows], other.min_nonzero_abs[rows])
+
+    def records(self, rows: Sequence[int], dtypes: Sequence[str]) -> list[TensorStats]:
+        """Rows ``rows`` as :class:`TensorStats` with the given dtypes (their histograms are rows of one array)."""
+        index = np.asarray(rows, dtype=np.int64)
+        columns = [getattr(self, name)[index].tolist() for name in _SCALARS]
+        hist = self.hist[index]
+        return [
+            TensorStats(**dict(zip(_SCALARS, values, strict=True)), hist=h, dtype=dtype)
+            for values, h, dtype in zip(zip(*columns, strict=True), hist, dtypes, strict=True)
+        ]
+
+
+_SCALARS = ("count", "zeros", "nan", "posinf", "neginf", "max_abs", "min_nonzero_abs", "sum_abs")
+
+
+def fold(rows: np.ndarray, counts: Sequence[int], partial: Sequence[bool]) -> Folded:
+    """Turn buffer rows (key histogram and reductions) into statistics, all rows at once (new arrays: ``rows``
+    may be the device buffer itself, on a CPU)."""
+    key = rows[:, :_KEY_BINS]
+    by_sign = key[:, : _KEY_BINS // 2] + key[:, _KEY_BINS // 2 :]  # key = sign, exponent field, top mantissa bit
+    per_field = by_sign[:, 0::2] + by_sign[:, 1::2]
     # exponent field E holds binade E - 127: fields up to _FIRST_FIELD clamp into bin 0, fields from
     # _LAST_FIELD up (but not 255: inf/NaN) into the last bin; field 0 (zero/subnormal) is handled below
     hist = np.empty((len(counts), HIST_BINS), dtype=np.int64)
@@ -468,34 +533,24 @@ def fold(rows: np.ndarray, counts: list[int], partial: list[bool]) -> list[Tenso
     hist[:, 1:-1] = per_field[:, _FIRST_FIELD + 1 : _LAST_FIELD]
     hist[:, -1] = per_field[:, _LAST_FIELD:_FP32_EXP_ALL_ONES].sum(axis=1)
     nonfinite = per_field[:, _FP32_EXP_ALL_ONES]
-    nonzero = rows.view(np.float64)[:, _COL_NONZERO].astype(np.int64)  # finite nonzero values
+    floats = rows.view(np.float64)
+    nonzero = floats[:, _COL_NONZERO].astype(np.int64)  # finite nonzero values
     zeros = np.asarray(counts, dtype=np.int64) - nonzero - nonfinite
     hist[:, 0] += per_field[:, 0] - zeros  # fp32 subnormals: below 2^-126, so in the clamped first bin
-    nan = key[:, :, _FP32_EXP_ALL_ONES, 1].sum(axis=1)
-    floats = rows.view(np.float64)
-    out = []
-    for i, count in enumerate(counts):
-        min_key = int(rows[i, _COL_MIN])
-        if partial[i]:
-            max_abs = min_nonzero = sum_abs = math.nan
-        else:
-            max_abs, sum_abs = float(floats[i, _COL_MAX]), float(floats[i, _COL_SUM])
-            min_nonzero = math.inf if min_key >= _MIN_KEY_ZERO else _f32_from_bits((min_key + 2**31 + 2) // 2)
-        out.append(
-            TensorStats(
-                count=count,
-                zeros=int(zeros[i]),
-                nan=int(nan[i]),
-                posinf=int(key[i, 0, _FP32_EXP_ALL_ONES, 0]),
-                neginf=int(key[i, 1, _FP32_EXP_ALL_ONES, 0]),
-                max_abs=max_abs,
-                min_nonzero_abs=min_nonzero,
-                sum_abs=sum_abs,
-                hist=hist[i].copy(),
-            )
-        )
-    return out
-
-
-def _f32_from_bits(bits: int) -> float:
-    return float(np.array([bits], dtype=np.int32).view(np.float32)[0])
+    inf_key = 2 * _FP32_EXP_ALL_ONES  # key of +Inf (sign 0, field 255, mantissa bit 0); -Inf: + 512, NaN: + 1
+    min_key = rows[:, _COL_MIN]
+    measured = min_key < _MIN_KEY_ZERO
+    bits = np.where(measured, (min_key + 2**31 + 2) // 2, 0).astype(np.int32)
+    min_nonzero = np.where(measured, bits.view(np.float32).astype(np.float64), math.inf)
+    unmeasured = np.asarray(partial, dtype=bool)
+    return Folded(
+        count=np.asarray(counts, dtype=np.int64),
+        zeros=zeros,
+        nan=key[:, inf_key + 1] + key[:, _KEY_BINS // 2 + inf_key + 1],
+        posinf=key[:, inf_key].copy(),
+        neginf=key[:, _KEY_BINS // 2 + inf_key].copy(),
+        max_abs=np.where(unmeasured, math.nan, floats[:, _COL_MAX]),
+        min_nonzero_abs=np.where(unmeasured, math.nan, min_nonzero),
+        sum_abs=np.where(unmeasured, math.nan, floats[:, _COL_SUM]),
+        hist=hist,
+    )

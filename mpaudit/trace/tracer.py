@@ -17,10 +17,10 @@ any. ``TraceSchedule`` decides which steps are traced.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -37,7 +37,7 @@ from mpaudit.numerics.layerstats import (
     TraceSummary,
 )
 from mpaudit.run.distributed import SINGLE, Parallel, local_shard
-from mpaudit.trace.reduce import STAGE_LIMIT, StatsRows, fold, slot_width
+from mpaudit.trace.reduce import STAGE_LIMIT, Folded, StatsRows, fold, slot_width
 
 DEFAULT_TRACE_EVERY = 50
 """Trace step 0 and every 50th step after it. On ``benchmarks/trace_overhead.py``'s MLP a traced step
@@ -152,16 +152,73 @@ def _floating_tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
 class _UpdateBlock:
     """The sampled weights of parameters whose samples share a row width, before and after the optimizer step:
     row i holds parameter i's sample (fp32), then zeros, so the relative updates of all of them are computed
-    and reduced in one go."""
+    and reduced in one go. A parameter small enough to be taken whole has row slots shaped like it (so no view
+    of the parameter is needed per step); a sampled one, flat slots of ``UPDATE_SAMPLE``."""
 
-    def __init__(self, params: list[nn.Parameter], rows: list[int], sizes: list[int], width: int,
+    def __init__(self, params: list[nn.Parameter], rows: list[int], shapes: list[torch.Size], width: int,
                  stats: StatsRows, device: torch.device) -> None:
-        self.params, self.rows, self.sizes = params, rows, sizes
+        self.params, self.rows = params, rows
+        self.sizes = [min(shape.numel(), UPDATE_SAMPLE) for shape in shapes]
+        self.sampled = [shape.numel() > UPDATE_SAMPLE for shape in shapes]
         self.index = stats.index(rows)
         self.before = torch.zeros((len(params), width), dtype=torch.float32, device=device)
         self.after = torch.zeros_like(self.before)
-        self.before_slots = [self.before[i, :n] for i, n in enumerate(sizes)]
-        self.after_slots = [self.after[i, :n] for i, n in enumerate(sizes)]
+        views = [(i, n, torch.Size([n]) if self.sampled[i] else shapes[i]) for i, n in enumerate(self.sizes)]
+        self.before_slots = [self.before[i, :n].view(shape) for i, n, shape in views]
+        self.after_slots = [self.after[i, :n].view(shape) for i, n, shape in views]
+
+
+class _Total:
+    """The merge of a tracer's finished steps, kept as arrays (a step merges in a few numpy operations; one
+    object per tensor would cost more than the step's reductions on a model with many small layers). It equals
+    ``TraceSummary.merge`` over the step summaries."""
+
+    def __init__(self, n_rows: int) -> None:
+        self.folded = Folded.empty(n_rows)
+        self.seen = np.zeros(n_rows, dtype=bool)
+        self.dtypes: list[set[str]] = [set() for _ in range(n_rows)]
+        self.steps: list[int] = []
+        self.loss_scales: list[float | None] = []
+        self.layers: dict[str, None] = {}
+        self.first_forward: NonfiniteSite | None = None
+        self.first_backward: NonfiniteSite | None = None
+        self._summary: TraceSummary | None = TraceSummary()
+
+    def add(self, step: TraceSummary, folded: Folded, rows: list[int], dtypes: list[set[str]]) -> None:
+        """Merge a finished step: its summary's metadata and its folded ``rows``."""
+        index = np.asarray(rows, dtype=np.int64)
+        self.folded.merge_rows(folded, index)
+        self.seen[index] = True
+        for row in rows:
+            self.dtypes[row] |= dtypes[row]
+        self.steps += step.steps
+        self.loss_scales += step.loss_scales
+        self.layers.update(dict.fromkeys(step.layers))
+        self.first_forward = _earlier(self.first_forward, step.first_nonfinite_forward)
+        self.first_backward = _earlier(self.first_backward, step.first_nonfinite_backward)
+        self._summary = None
+
+    def summary(self, keys: list[tuple[str, str]]) -> TraceSummary:
+        """The merged summary (``keys``: each row's (layer, role)), built on demand and kept until the next step."""
+        if self._summary is None:
+            rows = [int(r) for r in np.flatnonzero(self.seen)]
+            records = self.folded.records(rows, [",".join(sorted(self.dtypes[r])) for r in rows])
+            self._summary = TraceSummary(
+                stats=dict(zip([keys[r] for r in rows], records, strict=True)),
+                steps=tuple(self.steps),
+                loss_scales=tuple(self.loss_scales),
+                layers=tuple(self.layers),
+                first_nonfinite_forward=self.first_forward,
+                first_nonfinite_backward=self.first_backward,
+            )
+        return self._summary
+
+
+def _earlier(a: NonfiniteSite | None, b: NonfiniteSite | None) -> NonfiniteSite | None:
+    """The site at the earlier step (``a`` on a tie), as ``TraceSummary.merge`` picks it."""
+    if a is None or b is None:
+        return b if a is None else a
+    return b if b.step < a.step else a
 
 
 class Tracer:
@@ -207,7 +264,7 @@ class Tracer:
         self._active = False
         self._step = 0
         self._loss_scale: float | None = None
-        self._merged = TraceSummary()
+        self._total = _Total(len(rows))
         self._update_blocks: list[_UpdateBlock] | None = None
         self._update_scratch: torch.Tensor | None = None
         self._sample_idx: dict[int, torch.Tensor] = {}
@@ -333,19 +390,18 @@ class Tracer:
                 self._stats.add_block(block.after, block.index, block.rows, block.sizes, full=False)
 
     def finish_step(self) -> TraceSummary | None:
-        """End the traced step: one device-to-host copy, folded into this step's summary (None if untraced)."""
+        """End the traced step: its statistics on the host (one device-to-host copy), folded into this step's
+        summary (None if untraced) and merged into the running one."""
         if not self._active:
             return None
         self._active = False
         self._remove_hook()
         replicated = self._param_rows if self._parallel.params_replicated else []
         host, counts = self._stats.collect(self._parallel, replicated)
+        folded = fold(host, counts, self._stats.partial)
         rows = [row for row, count in enumerate(counts) if count]
-        partial = self._stats.partial
-        records = fold(host[rows], [counts[r] for r in rows], [partial[r] for r in rows])
-        stats: dict[tuple[str, str], TensorStats] = {}
-        for row, record in zip(rows, records, strict=True):
-            stats[self._rows[row]] = replace(record, dtype=",".join(sorted(self._stats.dtypes[row])))
+        dtypes = [",".join(sorted(self._stats.dtypes[row])) for row in rows]
+        stats = dict(zip([self._rows[row] for row in rows], folded.records(rows, dtypes), strict=True))
         forward = list(self._forward_order)
         recorded = {layer for layer, _ in stats}
         # forward order, then layers seen only through their parameters, in module order (root last)
@@ -358,12 +414,12 @@ class Tracer:
             first_nonfinite_forward=self._first_nonfinite_forward(stats, forward),
             first_nonfinite_backward=self._first_nonfinite_backward(stats, layers),
         )
-        self._merged = self._merged.merge(summary)
+        self._total.add(summary, folded, rows, self._stats.dtypes)
         return summary
 
     def summary(self) -> TraceSummary:
-        """The merge of every finished step (kept merged as steps finish, so memory does not grow)."""
-        return self._merged
+        """The merge of every finished step (kept merged as arrays as steps finish, so memory does not grow)."""
+        return self._total.summary(self._rows)
 
     # ------------------------------------------------------------------ hooks
 
@@ -379,7 +435,7 @@ class Tracer:
         tensors = list(_floating_tensors(output))
         with torch.no_grad():
             for t in tensors:
-                self._stats.add(row, t.detach())  # copied or reduced now: later in-place ops do not matter
+                self._stats.add(row, t)  # copied or reduced now: later in-place ops do not matter
         # A tensor hook, not a module backward hook: full backward hooks wrap the output in a custom
         # autograd function, which breaks in-place ops (ReLU(inplace=True)) applied to it downstream.
         # (Leaf outputs, e.g. a parameter returned as is, are skipped: a hook on them would outlive
@@ -409,53 +465,52 @@ class Tracer:
             return buffer.device
         return torch.device("cpu")
 
-    def _sample(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The flat parameter and the fixed element sample its update statistics use (None: all elements)."""
-        flat = local_shard(param.detach()).reshape(-1)
-        if flat.numel() <= UPDATE_SAMPLE:
-            return flat, None
+    def _sample_index(self, param: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """The fixed element sample of a parameter larger than ``UPDATE_SAMPLE`` (indices into ``flat``)."""
         idx = self._sample_idx.get(id(param))
         if idx is None or idx.device != flat.device:
             g = torch.Generator().manual_seed(UPDATE_SAMPLE_SEED)
             # drawn with replacement: O(sample) however large the parameter (no permutation of all of it)
             idx = torch.randint(flat.numel(), (UPDATE_SAMPLE,), generator=g).sort().values.to(flat.device)
             self._sample_idx[id(param)] = idx
-        return flat, idx
+        return idx
 
     def _blocks(self) -> list[_UpdateBlock]:
         """The update samples' layout: parameters grouped by row width, at most ``STAGE_LIMIT`` elements a block."""
         device = self._device()
         if self._update_blocks is not None and all(b.before.device == device for b in self._update_blocks):
             return self._update_blocks
-        groups: dict[int, list[tuple[nn.Parameter, int, int]]] = {}
+        groups: dict[int, list[tuple[nn.Parameter, int, torch.Size]]] = {}
         for layer, rel, param in self._params:
-            n = min(local_shard(param.detach()).numel(), UPDATE_SAMPLE)
-            if n:
-                groups.setdefault(slot_width(n), []).append((param, self._row_of[(layer, UPDATE_PREFIX + rel)], n))
+            shape = local_shard(param.detach()).shape
+            if shape.numel():
+                row = self._row_of[(layer, UPDATE_PREFIX + rel)]
+                groups.setdefault(slot_width(min(shape.numel(), UPDATE_SAMPLE)), []).append((param, row, shape))
         blocks = []
         for width, members in groups.items():
             per_block = max(1, STAGE_LIMIT // width)
             for i in range(0, len(members), per_block):
                 part = members[i : i + per_block]
-                blocks.append(_UpdateBlock([p for p, _, _ in part], [r for _, r, _ in part], [n for _, _, n in part],
-                                           width, self._stats, device))
+                blocks.append(_UpdateBlock([p for p, _, _ in part], [r for _, r, _ in part],
+                                           [sh for _, _, sh in part], width, self._stats, device))
         self._update_blocks = blocks
         return blocks
 
     def _gather_samples(self, after: bool) -> list[_UpdateBlock]:
         """Copy every parameter's (sampled) weights into the blocks' ``before`` or ``after`` rows: one
-        ``_foreach_copy_`` for the unsampled parameters, one ``index_select`` per sampled one."""
+        ``_foreach_copy_`` for the unsampled parameters, one ``index_select`` per sampled one (under no_grad)."""
         blocks = self._blocks()
         dsts: list[torch.Tensor] = []
         srcs: list[torch.Tensor] = []
         for block in blocks:
-            for param, slot in zip(block.params, block.after_slots if after else block.before_slots, strict=True):
-                flat, idx = self._sample(param)
-                if idx is None:
-                    dsts.append(slot)
-                    srcs.append(flat)
+            slots = block.after_slots if after else block.before_slots
+            for param, slot, sampled in zip(block.params, slots, block.sampled, strict=True):
+                if sampled:
+                    flat = local_shard(param).reshape(-1)
+                    torch.index_select(flat, 0, self._sample_index(param, flat), out=slot)
                 else:
-                    torch.index_select(flat, 0, idx, out=slot)
+                    dsts.append(slot)
+                    srcs.append(local_shard(param))
         if dsts:
             torch._foreach_copy_(dsts, srcs)
         return blocks
