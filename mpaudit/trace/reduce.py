@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,24 +27,29 @@ from mpaudit.numerics.layerstats import TensorStats
 from mpaudit.run.distributed import Parallel
 
 
-@contextlib.contextmanager
-def cpu_threads(n: int) -> Iterator[None]:
+class cpu_threads:
     """Limit torch's intra-op CPU threads to ``n`` inside the block, restoring the setting after it.
 
-    Reductions run on one thread. Their passes are memory-bound, so more threads gain little on a quiet machine,
-    while on a busy one every parallel pass waits for its slowest thread, up to a scheduler time slice per pass
-    (measured on a shared 2-core machine, MLP benchmark: a traced step cost 1.4-2.6x an untraced one with two
-    threads, 1.1x with one; ``bincount`` over many rows was 40x slower on two threads than on one).
+    The tracer's own work runs on one thread: its passes and copies are memory-bound, so more threads gain
+    little on a quiet machine, while on a busy one every parallel op waits for its slowest thread, up to a
+    scheduler time slice per op (measured on a shared 2-core machine, MLP benchmark: a traced step cost 1.4-2.6x
+    an untraced one with two threads, 1.1x with one). A class, not a generator: it is entered once per hook call.
     """
-    before = torch.get_num_threads()
-    if before <= n:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+
+    __slots__ = ("_before", "_n")
+
+    def __init__(self, n: int) -> None:
+        self._n = n
+        self._before = 0
+
+    def __enter__(self) -> None:
+        self._before = torch.get_num_threads()
+        if self._before > self._n:
+            torch.set_num_threads(self._n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._before > self._n:
+            torch.set_num_threads(self._before)
 
 
 CHUNK = 1 << 20
@@ -165,9 +170,10 @@ class StatsRows:
             self.release()
             self.device = device
             self.buf = torch.empty((self.n_rows, ROW_WIDTH), dtype=torch.int64, device=device)
-        self.buf.zero_()
-        self.buf[:, _COL_MIN].fill_(_INT32_MAX)
-        self._discard_staged()
+        with self.threads():
+            self.buf.zero_()
+            self.buf[:, _COL_MIN].fill_(_INT32_MAX)
+            self._discard_staged()
         self._reset_host()
 
     def release(self) -> None:
@@ -243,7 +249,7 @@ class StatsRows:
         width = x.shape[1]
         for row, n in zip(rows, sizes, strict=True):
             self._note(row, n, torch.float32, full, width - n)
-        with self._threads():
+        with self.threads():
             self._reduce_block(x, index, full)
 
     def _slot(self, row: int, t: torch.Tensor, width: int, full: bool) -> torch.Tensor:
@@ -262,7 +268,7 @@ class StatsRows:
         """Reduce everything staged into the buffer (a fixed number of passes per staging block)."""
         if not self._staged:
             return
-        with self._threads():
+        with self.threads():
             for (_, full), block in self._blocks.items():
                 if not block.rows:
                     continue
@@ -279,7 +285,9 @@ class StatsRows:
                 block.rows.clear()
         self._staged = 0
 
-    def _threads(self) -> contextlib.AbstractContextManager[None]:
+    def threads(self) -> contextlib.AbstractContextManager[None]:
+        """Inside it, the device's work runs as the tracer's should: on one thread on a CPU (see
+        :class:`cpu_threads`; the reductions enter it themselves, callers wrap their copies and hooks)."""
         return cpu_threads(1) if self.device.type == "cpu" else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ the reductions
@@ -331,7 +339,7 @@ class StatsRows:
     def _reduce_now(self, row: int, t: torch.Tensor, full: bool) -> None:
         """Reduce a large tensor into row ``row`` right away, chunk by chunk (every statistic merges)."""
         flat = t.reshape(-1)
-        with self._threads():
+        with self.threads():
             for start in range(0, flat.numel(), CHUNK):
                 self._reduce_chunk(row, flat[start : start + CHUNK], full)
 

@@ -356,7 +356,7 @@ class Tracer:
         statistics are on, keep a copy of the (sampled) weights to diff after the optimizer step."""
         if not self._active:
             return
-        with torch.no_grad():
+        with torch.no_grad(), self._stats.threads():
             rows: list[int] = []
             grads: list[torch.Tensor] = []
             for row, (_, _, param) in zip(self._grad_rows, self._params, strict=True):
@@ -377,7 +377,7 @@ class Tracer:
         if not (self._active and self._snapshot_taken):
             return
         self._snapshot_taken = False
-        with torch.no_grad():
+        with torch.no_grad(), self._stats.threads():
             blocks = self._gather_samples(after=True)
             for block in blocks:
                 k = self._int32_scratch(block.before.numel()).view(block.before.shape)
@@ -433,7 +433,7 @@ class Tracer:
             self._forward_seen.add(layer)
             self._forward_order.append(layer)
         tensors = list(_floating_tensors(output))
-        with torch.no_grad():
+        with torch.no_grad(), self._stats.threads():
             for t in tensors:
                 self._stats.add(row, t)  # copied or reduced now: later in-place ops do not matter
         # A tensor hook, not a module backward hook: full backward hooks wrap the output in a custom
@@ -451,7 +451,7 @@ class Tracer:
             if layer not in self._backward_seen:
                 self._backward_seen.add(layer)
                 self._backward_order.append(layer)
-            with torch.no_grad():
+            with torch.no_grad(), self._stats.threads():
                 self._stats.add(row, grad)  # copied or reduced now, before autograd passes it on
 
         return grad_hook
