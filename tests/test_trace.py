@@ -78,11 +78,14 @@ def _trace_output(model: nn.Module, *inputs: Any, **kw: Any) -> TraceSummary:
 @pytest.mark.parametrize("contiguous", [True, False])
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("staged", [True, False])
+@pytest.mark.parametrize("bincount", [True, False])
 def test_device_stats_equal_numpy_reference(
-    dtype: torch.dtype, contiguous: bool, seed: int, staged: bool, monkeypatch: pytest.MonkeyPatch
+    dtype: torch.dtype, contiguous: bool, seed: int, staged: bool, bincount: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if not staged:  # every tensor takes the large tensors' path: reduced on its own, right away
         monkeypatch.setattr(reduce, "SMALL_TENSOR", 1)
+    if not bincount:  # the histograms a GPU takes: index_add_ of ones
+        monkeypatch.setattr(reduce, "BINCOUNT_DEVICES", ())
     x = _awkward_tensor(seed).to(dtype).reshape(60, 50)
     if not contiguous:
         x = x.t()

@@ -71,6 +71,10 @@ STAGE_LIMIT = 1 << 20
 memory bound on what waits, small enough that the batched passes run out of the CPU's cache. Each row width in
 use has a block of this size, allocated on first use and kept between steps."""
 
+BINCOUNT_DEVICES = ("cpu",)
+"""Devices whose histograms use ``bincount`` (~30% faster on a CPU than ``index_add_``); elsewhere ``index_add_``
+into zeros, since CUDA's ``bincount`` reads the largest key back to size its output: a host sync."""
+
 _INDEX_CACHE_SIZE = 256
 """Device copies of row-index lists kept for reuse (a model stages the same lists step after step, so a GPU
 gets them without a host-to-device copy per flush)."""
@@ -119,11 +123,14 @@ class _Block:
         used, width = len(self.rows), self.data.shape[1]
         strides = _STRIDES.get(shape)
         if strides is None:
+            if len(_STRIDES) >= _STRIDES_CACHE_SIZE:
+                _STRIDES.clear()
             strides = _STRIDES[shape] = _contiguous_strides(shape)
         return self.data.as_strided(shape, strides, used * width)  # one view op, where indexing takes three
 
 
 _STRIDES: dict[torch.Size, tuple[int, ...]] = {}
+_STRIDES_CACHE_SIZE = 4096
 
 
 def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
@@ -197,10 +204,9 @@ class StatsRows:
         self._pads[row] += pad
 
     def add(self, row: int, t: torch.Tensor, full: bool = True) -> None:
-        """Add the floating tensor ``t`` to row ``row``; ``full=False`` leaves max / min / sum unmeasured.
-
-        A small ``t`` is copied (as it is now: later in-place changes to it do not matter) and reduced later.
-        """
+        """Add the floating tensor ``t`` to row ``row`` (call under ``torch.no_grad()``); ``full=False`` leaves
+        max / min / sum unmeasured. A small ``t`` is copied as it is now (later in-place changes to it do not
+        matter) and reduced later; a large one is reduced now."""
         n = t.numel()
         if n == 0 or self.buf is None:
             return
@@ -330,9 +336,8 @@ class StatsRows:
 
     def _bincount(self, keys: torch.Tensor, bins: int) -> torch.Tensor:
         """Counts of ``keys`` (int32, all below ``bins``) in a fixed-size int64 tensor of ``bins``."""
-        if keys.device.type == "cpu":  # bincount is ~30% faster on CPU; keys < bins, so its size is fixed
+        if keys.device.type in BINCOUNT_DEVICES:  # keys < bins, so its size is fixed
             return torch.bincount(keys, minlength=bins)
-        # (on CUDA bincount reads the max back to size its output: a host sync)
         hist = torch.zeros(bins, dtype=torch.int64, device=keys.device)
         return hist.index_add_(0, keys, self._const(1, torch.int64).expand(keys.numel()))
 
