@@ -139,29 +139,32 @@ def test_a_step_of_many_small_tensors_equals_the_per_tensor_path(monkeypatch: py
     _assert_summaries_equal(staged, alone)
 
 
-@pytest.mark.parametrize("limit", [1024, 4096])
+@pytest.mark.parametrize("limit", [reduce.ROW, 4 * reduce.ROW])
 def test_staging_is_reduced_when_it_passes_its_bound(monkeypatch: pytest.MonkeyPatch, limit: int) -> None:
     x = torch.randn(4, 8)
     flushes: list[int] = []
-    staged_sizes: list[int] = []
+    staged: list[int] = []
     flush, slot = reduce.StatsRows.flush, reduce.StatsRows._slot
 
+    def waiting(self: reduce.StatsRows) -> int:
+        return max((len(s.rows) * reduce.ROW for s in self._staging.values()), default=0)
+
     def counting_flush(self: reduce.StatsRows) -> None:
-        flushes.append(self._staged)
+        flushes.append(waiting(self))
         flush(self)
 
     def watched_slot(self: reduce.StatsRows, *args: Any) -> torch.Tensor:
         out = slot(self, *args)
-        staged_sizes.append(self._staged)
+        staged.append(waiting(self))
         return out
 
     monkeypatch.setattr(reduce.StatsRows, "flush", counting_flush)
     monkeypatch.setattr(reduce.StatsRows, "_slot", watched_slot)
-    staged, alone = _same_step(monkeypatch, lambda: _deep(12, blow_up_at=4), x, STAGE_LIMIT=limit)
-    _assert_summaries_equal(staged, alone)
-    assert max(staged_sizes) <= limit  # never more waiting than the bound
+    batched, alone = _same_step(monkeypatch, lambda: _deep(12, blow_up_at=4), x, STAGE_LIMIT=limit)
+    _assert_summaries_equal(batched, alone)
+    assert max(staged) <= limit  # never more waiting than the bound
     assert sum(1 for n in flushes if n) > 10  # reduced many times within the step
-    assert staged.first_nonfinite_forward == NonfiniteSite("11", "activation", 0)  # the second Scale(1e30)
+    assert batched.first_nonfinite_forward == NonfiniteSite("11", "activation", 0)  # the second Scale(1e30)
 
 
 def test_first_nonfinite_sites_are_those_of_the_per_tensor_path(monkeypatch: pytest.MonkeyPatch) -> None:

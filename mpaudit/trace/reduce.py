@@ -7,9 +7,9 @@ fp16 and bf16 tensors are widened to fp32 first, which is exact.
 
 Reducing a tensor takes about ten passes, each one kernel launch (about 0.1 ms of fixed cost per tensor on a CPU)
 whatever its size. So only large tensors are reduced as they arrive, chunk by chunk. A small one (most tensors of
-most models) is copied into a staging block, one row per tensor padded with zeros to the block's width, and the
-rows of a block are reduced together when staging fills up or the step's statistics are collected: the same ten
-passes, now over (tensors x width) at once, with one ``bincount`` binning every row.
+most models) is copied into staging, a 2-D buffer of fixed-width rows in which each tensor starts a row, and the
+staged rows are reduced together when staging fills up or the step's statistics are collected: the same ten
+passes, over all staged rows at once, with one ``bincount`` binning every row.
 """
 
 from __future__ import annotations
@@ -62,14 +62,15 @@ SMALL_TENSOR = 1 << 17
 """Tensors with fewer elements than this are staged and reduced in batches; larger ones right away, where their
 passes cost more than their launches (at 2^17 elements, ten passes take about as long as ten launches on a CPU)."""
 
-MIN_SLOT = 1 << 10
-"""Narrowest staging row: a tensor of n elements takes a row of max(MIN_SLOT, next power of two >= n) elements,
-so padding at most doubles the staged work, and tensors of similar sizes share a block (few blocks per flush)."""
+ROW = 1 << 11
+"""Staging row width. A staged tensor of n elements takes ceil(n / ROW) consecutive rows, the last one padded
+with zeros; every row is binned and reduced on its own and the rows merge into the tensor's statistics row. Wider
+rows mean fewer per-row histograms (1024 bins each) to merge, narrower ones less padding after small tensors."""
 
 STAGE_LIMIT = 1 << 20
 """Staging holds at most this many elements (4 MiB of fp32 rows, padding included) before it is reduced: the
-memory bound on what waits, small enough that the batched passes run out of the CPU's cache. Each row width in
-use has a block of this size, allocated on first use and kept between steps."""
+memory bound on what waits, small enough that the batched passes run out of the CPU's cache. The staging buffer
+(one for full statistics, one for partial ones) is allocated at this size on first use and kept between steps."""
 
 BINCOUNT_DEVICES = ("cpu",)
 """Devices whose histograms use ``bincount`` (~30% faster on a CPU than ``index_add_``); elsewhere ``index_add_``
@@ -103,30 +104,37 @@ _LAST_FIELD = _FIRST_FIELD + HIST_BINS - 1  # ... and of the last bin's
 _DTYPE_NAMES: dict[torch.dtype, str] = {}
 
 
-def slot_width(n: int) -> int:
-    """The staging row width for a tensor of ``n`` elements (a power of two, at least ``MIN_SLOT``)."""
-    return max(MIN_SLOT, 1 << (n - 1).bit_length())
+def rows_for(n: int) -> int:
+    """How many staging rows a tensor of ``n`` elements takes."""
+    return -(-n // ROW)
 
 
-class _Block:
-    """Staged tensors of one row width: row i of ``data`` holds tensor i's values in fp32, then zeros."""
+def _capacity() -> int:
+    """Rows of a staging buffer: ``STAGE_LIMIT`` elements (at least one row)."""
+    return max(1, STAGE_LIMIT // ROW)
+
+
+class _Staging:
+    """Staged tensors, ``ROW`` elements a row: each tensor starts a row, its values in fp32, then zeros."""
 
     __slots__ = ("data", "rows")
 
-    def __init__(self, width: int, capacity: int, device: torch.device) -> None:
-        self.data = torch.zeros((capacity, width), dtype=torch.float32, device=device)
-        self.rows: list[int] = []  # the statistics row of each staged tensor
+    def __init__(self, capacity: int, device: torch.device) -> None:
+        self.data = torch.zeros((capacity, ROW), dtype=torch.float32, device=device)
+        self.rows: list[int] = []  # the statistics row of each staging row
 
-    def slot(self, shape: torch.Size) -> torch.Tensor:
-        """The next free row's first elements, viewed as ``shape`` (the caller copies into it, maybe later: the
-        block never reallocates)."""
-        used, width = len(self.rows), self.data.shape[1]
+    def slot(self, row: int, shape: torch.Size, n: int) -> torch.Tensor:
+        """Reserve rows for a tensor of ``shape`` (``n`` elements) of statistics row ``row``: the first ``n``
+        elements of those rows, viewed as ``shape`` (the caller copies into it, maybe later: ``data`` is never
+        reallocated)."""
+        start = len(self.rows) * ROW
+        self.rows += [row] * rows_for(n)
         strides = _STRIDES.get(shape)
         if strides is None:
             if len(_STRIDES) >= _STRIDES_CACHE_SIZE:
                 _STRIDES.clear()
             strides = _STRIDES[shape] = _contiguous_strides(shape)
-        return self.data.as_strided(shape, strides, used * width)  # one view op, where indexing takes three
+        return self.data.as_strided(shape, strides, start)  # one view op, where indexing takes three
 
 
 _STRIDES: dict[torch.Size, tuple[int, ...]] = {}
@@ -154,8 +162,7 @@ class StatsRows:
         self.n_rows = n_rows
         self.device = torch.device("cpu")
         self.buf: torch.Tensor | None = None
-        self._blocks: dict[tuple[int, bool], _Block] = {}
-        self._staged = 0
+        self._staging: dict[bool, _Staging] = {}  # by full (True) or partial statistics
         self._f32: torch.Tensor | None = None
         self._i32: torch.Tensor | None = None
         self._f64: torch.Tensor | None = None
@@ -186,8 +193,7 @@ class StatsRows:
     def release(self) -> None:
         """Free every device buffer (the next ``start`` allocates them again)."""
         self.buf = self._f32 = self._i32 = self._f64 = self._i64 = self._offsets = None
-        self._blocks.clear()
-        self._staged = 0
+        self._staging.clear()
         self._index_cache.clear()
         self._consts.clear()
 
@@ -210,13 +216,12 @@ class StatsRows:
         n = t.numel()
         if n == 0 or self.buf is None:
             return
-        if n >= SMALL_TENSOR:
+        if n >= SMALL_TENSOR or rows_for(n) > _capacity():
             self._note(row, n, t.dtype, full)
             self._reduce_now(row, t, full)
             return
-        width = slot_width(n)
-        self._note(row, n, t.dtype, full, width - n)
-        self._slot(row, t, width, full).copy_(t)
+        self._note(row, n, t.dtype, full, -n % ROW)
+        self._slot(row, t, n, full).copy_(t)
 
     def add_all(self, rows: Sequence[int], tensors: Sequence[torch.Tensor]) -> None:
         """``add`` for several tensors at once (full statistics): the small ones are staged with one
@@ -230,16 +235,15 @@ class StatsRows:
             n = t.numel()
             if n == 0:
                 continue
-            if n >= SMALL_TENSOR:
+            if n >= SMALL_TENSOR or rows_for(n) > _capacity():
                 self._note(row, n, t.dtype, True)
                 large.append((row, t))
                 continue
-            width = slot_width(n)
-            if self._staged + width > STAGE_LIMIT and dsts:  # the flush below must see these copies done
+            if self._room(True) < rows_for(n) and dsts:  # the flush below must see these copies done
                 torch._foreach_copy_(dsts, srcs)
                 dsts, srcs = [], []
-            self._note(row, n, t.dtype, True, width - n)
-            dsts.append(self._slot(row, t, width, True))
+            self._note(row, n, t.dtype, True, -n % ROW)
+            dsts.append(self._slot(row, t, n, True))
             srcs.append(t)
         if dsts:
             torch._foreach_copy_(dsts, srcs)
@@ -248,48 +252,47 @@ class StatsRows:
 
     def add_block(self, x: torch.Tensor, index: torch.Tensor, rows: Sequence[int], sizes: Sequence[int],
                   full: bool) -> None:
-        """Add a caller-packed block: row i of the fp32 ``x`` (S, width) holds ``sizes[i]`` values for statistics
-        row ``rows[i]`` (``index`` on the device), then zeros. ``x`` is overwritten."""
+        """Add a caller-packed block of ``ROW``-wide fp32 rows ``x``, laid out as staging is: tensor i, of
+        ``sizes[i]`` elements for statistics row ``rows[i]``, starts a row and fills ``rows_for(sizes[i])`` rows
+        (zeros after it); ``index`` (on the device) is the statistics row of each row of ``x``. ``x`` is
+        overwritten."""
         if self.buf is None:
             return
-        width = x.shape[1]
         for row, n in zip(rows, sizes, strict=True):
-            self._note(row, n, torch.float32, full, width - n)
+            self._note(row, n, torch.float32, full, -n % ROW)
         with self.threads():
             self._reduce_block(x, index, full)
 
-    def _slot(self, row: int, t: torch.Tensor, width: int, full: bool) -> torch.Tensor:
-        """Reserve a staging row for ``t`` (reducing what is staged first if it would pass ``STAGE_LIMIT``)."""
-        if self._staged + width > STAGE_LIMIT:
+    def _room(self, full: bool) -> int:
+        """Free staging rows for full (or partial) statistics."""
+        staging = self._staging.get(full)
+        return _capacity() - (len(staging.rows) if staging is not None else 0)
+
+    def _slot(self, row: int, t: torch.Tensor, n: int, full: bool) -> torch.Tensor:
+        """Reserve staging rows for ``t`` (reducing what is staged first if they would pass ``STAGE_LIMIT``)."""
+        staging = self._staging.get(full)
+        if staging is None:
+            staging = self._staging[full] = _Staging(_capacity(), self.device)
+        if len(staging.rows) + rows_for(n) > staging.data.shape[0]:
             self.flush()
-        block = self._blocks.get((width, full))
-        if block is None:  # as many rows as the bound lets wait (one, for a row wider than the bound)
-            block = self._blocks[(width, full)] = _Block(width, max(1, STAGE_LIMIT // width), self.device)
-        dst = block.slot(t.shape)
-        block.rows.append(row)
-        self._staged += width
-        return dst
+        return staging.slot(row, t.shape, n)
 
     def flush(self) -> None:
-        """Reduce everything staged into the buffer (a fixed number of passes per staging block)."""
-        if not self._staged:
-            return
+        """Reduce everything staged into the buffer (a fixed number of passes for each of the two stagings)."""
         with self.threads():
-            for (_, full), block in self._blocks.items():
-                if not block.rows:
+            for full, staging in self._staging.items():
+                if not staging.rows:
                     continue
-                x = block.data[: len(block.rows)]
-                self._reduce_block(x, self._index(block.rows), full)
+                x = staging.data[: len(staging.rows)]
+                self._reduce_block(x, self._index(staging.rows), full)
                 x.zero_()
-                block.rows.clear()
-        self._staged = 0
+                staging.rows.clear()
 
     def _discard_staged(self) -> None:
-        for block in self._blocks.values():
-            if block.rows:
-                block.data[: len(block.rows)].zero_()
-                block.rows.clear()
-        self._staged = 0
+        for staging in self._staging.values():
+            if staging.rows:
+                staging.data[: len(staging.rows)].zero_()
+                staging.rows.clear()
 
     def threads(self) -> contextlib.AbstractContextManager[None]:
         """Inside it, the device's work runs as the tracer's should: on one thread on a CPU (see
@@ -299,11 +302,12 @@ class StatsRows:
     # ------------------------------------------------------------------ the reductions
 
     def _reduce_block(self, x: torch.Tensor, index: torch.Tensor, full: bool) -> None:
-        """Reduce the staged rows ``x`` (S, width), zero-padded, into buffer rows ``index`` (S,) in one go.
+        """Reduce the staged rows ``x`` (S, ROW), zero-padded, into buffer rows ``index`` (S,) in one go.
 
         The histogram of row i goes to bins i * 1024 + key of one ``bincount``; the other statistics are
-        per-row reductions of x, merged into the buffer with ``index_put_`` / ``scatter_reduce_`` (a row may
-        appear more than once). Padding adds zeros to each row's zero bin only (corrected on the host).
+        per-row reductions of x, merged into the buffer with ``index_put_`` / ``scatter_reduce_`` (the rows of
+        one tensor, or of several, share an index). Padding adds zeros to a row's zero bin only (corrected on
+        the host).
         """
         assert self.buf is not None
         s, width = x.shape
@@ -318,7 +322,7 @@ class StatsRows:
         x.abs_()
         x.nan_to_num_(0.0, 0.0, 0.0)
         ones = k.view(torch.float32)
-        torch.sign(x, out=ones)  # 1 or 0: its fp32 row sum is the exact nonzero count (width < 2^24)
+        torch.sign(x, out=ones)  # 1 or 0: its fp32 row sum is the exact nonzero count (ROW < 2^24)
         vals = self._scratch_f64(3 * s).view(s, 3)
         if not full:
             vals[:, 0].copy_(ones.sum(1))
@@ -409,7 +413,7 @@ class StatsRows:
     def _row_offsets(self, s: int) -> torch.Tensor:
         """(s, 1) int32: row i's first bin, i * 1024."""
         if self._offsets is None or self._offsets.shape[0] < s:
-            n = max(s, 1024)
+            n = max(s, _capacity())
             self._offsets = torch.arange(0, n * _KEY_BINS, _KEY_BINS, dtype=torch.int32, device=self.device)[:, None]
         return self._offsets[:s]
 

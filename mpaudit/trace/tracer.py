@@ -37,7 +37,7 @@ from mpaudit.numerics.layerstats import (
     TraceSummary,
 )
 from mpaudit.run.distributed import SINGLE, Parallel, local_shard
-from mpaudit.trace.reduce import STAGE_LIMIT, Folded, StatsRows, fold, slot_width
+from mpaudit.trace.reduce import ROW, STAGE_LIMIT, Folded, StatsRows, fold, rows_for
 
 DEFAULT_TRACE_EVERY = 50
 """Trace step 0 and every 50th step after it. On ``benchmarks/trace_overhead.py``'s MLP a traced step
@@ -150,22 +150,27 @@ def _floating_tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
 
 
 class _UpdateBlock:
-    """The sampled weights of parameters whose samples share a row width, before and after the optimizer step:
-    row i holds parameter i's sample (fp32), then zeros, so the relative updates of all of them are computed
-    and reduced in one go. A parameter small enough to be taken whole has row slots shaped like it (so no view
-    of the parameter is needed per step); a sampled one, flat slots of ``UPDATE_SAMPLE``."""
+    """The sampled weights of some parameters before and after the optimizer step, laid out as staging is
+    (:func:`~mpaudit.trace.reduce.StatsRows.add_block`): the relative updates of all of them are computed and
+    reduced in one go. A parameter small enough to be taken whole has slots shaped like it (so no view of the
+    parameter is needed per step); a sampled one, flat slots of ``UPDATE_SAMPLE``."""
 
-    def __init__(self, params: list[nn.Parameter], rows: list[int], shapes: list[torch.Size], width: int,
-                 stats: StatsRows, device: torch.device) -> None:
-        self.params, self.rows = params, rows
+    def __init__(self, members: list[tuple[nn.Parameter, int, torch.Size]], stats: StatsRows,
+                 device: torch.device) -> None:
+        """``members``: (parameter, its update row, the shape of its local shard)."""
+        self.params = [param for param, _, _ in members]
+        self.rows = rows = [row for _, row, _ in members]
+        shapes = [shape for _, _, shape in members]
         self.sizes = [min(shape.numel(), UPDATE_SAMPLE) for shape in shapes]
         self.sampled = [shape.numel() > UPDATE_SAMPLE for shape in shapes]
-        self.index = stats.index(rows)
-        self.before = torch.zeros((len(params), width), dtype=torch.float32, device=device)
+        starts = np.cumsum([0] + [rows_for(n) for n in self.sizes]).tolist()
+        self.index = stats.index([row for row, n in zip(rows, self.sizes, strict=True) for _ in range(rows_for(n))])
+        self.before = torch.zeros((starts[-1], ROW), dtype=torch.float32, device=device)
         self.after = torch.zeros_like(self.before)
-        views = [(i, n, torch.Size([n]) if self.sampled[i] else shapes[i]) for i, n in enumerate(self.sizes)]
-        self.before_slots = [self.before[i, :n].view(shape) for i, n, shape in views]
-        self.after_slots = [self.after[i, :n].view(shape) for i, n, shape in views]
+        slots = [(start * ROW, n, torch.Size([n]) if sampled else shape)
+                 for start, n, sampled, shape in zip(starts[:-1], self.sizes, self.sampled, shapes, strict=True)]
+        self.before_slots = [self.before.view(-1)[at : at + n].view(shape) for at, n, shape in slots]
+        self.after_slots = [self.after.view(-1)[at : at + n].view(shape) for at, n, shape in slots]
 
 
 class _Total:
@@ -476,23 +481,25 @@ class Tracer:
         return idx
 
     def _blocks(self) -> list[_UpdateBlock]:
-        """The update samples' layout: parameters grouped by row width, at most ``STAGE_LIMIT`` elements a block."""
+        """The update samples' layout: blocks of parameters, in order, at most ``STAGE_LIMIT`` elements each."""
         device = self._device()
         if self._update_blocks is not None and all(b.before.device == device for b in self._update_blocks):
             return self._update_blocks
-        groups: dict[int, list[tuple[nn.Parameter, int, torch.Size]]] = {}
+        blocks: list[_UpdateBlock] = []
+        part: list[tuple[nn.Parameter, int, torch.Size]] = []
+        used = 0
         for layer, rel, param in self._params:
             shape = local_shard(param.detach()).shape
-            if shape.numel():
-                row = self._row_of[(layer, UPDATE_PREFIX + rel)]
-                groups.setdefault(slot_width(min(shape.numel(), UPDATE_SAMPLE)), []).append((param, row, shape))
-        blocks = []
-        for width, members in groups.items():
-            per_block = max(1, STAGE_LIMIT // width)
-            for i in range(0, len(members), per_block):
-                part = members[i : i + per_block]
-                blocks.append(_UpdateBlock([p for p, _, _ in part], [r for _, r, _ in part],
-                                           [sh for _, _, sh in part], width, self._stats, device))
+            if not shape.numel():
+                continue
+            rows = rows_for(min(shape.numel(), UPDATE_SAMPLE))
+            if part and used + rows > STAGE_LIMIT // ROW:  # blocks of at most STAGE_LIMIT elements (cache-sized)
+                blocks.append(_UpdateBlock(part, self._stats, device))
+                part, used = [], 0
+            part.append((param, self._row_of[(layer, UPDATE_PREFIX + rel)], shape))
+            used += rows
+        if part:
+            blocks.append(_UpdateBlock(part, self._stats, device))
         self._update_blocks = blocks
         return blocks
 
