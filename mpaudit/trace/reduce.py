@@ -76,9 +76,8 @@ BINCOUNT_DEVICES = ("cpu",)
 """Devices whose histograms use ``bincount`` (~30% faster on a CPU than ``index_add_``); elsewhere ``index_add_``
 into zeros, since CUDA's ``bincount`` reads the largest key back to size its output: a host sync."""
 
-_INDEX_CACHE_SIZE = 256
-"""Device copies of row-index lists kept for reuse (a model stages the same lists step after step, so a GPU
-gets them without a host-to-device copy per flush)."""
+_LAYOUT_CACHE_SIZE = 256
+"""Staging layouts kept on the device for reuse (see :meth:`StatsRows._cached_layout`)."""
 
 # Layout of one row of the statistics buffer (int64; float columns hold float64 bit patterns).
 _KEY_SHIFT = 22
@@ -149,6 +148,18 @@ def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where staged rows go, on the device: ``index`` is each row's statistics row; ``keys`` (int32, one per row)
+    the first of its 1024 histogram bins in the flush's ``bincount``, shared by all rows of one statistics row
+    (bin counts then scale with the rows traced, not the staged rows); ``hist_index`` the statistics row of each
+    group of 1024 bins."""
+
+    index: torch.Tensor
+    keys: torch.Tensor
+    hist_index: torch.Tensor
+
+
 class StatsRows:
     """The statistics of a step's tensors, one buffer row per traced (layer, role), on one device.
 
@@ -167,8 +178,7 @@ class StatsRows:
         self._i32: torch.Tensor | None = None
         self._f64: torch.Tensor | None = None
         self._i64: torch.Tensor | None = None
-        self._offsets: torch.Tensor | None = None
-        self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._layouts: dict[tuple[int, ...], Layout] = {}
         self._consts: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         self._reset_host()
 
@@ -192,9 +202,9 @@ class StatsRows:
 
     def release(self) -> None:
         """Free every device buffer (the next ``start`` allocates them again)."""
-        self.buf = self._f32 = self._i32 = self._f64 = self._i64 = self._offsets = None
+        self.buf = self._f32 = self._i32 = self._f64 = self._i64 = None
         self._staging.clear()
-        self._index_cache.clear()
+        self._layouts.clear()
         self._consts.clear()
 
     # ------------------------------------------------------------------ feeding tensors
@@ -250,18 +260,18 @@ class StatsRows:
         for row, t in large:
             self._reduce_now(row, t, True)
 
-    def add_block(self, x: torch.Tensor, index: torch.Tensor, rows: Sequence[int], sizes: Sequence[int],
+    def add_block(self, x: torch.Tensor, layout: Layout, rows: Sequence[int], sizes: Sequence[int],
                   full: bool) -> None:
         """Add a caller-packed block of ``ROW``-wide fp32 rows ``x``, laid out as staging is: tensor i, of
         ``sizes[i]`` elements for statistics row ``rows[i]``, starts a row and fills ``rows_for(sizes[i])`` rows
-        (zeros after it); ``index`` (on the device) is the statistics row of each row of ``x``. ``x`` is
+        (zeros after it); ``layout`` is :meth:`layout` of the statistics row of every row of ``x``. ``x`` is
         overwritten."""
         if self.buf is None:
             return
         for row, n in zip(rows, sizes, strict=True):
             self._note(row, n, torch.float32, full, -n % ROW)
         with self.threads():
-            self._reduce_block(x, index, full)
+            self._reduce_block(x, layout, full)
 
     def _room(self, full: bool) -> int:
         """Free staging rows for full (or partial) statistics."""
@@ -284,7 +294,7 @@ class StatsRows:
                 if not staging.rows:
                     continue
                 x = staging.data[: len(staging.rows)]
-                self._reduce_block(x, self._index(staging.rows), full)
+                self._reduce_block(x, self._cached_layout(staging.rows), full)
                 x.zero_()
                 staging.rows.clear()
 
@@ -301,23 +311,25 @@ class StatsRows:
 
     # ------------------------------------------------------------------ the reductions
 
-    def _reduce_block(self, x: torch.Tensor, index: torch.Tensor, full: bool) -> None:
-        """Reduce the staged rows ``x`` (S, ROW), zero-padded, into buffer rows ``index`` (S,) in one go.
+    def _reduce_block(self, x: torch.Tensor, layout: Layout, full: bool) -> None:
+        """Reduce the staged rows ``x`` (S, ROW), zero-padded, into the buffer rows of ``layout`` in one go.
 
-        The histogram of row i goes to bins i * 1024 + key of one ``bincount``; the other statistics are
-        per-row reductions of x, merged into the buffer with ``index_put_`` / ``scatter_reduce_`` (the rows of
-        one tensor, or of several, share an index). Padding adds zeros to a row's zero bin only (corrected on
+        One ``bincount`` bins every row, each statistics row's rows into its own 1024 bins; the other statistics
+        are per-row reductions of x, merged into the buffer with ``index_put_`` / ``scatter_reduce_`` (the rows
+        of one tensor, or of several, share an index). Padding adds zeros to a row's zero bin only (corrected on
         the host).
         """
         assert self.buf is not None
         s, width = x.shape
+        index = layout.index
         buf, f64 = self.buf, self.buf.view(torch.float64)
         k = self._scratch_i32(s * width).view(s, width)
         torch.bitwise_right_shift(x.view(torch.int32), _KEY_SHIFT, out=k)
         k.bitwise_and_(_KEY_MASK)
-        k.add_(self._row_offsets(s))
-        buf[:, :_KEY_BINS].index_put_((index,), self._bincount(k.view(-1), s * _KEY_BINS).view(s, _KEY_BINS),
-                                      accumulate=True)
+        k.add_(layout.keys)
+        groups = layout.hist_index.shape[0]
+        hist = self._bincount(k.view(-1), groups * _KEY_BINS).view(groups, _KEY_BINS)
+        buf[:, :_KEY_BINS].index_put_((layout.hist_index,), hist, accumulate=True)
         # |x| with non-finite values zeroed: counts and extremes over finite values only
         x.abs_()
         x.nan_to_num_(0.0, 0.0, 0.0)
@@ -410,28 +422,30 @@ class StatsRows:
             self._i64 = torch.empty(max(n, 1024), dtype=torch.int64, device=self.device)
         return self._i64[:n]
 
-    def _row_offsets(self, s: int) -> torch.Tensor:
-        """(s, 1) int32: row i's first bin, i * 1024."""
-        if self._offsets is None or self._offsets.shape[0] < s:
-            n = max(s, _capacity())
-            self._offsets = torch.arange(0, n * _KEY_BINS, _KEY_BINS, dtype=torch.int32, device=self.device)[:, None]
-        return self._offsets[:s]
-
-    def _index(self, rows: list[int]) -> torch.Tensor:
-        """``rows`` as an int64 device tensor, cached: a GPU gets a repeated list without another copy, a new
-        one from pinned memory (a copy that does not wait for the device)."""
+    def _cached_layout(self, rows: list[int]) -> Layout:
+        """:meth:`layout` of ``rows``, cached: a model stages the same rows step after step, so a GPU gets them
+        without a host-to-device copy per flush."""
         key = tuple(rows)
-        index = self._index_cache.get(key)
-        if index is None:
-            index = self.index(key)
-            if len(self._index_cache) >= _INDEX_CACHE_SIZE:
-                self._index_cache.clear()
-            self._index_cache[key] = index
-        return index
+        layout = self._layouts.get(key)
+        if layout is None:
+            if len(self._layouts) >= _LAYOUT_CACHE_SIZE:
+                self._layouts.clear()
+            layout = self._layouts[key] = self.layout(key)
+        return layout
 
-    def index(self, rows: Sequence[int]) -> torch.Tensor:
-        """``rows`` as an int64 tensor on the device, copied without waiting for the device."""
-        host = torch.tensor(rows, dtype=torch.int64)
+    def layout(self, rows: Sequence[int]) -> Layout:
+        """The device-side :class:`Layout` of staged rows whose statistics rows are ``rows``."""
+        group: dict[int, int] = {}
+        for row in rows:
+            group.setdefault(row, len(group))
+        return Layout(
+            index=self._to_device(torch.tensor(rows, dtype=torch.int64)),
+            keys=self._to_device(torch.tensor([group[row] * _KEY_BINS for row in rows], dtype=torch.int32)[:, None]),
+            hist_index=self._to_device(torch.tensor(list(group), dtype=torch.int64)),
+        )
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device, copied without waiting for the device (from pinned memory on CUDA)."""
         if self.device.type == "cpu":
             return host
         if self.device.type == "cuda":

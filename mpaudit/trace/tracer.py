@@ -164,7 +164,7 @@ class _UpdateBlock:
         self.sizes = [min(shape.numel(), UPDATE_SAMPLE) for shape in shapes]
         self.sampled = [shape.numel() > UPDATE_SAMPLE for shape in shapes]
         starts = np.cumsum([0] + [rows_for(n) for n in self.sizes]).tolist()
-        self.index = stats.index([row for row, n in zip(rows, self.sizes, strict=True) for _ in range(rows_for(n))])
+        self.layout = stats.layout([row for row, n in zip(rows, self.sizes, strict=True) for _ in range(rows_for(n))])
         self.before = torch.zeros((starts[-1], ROW), dtype=torch.float32, device=device)
         self.after = torch.zeros_like(self.before)
         slots = [(start * ROW, n, torch.Size([n]) if sampled else shape)
@@ -392,7 +392,7 @@ class Tracer:
                 torch.bitwise_and(block.before.view(torch.int32), _FP32_EXP_MASK, out=k)
                 torch.sub(self._const(_FP32_TWO_POW_MINUS_E, block.before.device), k, out=k)
                 block.after.sub_(block.before).mul_(k.view(torch.float32))
-                self._stats.add_block(block.after, block.index, block.rows, block.sizes, full=False)
+                self._stats.add_block(block.after, block.layout, block.rows, block.sizes, full=False)
 
     def finish_step(self) -> TraceSummary | None:
         """End the traced step: its statistics on the host (one device-to-host copy), folded into this step's
