@@ -85,7 +85,12 @@ _KEY_SHIFT = 22
 NaN from an infinity in the all-ones exponent. A signalling NaN with that bit clear would count as ±Inf;
 arithmetic never produces one."""
 _KEY_BINS = 1 << 10
-_KEY_MASK = _KEY_BINS - 1
+_SIGN_BIN = _KEY_BINS // 2
+"""The bin of a value is its key (sign, exponent field, top mantissa bit) with the sign bit flipped: the int32
+bits shifted arithmetically, plus 512 (one pass; a mask would take another). Negative values fill bins 0-511."""
+_ZERO_BIN = _SIGN_BIN  # +0.0 (and staging padding)
+_POSINF_BIN = 2 * 255 + _SIGN_BIN  # sign 0, exponent field 255, mantissa bit 0
+_NEGINF_BIN = 2 * 255
 _COL_NONZERO = _KEY_BINS  # float64: finite nonzero count (exact below 2^53)
 _COL_SUM = _KEY_BINS + 1  # float64: sum of finite |x|
 _COL_MAX = _KEY_BINS + 2  # float64: max of finite |x|
@@ -324,9 +329,8 @@ class StatsRows:
         index = layout.index
         buf, f64 = self.buf, self.buf.view(torch.float64)
         k = self._scratch_i32(s * width).view(s, width)
-        torch.bitwise_right_shift(x.view(torch.int32), _KEY_SHIFT, out=k)
-        k.bitwise_and_(_KEY_MASK)
-        k.add_(layout.keys)
+        torch.bitwise_right_shift(x.view(torch.int32), _KEY_SHIFT, out=k)  # -512..511
+        k.add_(layout.keys)  # each statistics row's first bin, + _SIGN_BIN
         groups = layout.hist_index.shape[0]
         hist = self._bincount(k.view(-1), groups * _KEY_BINS).view(groups, _KEY_BINS)
         buf[:, :_KEY_BINS].index_put_((layout.hist_index,), hist, accumulate=True)
@@ -377,7 +381,7 @@ class StatsRows:
             x = f
         buf = self.buf
         torch.bitwise_right_shift(x.view(torch.int32), _KEY_SHIFT, out=k)
-        k.bitwise_and_(_KEY_MASK)
+        k.add_(_SIGN_BIN)
         buf[row, :_KEY_BINS].add_(self._bincount(k, _KEY_BINS))
         # |x| with non-finite values zeroed: max / sum / min / nonzero count over finite values only
         if x is f:
@@ -440,7 +444,8 @@ class StatsRows:
             group.setdefault(row, len(group))
         return Layout(
             index=self._to_device(torch.tensor(rows, dtype=torch.int64)),
-            keys=self._to_device(torch.tensor([group[row] * _KEY_BINS for row in rows], dtype=torch.int32)[:, None]),
+            keys=self._to_device(torch.tensor([group[row] * _KEY_BINS + _SIGN_BIN for row in rows],
+                                              dtype=torch.int32)[:, None]),
             hist_index=self._to_device(torch.tensor(list(group), dtype=torch.int64)),
         )
 
@@ -476,14 +481,14 @@ class StatsRows:
         if not parallel.active:
             # the one device-to-host copy of the step; on a CPU the buffer is read in place (``start`` zeroes it)
             host = self.buf.numpy() if self.buf.device.type == "cpu" else self.buf.to("cpu", copy=True).numpy()
-            host[:, 0] -= np.asarray(self._pads, dtype=np.int64)  # staging padding: zeros that were never there
+            host[:, _ZERO_BIN] -= np.asarray(self._pads, dtype=np.int64)  # staging padding: zeros never there
             return host, list(self.counts)
         buf, f64 = self.buf, self.buf.view(torch.float64)
         # fp64 carries the counts exactly (below 2^53) and the int32-range min keys
         host_cols = torch.tensor([self.counts, self._pads], dtype=torch.float64).t().contiguous()
         cols = host_cols.to(buf.device)
         added = torch.cat([buf[:, :_KEY_BINS].to(torch.float64), f64[:, [_COL_NONZERO, _COL_SUM]], cols[:, :1]], 1)
-        added[:, 0] -= cols[:, 1]
+        added[:, _ZERO_BIN] -= cols[:, 1]
         extremes = torch.stack([f64[:, _COL_MAX], -buf[:, _COL_MIN].to(torch.float64)], 1)
         if replicated_rows and not parallel.is_main:
             rows = list(replicated_rows)
@@ -555,7 +560,7 @@ def fold(rows: np.ndarray, counts: Sequence[int], partial: Sequence[bool]) -> Fo
     """Turn buffer rows (key histogram and reductions) into statistics, all rows at once (new arrays: ``rows``
     may be the device buffer itself, on a CPU)."""
     key = rows[:, :_KEY_BINS]
-    by_sign = key[:, : _KEY_BINS // 2] + key[:, _KEY_BINS // 2 :]  # key = sign, exponent field, top mantissa bit
+    by_sign = key[:, :_SIGN_BIN] + key[:, _SIGN_BIN:]  # bin: (flipped) sign, exponent field, top mantissa bit
     per_field = by_sign[:, 0::2] + by_sign[:, 1::2]
     # exponent field E holds binade E - 127: fields up to _FIRST_FIELD clamp into bin 0, fields from
     # _LAST_FIELD up (but not 255: inf/NaN) into the last bin; field 0 (zero/subnormal) is handled below
@@ -568,7 +573,6 @@ def fold(rows: np.ndarray, counts: Sequence[int], partial: Sequence[bool]) -> Fo
     nonzero = floats[:, _COL_NONZERO].astype(np.int64)  # finite nonzero values
     zeros = np.asarray(counts, dtype=np.int64) - nonzero - nonfinite
     hist[:, 0] += per_field[:, 0] - zeros  # fp32 subnormals: below 2^-126, so in the clamped first bin
-    inf_key = 2 * _FP32_EXP_ALL_ONES  # key of +Inf (sign 0, field 255, mantissa bit 0); -Inf: + 512, NaN: + 1
     min_key = rows[:, _COL_MIN]
     measured = min_key < _MIN_KEY_ZERO
     bits = np.where(measured, (min_key + 2**31 + 2) // 2, 0).astype(np.int32)
@@ -577,9 +581,9 @@ def fold(rows: np.ndarray, counts: Sequence[int], partial: Sequence[bool]) -> Fo
     return Folded(
         count=np.asarray(counts, dtype=np.int64),
         zeros=zeros,
-        nan=key[:, inf_key + 1] + key[:, _KEY_BINS // 2 + inf_key + 1],
-        posinf=key[:, inf_key].copy(),
-        neginf=key[:, _KEY_BINS // 2 + inf_key].copy(),
+        nan=key[:, _POSINF_BIN + 1] + key[:, _NEGINF_BIN + 1],  # mantissa bit 1: NaN of either sign
+        posinf=key[:, _POSINF_BIN].copy(),
+        neginf=key[:, _NEGINF_BIN].copy(),
         max_abs=np.where(unmeasured, math.nan, floats[:, _COL_MAX]),
         min_nonzero_abs=np.where(unmeasured, math.nan, min_nonzero),
         sum_abs=np.where(unmeasured, math.nan, floats[:, _COL_SUM]),
