@@ -105,7 +105,23 @@ _FP32_EXP_ALL_ONES = 255
 _FIRST_FIELD = _FP32_BIAS + HIST_MIN_EXP  # exponent field of the first histogram bin's binade
 _LAST_FIELD = _FIRST_FIELD + HIST_BINS - 1  # ... and of the last bin's
 
-_DTYPE_NAMES: dict[torch.dtype, str] = {}
+_DTYPE_BITS: dict[torch.dtype, int] = {}
+_DTYPE_NAMES: list[str] = []
+
+
+def _dtype_bit(dtype: torch.dtype) -> int:
+    """A dtype as one bit of an int: rows keep the dtypes they saw as a mask, not a set per row and step (sets
+    living through a step are what makes Python's garbage collector walk every object)."""
+    bit = _DTYPE_BITS.get(dtype)
+    if bit is None:
+        bit = _DTYPE_BITS[dtype] = 1 << len(_DTYPE_NAMES)
+        _DTYPE_NAMES.append(str(dtype).removeprefix("torch."))
+    return bit
+
+
+def dtype_names(mask: int) -> str:
+    """The dtypes of a mask of :func:`_dtype_bit` bits, sorted by name and comma-separated."""
+    return ",".join(sorted(name for i, name in enumerate(_DTYPE_NAMES) if mask >> i & 1))
 
 
 def rows_for(n: int) -> int:
@@ -190,7 +206,7 @@ class StatsRows:
     def _reset_host(self) -> None:
         self.counts = [0] * self.n_rows
         self.partial = [False] * self.n_rows
-        self.dtypes: list[set[str]] = [set() for _ in range(self.n_rows)]
+        self.dtypes = [0] * self.n_rows  # masks of dtype bits (see dtype_names)
         self._pads = [0] * self.n_rows
 
     def start(self, device: torch.device) -> None:
@@ -216,10 +232,7 @@ class StatsRows:
 
     def _note(self, row: int, n: int, dtype: torch.dtype, full: bool, pad: int = 0) -> None:
         self.counts[row] += n
-        name = _DTYPE_NAMES.get(dtype)
-        if name is None:
-            name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
-        self.dtypes[row].add(name)
+        self.dtypes[row] |= _DTYPE_BITS.get(dtype) or _dtype_bit(dtype)
         if not full:
             self.partial[row] = True
         self._pads[row] += pad

@@ -37,7 +37,7 @@ from mpaudit.numerics.layerstats import (
     TraceSummary,
 )
 from mpaudit.run.distributed import SINGLE, Parallel, local_shard
-from mpaudit.trace.reduce import ROW, STAGE_LIMIT, Folded, StatsRows, fold, rows_for
+from mpaudit.trace.reduce import ROW, STAGE_LIMIT, Folded, StatsRows, dtype_names, fold, rows_for
 
 DEFAULT_TRACE_EVERY = 50
 """Trace step 0 and every 50th step after it. On ``benchmarks/trace_overhead.py``'s MLP a traced step
@@ -181,7 +181,7 @@ class _Total:
     def __init__(self, n_rows: int) -> None:
         self.folded = Folded.empty(n_rows)
         self.seen = np.zeros(n_rows, dtype=bool)
-        self.dtypes: list[set[str]] = [set() for _ in range(n_rows)]
+        self.dtypes = [0] * n_rows  # masks of dtype bits
         self.steps: list[int] = []
         self.loss_scales: list[float | None] = []
         self.layers: dict[str, None] = {}
@@ -189,7 +189,7 @@ class _Total:
         self.first_backward: NonfiniteSite | None = None
         self._summary: TraceSummary | None = TraceSummary()
 
-    def add(self, step: TraceSummary, folded: Folded, rows: list[int], dtypes: list[set[str]]) -> None:
+    def add(self, step: TraceSummary, folded: Folded, rows: list[int], dtypes: list[int]) -> None:
         """Merge a finished step: its summary's metadata and its folded ``rows``."""
         index = np.asarray(rows, dtype=np.int64)
         self.folded.merge_rows(folded, index)
@@ -207,7 +207,7 @@ class _Total:
         """The merged summary (``keys``: each row's (layer, role)), built on demand and kept until the next step."""
         if self._summary is None:
             rows = [int(r) for r in np.flatnonzero(self.seen)]
-            records = self.folded.records(rows, [",".join(sorted(self.dtypes[r])) for r in rows])
+            records = self.folded.records(rows, [dtype_names(self.dtypes[r]) for r in rows])
             self._summary = TraceSummary(
                 stats=dict(zip([keys[r] for r in rows], records, strict=True)),
                 steps=tuple(self.steps),
@@ -405,7 +405,7 @@ class Tracer:
         host, counts = self._stats.collect(self._parallel, replicated)
         folded = fold(host, counts, self._stats.partial)
         rows = [row for row, count in enumerate(counts) if count]
-        dtypes = [",".join(sorted(self._stats.dtypes[row])) for row in rows]
+        dtypes = [dtype_names(self._stats.dtypes[row]) for row in rows]
         stats = dict(zip([self._rows[row] for row in rows], folded.records(rows, dtypes), strict=True))
         forward = list(self._forward_order)
         recorded = {layer for layer, _ in stats}
