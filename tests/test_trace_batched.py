@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -342,3 +342,9 @@ def test_stats_of_extreme_values_in_one_staged_block() -> None:
     want = TensorStats.from_array(values.astype(np.float32).astype(np.float64), "float32")
     _assert_stats_equal(got, want)
     assert got.min_nonzero_abs == 2.0**-149
+
+
+def test_records_fill_tensorstats_fields_in_their_order() -> None:
+    """``Folded.records`` builds TensorStats positionally: its fields must come in that order."""
+    names = [f.name for f in fields(TensorStats)]
+    assert names == [*reduce._SCALARS, "hist", "dtype"]

@@ -558,15 +558,13 @@ class Folded:
     def records(self, rows: Sequence[int], dtypes: Sequence[str]) -> list[TensorStats]:
         """Rows ``rows`` as :class:`TensorStats` with the given dtypes (their histograms are rows of one array)."""
         index = np.asarray(rows, dtype=np.int64)
-        columns = [getattr(self, name)[index].tolist() for name in _SCALARS]
-        hist = self.hist[index]
-        return [
-            TensorStats(**dict(zip(_SCALARS, values, strict=True)), hist=h, dtype=dtype)
-            for values, h, dtype in zip(zip(*columns, strict=True), hist, dtypes, strict=True)
-        ]
+        columns = [getattr(self, name)[index].tolist() for name in _SCALARS]  # Python ints and floats
+        # positionally, in TensorStats' field order (keywords cost a third more, per row of every traced step)
+        return list(map(TensorStats, *columns, list(self.hist[index]), dtypes))
 
 
 _SCALARS = ("count", "zeros", "nan", "posinf", "neginf", "max_abs", "min_nonzero_abs", "sum_abs")
+"""TensorStats' fields before ``hist`` and ``dtype``, in its order."""
 
 
 def fold(rows: np.ndarray, counts: Sequence[int], partial: Sequence[bool]) -> Folded:
