@@ -37,7 +37,8 @@ from mpaudit.numerics.layerstats import (
     TraceSummary,
 )
 from mpaudit.run.distributed import SINGLE, Parallel, local_shard
-from mpaudit.trace.reduce import ROW, STAGE_LIMIT, Folded, StatsRows, dtype_names, fold, rows_for
+from mpaudit.trace import reduce
+from mpaudit.trace.reduce import Folded, StatsRows, dtype_names, fold, rows_for
 
 DEFAULT_TRACE_EVERY = 50
 """Trace step 0 and every 50th step after it. On ``benchmarks/trace_overhead.py``'s MLP a traced step
@@ -165,9 +166,9 @@ class _UpdateBlock:
         self.sampled = [shape.numel() > UPDATE_SAMPLE for shape in shapes]
         starts = np.cumsum([0] + [rows_for(n) for n in self.sizes]).tolist()
         self.layout = stats.layout([row for row, n in zip(rows, self.sizes, strict=True) for _ in range(rows_for(n))])
-        self.before = torch.zeros((starts[-1], ROW), dtype=torch.float32, device=device)
+        self.before = torch.zeros((starts[-1], reduce.ROW), dtype=torch.float32, device=device)
         self.after = torch.zeros_like(self.before)
-        slots = [(start * ROW, n, torch.Size([n]) if sampled else shape)
+        slots = [(start * reduce.ROW, n, torch.Size([n]) if sampled else shape)
                  for start, n, sampled, shape in zip(starts[:-1], self.sizes, self.sampled, shapes, strict=True)]
         self.before_slots = [self.before.view(-1)[at : at + n].view(shape) for at, n, shape in slots]
         self.after_slots = [self.after.view(-1)[at : at + n].view(shape) for at, n, shape in slots]
@@ -481,7 +482,8 @@ class Tracer:
         return idx
 
     def _blocks(self) -> list[_UpdateBlock]:
-        """The update samples' layout: blocks of parameters, in order, at most ``STAGE_LIMIT`` elements each."""
+        """The update samples' layout: blocks of parameters, in order, of at most ``reduce.STAGE_LIMIT`` elements
+        (or one parameter's sample)."""
         device = self._device()
         if self._update_blocks is not None and all(b.before.device == device for b in self._update_blocks):
             return self._update_blocks
@@ -493,7 +495,7 @@ class Tracer:
             if not shape.numel():
                 continue
             rows = rows_for(min(shape.numel(), UPDATE_SAMPLE))
-            if part and used + rows > STAGE_LIMIT // ROW:  # blocks of at most STAGE_LIMIT elements (cache-sized)
+            if part and used + rows > reduce.STAGE_LIMIT // reduce.ROW:  # cache-sized blocks
                 blocks.append(_UpdateBlock(part, self._stats, device))
                 part, used = [], 0
             part.append((param, self._row_of[(layer, UPDATE_PREFIX + rel)], shape))
