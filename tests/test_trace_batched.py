@@ -22,11 +22,10 @@ from mpaudit.trace.tracer import Tracer
 
 
 class Emitters(nn.Module):
-    """Child ``i`` returns fixed tensor ``i`` (plus 0 * x, so gradients flow): many awkward outputs in one step."""
+    """Child ``i`` returns fixed tensor ``i``: many awkward outputs in one step."""
 
     def __init__(self, tensors: list[torch.Tensor]) -> None:
         super().__init__()
-        self.values = tensors
         self.emit = nn.ModuleList(_Emit(t) for t in tensors)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -43,7 +42,8 @@ class _Emit(nn.Module):
 
 
 def _awkward_set() -> list[torch.Tensor]:
-    """Sizes from 0 to several rows of staging, fp32/fp16/bf16, contiguous or not, specials everywhere."""
+    """Sizes from 0 to several staging rows (``reduce.ROW``), fp32/fp16/bf16, contiguous or not, specials
+    everywhere."""
     out = []
     for i, n in enumerate([0, 1, 3, 10, 700, 1024, 1025, 3000, 5000, 2048, 64, 4097]):
         x = _awkward_tensor(i, max(n, 10))[:n]
@@ -139,9 +139,11 @@ def test_a_step_of_many_small_tensors_equals_the_per_tensor_path(monkeypatch: py
     _assert_summaries_equal(staged, alone)
 
 
-@pytest.mark.parametrize("limit", [reduce.ROW, 4 * reduce.ROW])
-def test_staging_is_reduced_when_it_passes_its_bound(monkeypatch: pytest.MonkeyPatch, limit: int) -> None:
-    x = torch.randn(4, 8)
+@pytest.mark.parametrize(("limit", "width"), [(reduce.ROW, 8), (4 * reduce.ROW, 8), (3 * reduce.ROW, 64)])
+def test_staging_is_reduced_when_it_passes_its_bound(monkeypatch: pytest.MonkeyPatch, limit: int, width: int) -> None:
+    """With width 64 the weights' gradients take two staging rows each, and staging fills in the middle of
+    the parameter gradients' one ``_foreach_copy_``."""
+    x = torch.randn(4, width)
     flushes: list[int] = []
     staged: list[int] = []
     flush, slot = reduce.StatsRows.flush, reduce.StatsRows._slot
@@ -160,7 +162,7 @@ def test_staging_is_reduced_when_it_passes_its_bound(monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(reduce.StatsRows, "flush", counting_flush)
     monkeypatch.setattr(reduce.StatsRows, "_slot", watched_slot)
-    batched, alone = _same_step(monkeypatch, lambda: _deep(12, blow_up_at=4), x, STAGE_LIMIT=limit)
+    batched, alone = _same_step(monkeypatch, lambda: _deep(12, width, blow_up_at=4), x, STAGE_LIMIT=limit)
     _assert_summaries_equal(batched, alone)
     assert max(staged) <= limit  # never more waiting than the bound
     assert sum(1 for n in flushes if n) > 10  # reduced many times within the step
