@@ -4,8 +4,8 @@ Three models, each trained for its ``steps`` with :func:`mpaudit.run.train.train
 
 - ``mlp``: the benchmark MLP 1024 -> 4096 -> 4096 -> 10, batch 256 (5 large leaf modules);
 - ``many``: 200 x (Linear 64 -> 64 + ReLU) and a head, batch 32 (401 small leaf modules);
-- ``gpt2``: a GPT-2 from a ``transformers`` config, 2 blocks, 64 wide, 8 x 32 tokens (skipped when
-  ``transformers`` is not installed).
+- ``gpt2``: a GPT-2 from a ``transformers`` config, 2 blocks, 64 wide, 8 x 32 tokens; without ``transformers``
+  (``nox -s bench`` installs only the dev extra) ``decoder``, a torch-only decoder of the same shape, runs instead.
 
 Each is run three ways: no tracer, a :class:`~mpaudit.trace.tracer.Tracer` on every step (``every=1``, update
 statistics included), and the default :class:`~mpaudit.trace.tracer.TraceSchedule`. Runs are interleaved
@@ -45,6 +45,7 @@ from workload import (
     GPT2_CONTEXT,
     MANY_BATCH,
     WIDTHS,
+    TinyDecoder,
     gpt2_batch,
     gpt2_tiny,
     many_batch,
@@ -84,6 +85,10 @@ def _hf_loss(model: nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**b).loss  # type: ignore[no-any-return]
 
 
+def _decoder_loss(model: nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**b)  # type: ignore[no-any-return]
+
+
 def _has_transformers() -> bool:
     try:
         import transformers  # noqa: F401
@@ -97,13 +102,19 @@ WORKLOADS = {
         "mlp", f"MLP {' -> '.join(map(str, WIDTHS))}, batch {BATCH}", mlp, mlp_batch, _xy_loss, 30, 1.25
     ),
     "many": Workload(
-        "many", f"200 x (Linear 64 -> 64 + ReLU) + head, batch {MANY_BATCH}", many_layers, many_batch, _xy_loss, 200, 3.0
+        "many", f"200 x (Linear 64 -> 64 + ReLU) + head, batch {MANY_BATCH}", many_layers, many_batch, _xy_loss,
+        200, 3.0,
     ),
     "gpt2": Workload(
         "gpt2", f"GPT-2 2 blocks x 64 wide, {GPT2_BATCH} x {GPT2_CONTEXT} tokens", gpt2_tiny, gpt2_batch, _hf_loss, 200,
         1.5,
     ),
+    "decoder": Workload(
+        "decoder", f"torch-only decoder 2 blocks x 64 wide, {GPT2_BATCH} x {GPT2_CONTEXT} tokens", TinyDecoder,
+        gpt2_batch, _decoder_loss, 200, 1.5,
+    ),
 }
+"""The models; by default ``mlp``, ``many`` and ``gpt2`` (``decoder`` when ``transformers`` is missing)."""
 
 
 def _task(w: Workload) -> Task:
@@ -202,7 +213,8 @@ def bench(w: Workload, steps: int, repeats: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(WORKLOADS), help="comma-separated: " + ", ".join(WORKLOADS))
+    default = ["mlp", "many", "gpt2" if _has_transformers() else "decoder"]
+    parser.add_argument("--models", default=",".join(default), help="comma-separated: " + ", ".join(WORKLOADS))
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default: the model's own)")
     parser.add_argument("--repeats", type=int, default=REPEATS)
     args = parser.parse_args()
@@ -211,13 +223,14 @@ def main() -> None:
     for name in args.models.split(","):
         w = WORKLOADS[name]
         if name == "gpt2" and not _has_transformers():
-            print("gpt2: skipped (needs the optional `transformers` package)\n")
+            print("gpt2: skipped (needs the optional `transformers` package; `decoder` is its torch-only stand-in)\n")
             continue
         results[name] = bench(w, args.steps or w.steps, args.repeats)
     print("summary (median step / whole run):")
     for name, r in results.items():
         print(
-            f"  {name:<5} every=1 {r['every_step']:.2f}x / {r['every_run']:.2f}x (goal <= {WORKLOADS[name].every_goal}x)"
+            f"  {name:<7} every=1 {r['every_step']:.2f}x / {r['every_run']:.2f}x "
+            f"(goal <= {WORKLOADS[name].every_goal}x)"
             f"   default {r['default_step']:.2f}x / {r['default_run']:.2f}x (goal <= {DEFAULT_GOAL}x)"
         )
 

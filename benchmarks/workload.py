@@ -95,3 +95,27 @@ def gpt2_batch(seed: int = SEED) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, GPT2_VOCAB, (GPT2_BATCH, GPT2_CONTEXT), generator=g)
     return {"input_ids": ids, "labels": ids.clone()}
+
+
+class TinyDecoder(nn.Module):
+    """A torch-only stand-in for :func:`gpt2_tiny` when ``transformers`` is missing: byte embeddings, 2 pre-norm
+    causal ``nn.TransformerEncoderLayer`` blocks (64 wide, 4 heads, 256 hidden, no dropout) and a byte head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(GPT2_VOCAB, 64)
+        self.positions = nn.Embedding(GPT2_CONTEXT, 64)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(64, 4, 256, dropout=0.0, batch_first=True, norm_first=True) for _ in range(2)
+        )
+        self.norm = nn.LayerNorm(64)
+        self.head = nn.Linear(64, GPT2_VOCAB)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        n = input_ids.shape[1]
+        x = self.tokens(input_ids) + self.positions(torch.arange(n, device=input_ids.device))
+        mask = nn.Transformer.generate_square_subsequent_mask(n, device=input_ids.device)
+        for block in self.blocks:
+            x = block(x, src_mask=mask, is_causal=True)
+        logits = self.head(self.norm(x))
+        return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, GPT2_VOCAB), labels[:, 1:].reshape(-1))
