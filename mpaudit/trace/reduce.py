@@ -30,10 +30,10 @@ from mpaudit.run.distributed import Parallel
 class cpu_threads:
     """Limit torch's intra-op CPU threads to ``n`` inside the block, restoring the setting after it.
 
-    The tracer's own work runs on one thread: its passes and copies are memory-bound, so more threads gain
-    little on a quiet machine, while on a busy one every parallel op waits for its slowest thread, up to a
-    scheduler time slice per op (measured on a shared 2-core machine, MLP benchmark: a traced step cost 1.4-2.6x
-    an untraced one with two threads, 1.1x with one). A class, not a generator: it is entered once per hook call.
+    The tracer's reductions run on one thread: their passes are memory-bound, so more threads gain little on a
+    quiet machine, while on a busy one every parallel op waits for its slowest thread, up to a scheduler time
+    slice per op (measured on a shared 2-core machine, MLP benchmark: a traced step cost 1.4-2.6x an untraced one
+    with two threads, 1.1x with one). A class, not a generator: it is cheap to enter.
     """
 
     __slots__ = ("_before", "_n")
@@ -324,7 +324,9 @@ class StatsRows:
 
     def threads(self) -> contextlib.AbstractContextManager[None]:
         """Inside it, the device's work runs as the tracer's should: on one thread on a CPU (see
-        :class:`cpu_threads`; the reductions enter it themselves, callers wrap their copies and hooks)."""
+        :class:`cpu_threads`). The reductions enter it themselves; a hook's copy into staging does not (it is
+        small, and switching the thread count around every hook would make the model's next parallel op wait
+        for its second thread to wake up, on a busy machine)."""
         return cpu_threads(1) if self.device.type == "cpu" else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ the reductions
