@@ -21,6 +21,7 @@ from torch import nn
 
 from mpaudit.arms import ARMS
 from mpaudit.run.fp16_emulation import emulated_fp16
+from mpaudit.run.precision import make_scaler
 from mpaudit.run.task import Task
 from mpaudit.run.train import train_step
 from workload import BATCH, WIDTHS, mlp, mlp_task
@@ -43,7 +44,7 @@ class _Runner:
         self.arm = ARMS[arm_name]
         self.model = copy.deepcopy(model)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
-        self.scaler = self.arm.make_scaler("cpu")
+        self.scaler = make_scaler(self.arm, "cpu")
         self.emulate = emulate
         self.emulated_calls: Counter[str] = Counter()
         self.times: list[float] = []

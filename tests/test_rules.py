@@ -19,6 +19,7 @@ from mpaudit.errors import UsageError
 from mpaudit.numerics.layerstats import TensorStats, TraceSummary
 from mpaudit.numerics.rules import Thresholds, flag
 from mpaudit.results.model import ArmResult, Flag, LossScale, to_jsonable
+from mpaudit.run.precision import make_scaler
 from mpaudit.run.task import Task
 from mpaudit.run.train import train_step
 from mpaudit.trace.tracer import Tracer, TraceSchedule
@@ -72,7 +73,7 @@ def _run_arm(
     torch.manual_seed(0)
     model = build()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    scaler = arm.make_scaler("cpu")
+    scaler = make_scaler(arm, "cpu")
     schedule, tracer = TraceSchedule(every=1), Tracer(model)
     losses: list[float] = []
     scales: list[float] = []

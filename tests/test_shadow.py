@@ -12,6 +12,7 @@ from mpaudit.arms import ARMS
 from mpaudit.ci.recommend import rank_layers
 from mpaudit.report.html import render_html
 from mpaudit.results.model import AuditResult, LayerError
+from mpaudit.run.prepare import RunContext
 from mpaudit.run.task import load_task
 from mpaudit.trace.shadow import layer_errors
 from mpaudit.trace.tracer import select_modules
@@ -24,7 +25,7 @@ def _errors(task_path: Path, arm: str) -> dict[str, LayerError]:
     torch.manual_seed(0)
     model = task.build_model()
     paths = select_modules(model)
-    errors = layer_errors(task, model, [ARMS["fp32"], ARMS[arm]], paths, CPU)
+    errors = layer_errors(RunContext(task, CPU), model, [ARMS["fp32"], ARMS[arm]], paths)
     assert list(errors) == [arm]  # fp32 is the reference, not compared with itself
     return {e.layer: e for e in errors[arm]}
 

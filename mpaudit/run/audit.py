@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mpaudit.arms import BASELINE, DEFAULT_ARMS, FP16_CPU_MODES, Arm, parse_arms, step_context
+from mpaudit.arms import DEFAULT_ARMS, Arm, parse_arms
 from mpaudit.ci.gate import AUTO, DEFAULT_NOISE_K, evaluate_gate, lower_is_better
 from mpaudit.ci.recommend import DEFAULT_VERIFY_BUDGET
 from mpaudit.errors import UsageError
@@ -29,9 +29,11 @@ from mpaudit.results.model import (
 from mpaudit.results.perf import MemoryResult, SpeedResult, Speedup
 from mpaudit.run.distributed import DEFAULT_DIST_TIMEOUT_S, Parallel, RankFailed, check_options
 from mpaudit.run.env import collect_env, resolve_device, tf32_setting
+from mpaudit.run.prepare import RunContext
 from mpaudit.run.task import Task, load_task, preflight
 from mpaudit.run.train import Progress, TrainSpec, train_arm
 from mpaudit.trace.tracer import DEFAULT_TRACE_EVERY, select_modules
+from mpaudit.vocab import BASELINE, FAILED, FP16_CPU_MODES, OK
 
 DEFAULT_STEPS = 200
 """Optimizer steps per arm when neither ``steps`` nor ``epochs`` is given: under a minute for a small model on a CPU."""
@@ -157,6 +159,7 @@ def audit(
         _check_metrics_requested(cfg, metric_names)
         if cfg.trace or cfg.trace_depth is not None:
             select_modules(task.build_model(), cfg.trace, cfg.trace_depth)  # a wrong module path fails now
+        run = RunContext(task=task, device=device, fp16_cpu=cfg.fp16_cpu, parallel=parallel)
         results: dict[str, ArmResult] = {}
         layer_errors: dict[str, list[LayerError]] = {}
         shadow_notes: list[str] = []
@@ -164,31 +167,28 @@ def audit(
         perf = _Perf()
         try:
             for i, seed in enumerate(cfg.seed_list):
-                spec = TrainSpec(device=device, seed=seed, steps=cfg.steps, epochs=cfg.epochs,
-                                 fp16_cpu=cfg.fp16_cpu, data_seed=cfg.seed,
+                spec = TrainSpec(seed=seed, steps=cfg.steps, epochs=cfg.epochs, data_seed=cfg.seed,
                                  trace_every=cfg.trace_every if i == 0 else 0,  # replicates measure noise only
-                                 trace_include=cfg.trace, trace_depth=cfg.trace_depth, parallel=parallel)
+                                 trace_include=cfg.trace, trace_depth=cfg.trace_depth)
                 for arm in arms:
                     label = arm.name if i == 0 else f"{arm.name} s{seed}"
-                    keeps_model = i == 0 and arm.name == BASELINE and cfg.verify
-                    source = _KeepsModel(task.path, task.sha256, task.module) if keeps_model else task
+                    keep_model = i == 0 and arm.name == BASELINE and cfg.verify
                     try:
-                        run = train_arm(source, arm, spec, progress, label=label)
+                        trained = train_arm(run, arm, spec, progress, label=label, keep_model=keep_model)
                     except RankFailed as exc:  # keep the failed arm's partial result, then stop
                         if exc.result is not None and i == 0:
                             results[arm.name] = exc.result
                         raise
-                    if isinstance(source, _KeepsModel):  # attribute errors now, then let the trained model go
-                        if source.built and run.status == "ok":
-                            layer_errors, note = _shadow(task, source.built[-1], arms, device, cfg, parallel)
-                            shadow_notes += [note] if note else []
-                        source.built.clear()
+                    if trained.model is not None:  # attribute errors on the trained weights, then let them go
+                        layer_errors, note = _shadow(run, trained.model, arms, cfg)
+                        shadow_notes += [note] if note else []
+                        trained.model = None
                     if i == 0:
-                        results[arm.name] = run
+                        results[arm.name] = trained.result
                     else:
-                        replicates.setdefault(arm.name, []).append(run)
+                        replicates.setdefault(arm.name, []).append(trained.result)
             if cfg.bench:
-                perf = _measure(task, arms, device, cfg, results, progress, parallel)
+                perf = _measure(run, arms, cfg, results, progress)
         except RankFailed as exc:  # the job cannot go on: keep what finished and say who failed
             failure = exc
 
@@ -200,8 +200,8 @@ def audit(
     if cfg.verify and failure is None:
         try:
             with tf32_setting(cfg.tf32):
-                recommendations, verification = _verify(task, arms, device, cfg, results, replicates, flags,
-                                                        progress, layer_errors, parallel)
+                recommendations, verification = _verify(run, arms, cfg, results, replicates, flags, progress,
+                                                        layer_errors)
         except RankFailed as exc:
             failure = exc
     from mpaudit import __version__
@@ -240,8 +240,7 @@ class _Perf:
 
 
 def _measure(
-    task: Task, arms: list[Arm], device: Any, cfg: AuditConfig, results: dict[str, ArmResult],
-    progress: Progress | None, parallel: Parallel,
+    run: RunContext, arms: list[Arm], cfg: AuditConfig, results: dict[str, ArmResult], progress: Progress | None,
 ) -> _Perf:
     """The speed and memory phase: fresh models, no tracing, arms interleaved. Never loses the training results.
 
@@ -253,18 +252,15 @@ def _measure(
     from mpaudit.perf.speed import measure_speed
 
     perf = _Perf()
-    ran = [a for a in arms if results[a.name].status != "failed"]
+    parallel = run.parallel
+    ran = [a for a in arms if results[a.name].status != FAILED]
     if not ran:
         return perf
-
-    def ctx(arm: Arm) -> Any:
-        return step_context(arm, device.type, cfg.fp16_cpu)
 
     if progress is not None:
         progress.arm_started("bench", None)
     try:
-        speed, speedups = measure_speed(task, ran, device, cfg.seed, budget_s=cfg.bench_seconds,
-                                        compile=cfg.compile, step_context=ctx, parallel=parallel)
+        speed, speedups = measure_speed(run, ran, cfg.seed, budget_s=cfg.bench_seconds, compile=cfg.compile)
         if parallel.active:
             speed, speedups = _slowest_rank(parallel, speed, speedups, perf)
         perf.speedups = speedups
@@ -282,7 +278,7 @@ def _measure(
                           "full parameters gathered for forward and backward count as other (as activations where "
                           "autograd saves them).")
     try:
-        memory = measure_memory(task, ran, device, cfg.seed, step_context=ctx, parallel=parallel)
+        memory = measure_memory(run, ran, cfg.seed)
         if parallel.active:
             memory = _largest_rank(parallel, memory, perf)
         for key, mr in memory.items():
@@ -340,43 +336,30 @@ def _distributed_info(
 
 
 def _verify(
-    task: Task, arms: list[Arm], device: Any, cfg: AuditConfig, results: dict[str, ArmResult],
+    run: RunContext, arms: list[Arm], cfg: AuditConfig, results: dict[str, ArmResult],
     replicates: dict[str, list[ArmResult]], flags: list[Flag], progress: Progress | None,
-    layer_errors: dict[str, list[LayerError]], parallel: Parallel,
+    layer_errors: dict[str, list[LayerError]],
 ) -> tuple[list[Recommendation], dict[str, ArmResult]]:
     """The verification phase: each recommendation trained as an extra arm (main seed, same batches, no
     tracing), at most ``verify_budget`` runs in all."""
     from mpaudit.ci.recommend import Criteria, recommend
 
     baseline = results.get(BASELINE)
-    if baseline is None or baseline.status != "ok":
+    if baseline is None or baseline.status != OK:
         return [], {}
-    spec = TrainSpec(device=device, seed=cfg.seed, steps=cfg.steps, epochs=cfg.epochs, fp16_cpu=cfg.fp16_cpu,
-                     data_seed=cfg.seed, trace_every=0, parallel=parallel)
+    spec = TrainSpec(seed=cfg.seed, steps=cfg.steps, epochs=cfg.epochs, data_seed=cfg.seed, trace_every=0)
     criteria = Criteria(baseline=baseline, max_drop=cfg.max_drop, max_loss_gap=cfg.max_loss_gap,
                         baseline_replicates=replicates.get(BASELINE, []), noise_k=cfg.noise_k)
 
     def train(arm: Arm) -> ArmResult:
-        return train_arm(task, arm, spec, progress)
+        return train_arm(run, arm, spec, progress).result
 
     sqnr = {arm: {e.layer: e.sqnr_db for e in errors} for arm, errors in layer_errors.items()}
     return recommend(arms, results, flags, criteria, train, budget=cfg.verify_budget, layer_error_db=sqnr)
 
 
-@dataclass(frozen=True)
-class _KeepsModel(Task):
-    """The task, holding on to the model it builds: the fp32 arm's trained weights, for the shadow comparison."""
-
-    built: list[Any] = field(default_factory=list)
-
-    def build_model(self) -> Any:
-        model = super().build_model()
-        self.built.append(model)
-        return model
-
-
 def _shadow(
-    task: Task, model: Any, arms: list[Arm], device: Any, cfg: AuditConfig, parallel: Parallel,
+    run: RunContext, model: Any, arms: list[Arm], cfg: AuditConfig,
 ) -> tuple[dict[str, list[LayerError]], str | None]:
     """Per-layer error attribution on the trained fp32 model; a failure costs only this table.
 
@@ -384,11 +367,11 @@ def _shadow(
     weights are sharded across ranks, so it is left out."""
     from mpaudit.trace.shadow import layer_errors
 
-    if parallel.active and not parallel.params_replicated:
+    if run.parallel.active and not run.parallel.params_replicated:
         return {}, "Per-layer error attribution is not run under FSDP (each rank holds a shard of the weights)."
     try:
         paths = select_modules(model, cfg.trace, cfg.trace_depth)
-        return layer_errors(task, model, arms, paths, device, cfg.fp16_cpu), None
+        return layer_errors(run, model, arms, paths), None
     except Exception as exc:  # the user's model may not run module by module; the audit stands without it
         return {}, f"Per-layer error attribution failed: {type(exc).__name__}: {exc}"
 

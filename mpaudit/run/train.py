@@ -12,16 +12,18 @@ from typing import Any, Protocol
 
 import torch
 
-from mpaudit.arms import Arm, fp16_mode, step_context
+from mpaudit.arms import Arm
 from mpaudit.errors import error_text
 from mpaudit.numerics.layerstats import TraceSummary
 from mpaudit.results.model import ArmResult, Fingerprints, LossScale
 from mpaudit.run.batches import move_to_device
-from mpaudit.run.distributed import SINGLE, Parallel, RankFailed
-from mpaudit.run.keep import keep_fp32
-from mpaudit.run.seeding import BatchFingerprint, fingerprint_model, seed_everything
+from mpaudit.run.distributed import RankFailed
+from mpaudit.run.precision import autocast
+from mpaudit.run.prepare import PreparedArm, RunContext, prepare_arm, release
+from mpaudit.run.seeding import BatchFingerprint, seed_everything
 from mpaudit.run.task import Task
 from mpaudit.trace.tracer import DEFAULT_TRACE_EVERY, Tracer, TraceSchedule
+from mpaudit.vocab import DIVERGED, FAILED, OK, Status
 
 DIVERGE_PATIENCE = 25
 """An fp16 arm is called diverged after this many consecutive non-finite losses (GradScaler skips each
@@ -54,23 +56,19 @@ class NoProgress:
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """How long and where an arm trains. Exactly one of ``steps`` / ``epochs`` is set.
+    """How long an arm trains and what is traced. Exactly one of ``steps`` / ``epochs`` is set.
 
     ``seed`` seeds the model's initial weights and training randomness (dropout); ``data_seed`` seeds the
     loaders, so noise-floor replicates with other seeds still see the same batches in the same order.
     """
 
-    device: torch.device
     seed: int
     steps: int | None
     epochs: int | None
-    fp16_cpu: str = "emulate"
     data_seed: int | None = None
     trace_every: int = DEFAULT_TRACE_EVERY
     trace_include: tuple[str, ...] = ()
     trace_depth: int | None = None
-    parallel: Parallel = SINGLE
-    """The distributed job (a single process by default): how the model is wrapped and the data sharded."""
 
     @property
     def loader_seed(self) -> int:
@@ -83,7 +81,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _epoch_batches(task: Task, first: Any, spec: TrainSpec) -> Iterator[Any]:
+def _epoch_batches(run: RunContext, first: Any, spec: TrainSpec) -> Iterator[Any]:
     """Batches epoch after epoch, in the same order for every arm and every seed.
 
     Each epoch's iterator is created and its first batch drawn under ``data_seed + epoch`` (a shuffling
@@ -96,8 +94,8 @@ def _epoch_batches(task: Task, first: Any, spec: TrainSpec) -> Iterator[Any]:
     while spec.epochs is None or epoch < spec.epochs:
         seed_everything(spec.loader_seed + epoch)
         if epoch > 0 and iter(loader) is loader:  # a one-shot iterator: ask the task for a fresh one
-            loader = task.train_loader()
-        it = iter(spec.parallel.shard(loader))
+            loader = run.task.train_loader()
+        it = iter(run.parallel.shard(loader))
         head = next(it, _END)
         seed_everything(spec.seed + epoch)
         if head is _END:
@@ -127,7 +125,7 @@ def train_step(
     ``after_backward`` runs between backward and the optimizer step (gradients are populated and, in the
     fp16 arm, still multiplied by the loss scale); ``after_step`` right after the optimizer step.
     """
-    with arm.autocast(device_type):
+    with autocast(arm, device_type):
         loss = task.loss(model, batch)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -155,83 +153,83 @@ def _planned_steps(loader: Any, spec: TrainSpec) -> int | None:
         return None
 
 
+@dataclass
+class TrainedArm:
+    """An arm's result and, when asked for (``keep_model=True``), its trained model (the bare module)."""
+
+    result: ArmResult
+    model: torch.nn.Module | None = None
+
+
 def train_arm(
-    task: Task, arm: Arm, spec: TrainSpec, progress: Progress | None = None, label: str | None = None
-) -> ArmResult:
+    run: RunContext, arm: Arm, spec: TrainSpec, progress: Progress | None = None, label: str | None = None,
+    *, keep_model: bool = False,
+) -> TrainedArm:
     """Train ``arm`` from the seeded initial weights on the seeded batches and evaluate it in fp32.
 
     Never raises for the user's errors: an exception marks the arm ``failed`` with its message, so the
-    other arms still run. A non-finite loss marks it ``diverged``.
+    other arms still run. A non-finite loss marks it ``diverged``. With ``keep_model`` the trained model is
+    returned beside the result (when the arm finished ``ok``), for analyses on the trained weights.
 
-    In a distributed job (``spec.parallel``) a failure on any rank ends the audit instead (the ranks can no
+    In a distributed job (``run.parallel``) a failure on any rank ends the audit instead (the ranks can no
     longer agree on their collectives): :class:`~mpaudit.run.distributed.RankFailed` is raised, naming the rank
     that failed and carrying this arm's partial result.
     """
     progress = progress or NoProgress()
     label = label or arm.name
-    device = spec.device
     losses: list[float] = []
     scales: list[float] = []
     skipped: list[int] = []
     step_times: list[float] = []
     fingerprints: Fingerprints | None = None
-    status, error = "ok", None
+    status: Status = OK
+    error: str | None = None
     metrics: dict[str, float] = {}
-    notes: list[str] = []
     t_start = time.perf_counter()
-    parallel = spec.parallel
-    model = wrapped = optimizer = None
+    parallel = run.parallel
+    prepared: PreparedArm | None = None
     tracer: Tracer | None = None
     trace: TraceSummary | None = None
     failure: RankFailed | None = None
+    kept: torch.nn.Module | None = None
     try:
-        seed_everything(spec.seed)
-        model = task.build_model()
-        weights_fp = fingerprint_model(model)
-        model.to(device)
-        if arm.keep_fp32:  # a recommendation under test: the same weights, some modules kept in fp32
-            keep_fp32(model, arm.keep_fp32)
-        wrapped = parallel.wrap(model, device)  # what training calls: DDP, FSDP2-sharded, or the model itself
-        optimizer = task.build_optimizer(model)
-        scaler = arm.make_scaler(device.type, parallel.scaler_cls)
+        prepared = prepare_arm(run, arm, spec.seed)
         seed_everything(spec.loader_seed)
-        loader = task.train_loader()
+        loader = run.task.train_loader()
         batch_fp = BatchFingerprint()
         total = _planned_steps(parallel.shard(loader), spec)
         progress.arm_started(label, total)
-        model.train()
         schedule = TraceSchedule(spec.trace_every)
         if spec.trace_every > 0:
-            tracer = Tracer(model, include=spec.trace_include, depth=spec.trace_depth, parallel=parallel)
+            tracer = Tracer(prepared.model, include=spec.trace_include, depth=spec.trace_depth, parallel=parallel)
         hooks = tracer if tracer is not None else contextlib.nullcontext()
         with hooks:
-            status, error = _loop(task, arm, spec, wrapped, optimizer, scaler, loader, batch_fp, tracer, schedule,
-                                  progress, label, losses, scales, skipped, step_times)
+            status, error = _loop(prepared, spec, loader, batch_fp, tracer, schedule, progress, label, losses,
+                                  scales, skipped, step_times)
         if tracer is not None:
             trace = tracer.summary()
         if not losses:
             raise RuntimeError("train_loader() yielded no batch for this arm")
-        fingerprints = Fingerprints(weights=weights_fp, batches=batch_fp.hexdigest())
-        if task.has_evaluate:
-            model.eval()
+        fingerprints = Fingerprints(weights=prepared.weights_fingerprint, batches=batch_fp.hexdigest())
+        if run.task.has_evaluate:
+            prepared.model.eval()
             seed_everything(spec.loader_seed)
             with torch.no_grad():  # every rank evaluates the whole eval set; rank 0's metrics are kept
-                metrics = parallel.broadcast(task.evaluate(model, task.eval_loader() or []))
+                metrics = parallel.broadcast(run.task.evaluate(prepared.model, run.task.eval_loader() or []))
+        if keep_model and status == OK:
+            kept = prepared.model
     except Exception as exc:  # one failing arm never sinks the others
-        status, error = "failed", error_text(exc)
+        status, error = FAILED, error_text(exc)
         if parallel.active:
             failure = parallel.failed(exc, label)
             error = str(failure)
         if tracer is not None and tracer.summary().steps:
             trace = tracer.summary()  # what was traced before the failure is evidence too
     finally:
-        del model, wrapped, optimizer
-        if fp16_mode(arm, device.type, spec.fp16_cpu) == "emulated":
-            from mpaudit.run.fp16_emulation import release_buffers
-
-            release_buffers()  # the emulation's reusable fp32 workspace
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        if prepared is not None and prepared.keep is not None and kept is None:
+            prepared.keep.remove()
+        del prepared
+        release(arm, run)
 
     result = ArmResult(
         name=arm.name,
@@ -244,27 +242,26 @@ def train_arm(
         loss_scale=LossScale(history=scales, skipped_steps=skipped) if arm.grad_scaler else None,
         fingerprints=fingerprints,
         train_step_s=_loop_step_s(step_times),
-        fp16_mode=fp16_mode(arm, device.type, spec.fp16_cpu),
-        notes=notes,
+        fp16_mode=run.fp16_mode(arm),
         trace=trace,
     )
     progress.arm_finished(label, result)
     if failure is not None:
         failure.result = result
         raise failure
-    return result
+    return TrainedArm(result, kept)
 
 
 def _loop(
-    task: Task, arm: Arm, spec: TrainSpec, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None, loader: Any, batch_fp: BatchFingerprint, tracer: Tracer | None,
+    prepared: PreparedArm, spec: TrainSpec, loader: Any, batch_fp: BatchFingerprint, tracer: Tracer | None,
     schedule: TraceSchedule, progress: Progress, label: str, losses: list[float], scales: list[float],
     skipped: list[int], step_times: list[float],
-) -> tuple[str, str | None]:
+) -> tuple[Status, str | None]:
     """The optimizer steps of one arm; fills the lists in place and returns (status, error)."""
-    device = spec.device
+    run, scaler = prepared.run, prepared.scaler
+    device = run.device
     nonfinite_run = 0
-    for step, batch in enumerate(_epoch_batches(task, loader, spec)):
+    for step, batch in enumerate(_epoch_batches(run, loader, spec)):
         if spec.steps is not None and step >= spec.steps:
             break
         batch_fp.add(batch)
@@ -274,9 +271,9 @@ def _loop(
         traced = tracer is not None and schedule.wants(step)
         if traced and tracer is not None:
             tracer.start_step(step, scale)
-        with step_context(arm, device.type, spec.fp16_cpu):
-            loss = train_step(
-                task, arm, model, optimizer, scaler, batch, device.type,
+        with prepared.context():
+            loss = prepared.step(
+                batch,
                 after_backward=tracer.after_backward if traced and tracer else None,
                 after_step=tracer.after_optimizer_step if traced and tracer else None,
             )
@@ -288,7 +285,7 @@ def _loop(
             if scaler.get_scale() < scale:
                 skipped.append(step)
                 anomaly = True
-        loss = spec.parallel.mean(loss)  # the mean over ranks (a no-op in a single process)
+        loss = run.parallel.mean(loss)  # the mean over ranks (a no-op in a single process)
         value = float(loss.float().item())  # the one host sync of the step (progress, divergence)
         _sync(device)
         step_times.append(time.perf_counter() - t0)
@@ -301,10 +298,10 @@ def _loop(
             nonfinite_run += 1
             if scaler is None or nonfinite_run >= DIVERGE_PATIENCE:
                 why = "" if scaler is None else f" for {nonfinite_run} steps in a row"
-                return "diverged", f"loss became {value} at step {step + 1}{why}"
+                return DIVERGED, f"loss became {value} at step {step + 1}{why}"
         if anomaly:
             schedule.notify_anomaly(step)
-    return "ok", None
+    return OK, None
 
 
 def _loop_step_s(step_times: list[float]) -> float | None:

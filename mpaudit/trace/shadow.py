@@ -23,9 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpaudit.arms import Arm, step_context
+from mpaudit.arms import Arm
 from mpaudit.results.model import LayerError
 from mpaudit.run.batches import move_to_device
+from mpaudit.run.precision import autocast
+from mpaudit.run.prepare import RunContext
 from mpaudit.run.task import Task
 
 SHADOW_BATCHES = 2
@@ -127,8 +129,7 @@ def _batches(task: Task, n: int) -> Iterator[Any]:
 
 
 def layer_errors(
-    task: Task, model: nn.Module, arms: Sequence[Arm], paths: Sequence[str], device: torch.device,
-    fp16_cpu: str = "emulate", batches: int = SHADOW_BATCHES,
+    run: RunContext, model: nn.Module, arms: Sequence[Arm], paths: Sequence[str], batches: int = SHADOW_BATCHES,
 ) -> dict[str, list[LayerError]]:
     """Local error and drift of every module in ``paths`` for each non-fp32 arm in ``arms``, measured on
     ``model`` (the trained fp32 model) in eval mode on the first ``batches`` batches (eval loader first)."""
@@ -142,12 +143,11 @@ def layer_errors(
     model.eval()
     try:
         with torch.no_grad():
-            for batch in _batches(task, batches):
-                batch = move_to_device(batch, device)
-                ref = _recorded_loss(task, model, paths, batch)
+            for batch in _batches(run.task, batches):
+                batch = move_to_device(batch, run.device)
+                ref = _recorded_loss(run.task, model, paths, batch)
                 for arm in targets:
-                    _compare_arm(task, model, modules, arm, batch, ref, paths, device, fp16_cpu,
-                                 local[arm.name], drift[arm.name])
+                    _compare_arm(run, model, modules, arm, batch, ref, paths, local[arm.name], drift[arm.name])
     finally:
         model.train(was_training)
     return {
@@ -188,13 +188,13 @@ def _seen(*accs: _Acc) -> bool:
 
 
 def _compare_arm(
-    task: Task, model: nn.Module, modules: dict[str, nn.Module], arm: Arm, batch: Any, ref: _Record,
-    paths: Sequence[str], device: torch.device, fp16_cpu: str, local: dict[str, _Acc], drift: dict[str, _Acc],
+    run: RunContext, model: nn.Module, modules: dict[str, nn.Module], arm: Arm, batch: Any, ref: _Record,
+    paths: Sequence[str], local: dict[str, _Acc], drift: dict[str, _Acc],
 ) -> None:
-    with step_context(arm, device.type, fp16_cpu), arm.autocast(device.type):
-        run = _recorded_loss(task, model, paths, batch)
+    with run.step_context(arm), autocast(arm, run.device.type):
+        seen = _recorded_loss(run.task, model, paths, batch)
         for path in paths:
-            calls = zip(ref.inputs.get(path, []), run.inputs.get(path, []), ref.outputs.get(path, []), strict=False)
+            calls = zip(ref.inputs.get(path, []), seen.inputs.get(path, []), ref.outputs.get(path, []), strict=False)
             for (args, kwargs), (arm_args, arm_kwargs), y in calls:
                 try:
                     out = _first_float(modules[path](*_like(args, arm_args), **_like(kwargs, arm_kwargs)))
@@ -203,7 +203,7 @@ def _compare_arm(
                 if out is not None and out.shape == y.shape:
                     local[path].add(y, out)
     for path in paths:
-        for y, out in zip(ref.outputs.get(path, []), run.outputs.get(path, []), strict=False):
+        for y, out in zip(ref.outputs.get(path, []), seen.outputs.get(path, []), strict=False):
             if out.shape == y.shape:
                 drift[path].add(y, out)
 

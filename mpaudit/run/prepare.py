@@ -1,0 +1,103 @@
+"""One arm set-up for every phase: training, speed, memory and verification all get their model here.
+
+:func:`prepare_arm` seeds, builds the model, fingerprints its initial weights *before* any conversion (later
+recipes swap modules or cast weights), moves it to the device, applies the recipe's keep-list, wraps it for the
+distributed job and builds the optimizer and GradScaler. What is timed and measured is therefore exactly the
+recipe that was trained, keep-lists and loss scales included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpaudit.arms import Arm
+from mpaudit.run.distributed import SINGLE, Parallel
+from mpaudit.run.keep import KeepFp32, keep_fp32
+from mpaudit.run.precision import autocast, fp16_mode, make_scaler, step_context
+from mpaudit.run.seeding import fingerprint_model, seed_everything
+from mpaudit.run.task import Task
+from mpaudit.vocab import Fp16Mode
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Where and how every arm of one audit runs: the task, the device, fp16 on a CPU, the distributed job."""
+
+    task: Task
+    device: torch.device
+    fp16_cpu: str = "emulate"
+    parallel: Parallel = field(default=SINGLE)
+
+    def fp16_mode(self, arm: Arm) -> Fp16Mode | None:
+        """How ``arm`` computes fp16 here (``emulated`` / ``native``), None for arms without fp16."""
+        return fp16_mode(arm, self.device.type, self.fp16_cpu)
+
+    def step_context(self, arm: Arm) -> contextlib.AbstractContextManager[Any]:
+        """The context a whole step of ``arm`` runs in (fp16 emulation on a CPU); enter it outermost."""
+        return step_context(arm, self.device.type, self.fp16_cpu)
+
+
+@dataclass
+class PreparedArm:
+    """One arm ready to step: its model (``model`` bare, ``trained`` as training calls it), optimizer, scaler."""
+
+    arm: Arm
+    run: RunContext
+    model: nn.Module
+    trained: nn.Module
+    """What a step calls: DDP- or FSDP-wrapped in a distributed job (or compiled), else ``model`` itself."""
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    weights_fingerprint: str
+    """Hash of the initial weights, taken before the model was moved or converted."""
+    keep: KeepFp32 | None = None
+
+    def context(self) -> contextlib.AbstractContextManager[Any]:
+        """The context every step of this arm runs in (enter it outermost, around forward, backward and step)."""
+        return self.run.step_context(self.arm)
+
+    def step(
+        self, batch: Any, after_backward: Any = None, after_step: Any = None
+    ) -> torch.Tensor:
+        """One real optimizer step on ``batch`` (call it inside :meth:`context`); the detached loss, no host sync."""
+        from mpaudit.run.train import train_step
+
+        return train_step(self.run.task, self.arm, self.trained, self.optimizer, self.scaler, batch,
+                          self.run.device.type, after_backward=after_backward, after_step=after_step)
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        """The arm's autocast on this device (for forward passes outside :meth:`step`)."""
+        return autocast(self.arm, self.run.device.type)
+
+
+def prepare_arm(run: RunContext, arm: Arm, seed: int) -> PreparedArm:
+    """A fresh, seeded model with ``arm``'s recipe applied, and its optimizer and GradScaler.
+
+    Raises whatever the user's ``build_model`` / ``build_optimizer`` raise (as TaskError).
+    """
+    seed_everything(seed)
+    model = run.task.build_model()
+    weights = fingerprint_model(model)
+    model.to(run.device)
+    model.train()
+    keep = keep_fp32(model, arm.keep_fp32) if arm.keep_fp32 else None
+    trained = run.parallel.wrap(model, run.device)
+    optimizer = run.task.build_optimizer(model)
+    scaler = make_scaler(arm, run.device.type, run.parallel.scaler_cls)
+    return PreparedArm(arm=arm, run=run, model=model, trained=trained, optimizer=optimizer, scaler=scaler,
+                       weights_fingerprint=weights, keep=keep)
+
+
+def release(arm: Arm, run: RunContext) -> None:
+    """Free what an arm's steps kept between calls: the emulation's fp32 workspace, CUDA's cached blocks."""
+    if run.fp16_mode(arm) == "emulated":
+        from mpaudit.run.fp16_emulation import release_buffers
+
+        release_buffers()
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
