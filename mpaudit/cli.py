@@ -122,6 +122,7 @@ def run(
     verify_budget: Annotated[int, typer.Option(help="At most this many extra training runs for --verify.")] = 4,
     tf32: Annotated[bool, typer.Option("--tf32/--no-tf32", help="Allow TF32 matmuls in the fp32 baseline (CUDA only; off by default).")] = False,
     fp16_cpu: Annotated[str, typer.Option(help="fp16 on a CPU: emulate (tensor-core numerics at fp32 speed) or native (PyTorch's slow half kernels).")] = "emulate",
+    autocast_policy: Annotated[str, typer.Option(help="On a CPU, run each op in the dtype cuda autocast gives it (default: the audit predicts GPU training) or as cpu autocast does (for training on CPUs).")] = "cuda",
     plotlyjs: Annotated[str, typer.Option(help="inline (self-contained, works offline) or cdn (small file).")] = "inline",
     junit: Annotated[Path | None, typer.Option(help="Also write each gate check as a JUnit test case to this XML file.", show_default=False)] = None,
     nproc: Annotated[int | None, typer.Option(help="Run on this many processes of this machine: launches torchrun --standalone --nproc-per-node N for you (one per GPU; gloo processes on a CPU).", show_default=False)] = None,
@@ -147,7 +148,7 @@ def run(
         raise UsageError(f"--plotlyjs must be inline or cdn, not {plotlyjs!r}.")
     config = AuditConfig(
         arms=tuple(a.strip() for a in arms.split(",") if a.strip()),
-        steps=steps, epochs=epochs, seed=seed, device=device, tf32=tf32, fp16_cpu=fp16_cpu,
+        steps=steps, epochs=epochs, seed=seed, device=device, tf32=tf32, fp16_cpu=fp16_cpu, autocast_policy=autocast_policy,
         max_drop=parse_max_drop(max_drop or []), max_loss_gap=max_loss_gap, seeds=seeds, noise_k=noise_k,
         bench=bench, bench_seconds=bench_seconds, compile=compile, memory_budget=memory_budget,
         verify=verify, verify_budget=verify_budget,

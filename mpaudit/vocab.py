@@ -72,5 +72,10 @@ FP16_CPU_MODES: Final = ("emulate", "native")
 accumulation and rounds to fp16, as a GPU tensor core does, at fp32 speed; ``native`` uses PyTorch's CPU half
 kernels (~100x slower where the CPU has no fp16 units). On CUDA fp16 is always real."""
 
+AutocastPolicy = Literal["cuda", "cpu"]
+"""Whose autocast op lists a CPU arm follows: ``cuda`` (default: each op runs in the dtype CUDA autocast would give
+it, so a CPU audit predicts GPU training) or ``cpu`` (``torch.autocast("cpu")``'s own lists, for CPU training)."""
+AUTOCAST_POLICIES: Final[tuple[AutocastPolicy, ...]] = get_args(AutocastPolicy)
+
 Fp16Mode = Literal["emulated", "native"]
 """How an fp16 arm actually ran (``arms.<name>.fp16_mode``)."""

@@ -94,6 +94,8 @@ class ArmResult:
     speed: SpeedResult | None = None
     memory: MemoryResult | None = None
     fp16_mode: str | None = None
+    autocast_policy: str | None = None
+    """Whose autocast op lists the arm followed (``cuda`` or ``cpu``); None for fp32 and older results."""
     notes: list[str] = field(default_factory=list)
     trace: TraceSummary | None = None
 
@@ -124,6 +126,7 @@ class ArmResult:
             speed=SpeedResult.from_dict(d["speed"]) if d.get("speed") else None,
             memory=MemoryResult.from_dict(d["memory"]) if d.get("memory") else None,
             fp16_mode=d.get("fp16_mode"),
+            autocast_policy=d.get("autocast_policy"),
             notes=[str(n) for n in d.get("notes", [])],
             trace=TraceSummary.from_dict(d["trace"]) if d.get("trace") else None,
         )

@@ -33,7 +33,7 @@ from mpaudit.run.prepare import RunContext
 from mpaudit.run.task import Task, load_task, preflight
 from mpaudit.run.train import Progress, TrainSpec, train_arm
 from mpaudit.trace.tracer import DEFAULT_TRACE_EVERY, select_modules
-from mpaudit.vocab import BASELINE, FAILED, FP16_CPU_MODES, OK
+from mpaudit.vocab import AUTOCAST_POLICIES, BASELINE, FAILED, FP16_CPU_MODES, OK
 
 DEFAULT_STEPS = 200
 """Optimizer steps per arm when neither ``steps`` nor ``epochs`` is given: under a minute for a small model on a CPU."""
@@ -50,6 +50,7 @@ class AuditConfig:
     device: str = "auto"
     tf32: bool = False
     fp16_cpu: str = "emulate"
+    autocast_policy: str = "cuda"
     max_drop: dict[str, float | str] = field(default_factory=dict)
     max_loss_gap: float | None = None
     seeds: int = 1
@@ -88,6 +89,10 @@ class AuditConfig:
             raise UsageError("A gate needs at least one mixed-precision arm beside fp32.")
         if self.fp16_cpu not in FP16_CPU_MODES:
             raise UsageError(f"--fp16-cpu must be one of {', '.join(FP16_CPU_MODES)}, not {self.fp16_cpu!r}.")
+        if self.autocast_policy not in AUTOCAST_POLICIES:
+            raise UsageError(
+                f"--autocast-policy must be one of {', '.join(AUTOCAST_POLICIES)}, not {self.autocast_policy!r}."
+            )
         if self.max_loss_gap is not None and self.max_loss_gap < 0:
             raise UsageError("--max-loss-gap must be >= 0.")
         if self.seeds < 1:
@@ -159,7 +164,8 @@ def audit(
         _check_metrics_requested(cfg, metric_names)
         if cfg.trace or cfg.trace_depth is not None:
             select_modules(task.build_model(), cfg.trace, cfg.trace_depth)  # a wrong module path fails now
-        run = RunContext(task=task, device=device, fp16_cpu=cfg.fp16_cpu, parallel=parallel)
+        run = RunContext(task=task, device=device, fp16_cpu=cfg.fp16_cpu, autocast_policy=cfg.autocast_policy,
+                         parallel=parallel)
         results: dict[str, ArmResult] = {}
         layer_errors: dict[str, list[LayerError]] = {}
         shadow_notes: list[str] = []

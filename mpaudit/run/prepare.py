@@ -21,7 +21,7 @@ from mpaudit.run.keep import KeepFp32, keep_fp32
 from mpaudit.run.precision import autocast, fp16_mode, make_scaler, step_context
 from mpaudit.run.seeding import fingerprint_model, seed_everything
 from mpaudit.run.task import Task
-from mpaudit.vocab import Fp16Mode
+from mpaudit.vocab import AutocastPolicy, Fp16Mode
 
 
 @dataclass(frozen=True)
@@ -31,11 +31,20 @@ class RunContext:
     task: Task
     device: torch.device
     fp16_cpu: str = "emulate"
+    autocast_policy: str = "cuda"
+    """Whose autocast op lists CPU arms follow (``cuda`` or ``cpu``; see :data:`mpaudit.vocab.AutocastPolicy`)."""
     parallel: Parallel = field(default=SINGLE)
 
     def fp16_mode(self, arm: Arm) -> Fp16Mode | None:
         """How ``arm`` computes fp16 here (``emulated`` / ``native``), None for arms without fp16."""
         return fp16_mode(arm, self.device.type, self.fp16_cpu)
+
+    def autocast_policy_of(self, arm: Arm) -> AutocastPolicy | None:
+        """The op policy ``arm``'s autocast follows here: ``cuda`` on a GPU, the configured one on a CPU; None for
+        arms without autocast."""
+        if arm.autocast_dtype is None:
+            return None
+        return "cuda" if self.device.type == "cuda" else self.autocast_policy  # type: ignore[return-value]
 
     def step_context(self, arm: Arm) -> contextlib.AbstractContextManager[Any]:
         """The context a whole step of ``arm`` runs in (fp16 emulation on a CPU); enter it outermost."""

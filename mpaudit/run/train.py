@@ -243,6 +243,7 @@ def train_arm(
         fingerprints=fingerprints,
         train_step_s=_loop_step_s(step_times),
         fp16_mode=run.fp16_mode(arm),
+        autocast_policy=run.autocast_policy_of(arm),
         trace=trace,
     )
     progress.arm_finished(label, result)
