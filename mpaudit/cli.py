@@ -259,20 +259,22 @@ def compare(
 
     from mpaudit.ci import compare as cmp
     from mpaudit.ci.gate import parse_max_drop
+    from mpaudit.report.compare_view import to_markdown, to_text
     from mpaudit.report.junit import junit_xml_for_comparison
     from mpaudit.results.atomic import atomic_write_text
+    from mpaudit.results.io import load_result
 
     if markdown and as_json:
         raise UsageError("Give --markdown or --json, not both.")
     limits = parse_max_drop(tolerance or [])
-    c = cmp.compare(cmp.load_result(base), cmp.load_result(new), limits,
+    c = cmp.compare(load_result(base), load_result(new), limits,
                     speedup_tolerance=speedup_tolerance, noise_k=noise_k)
     if as_json:
         out.print(json.dumps(cmp.to_dict(c), indent=1, allow_nan=False), markup=False)
     elif markdown:
-        out.print(cmp.to_markdown(c), markup=False)
+        out.print(to_markdown(c), markup=False)
     else:
-        out.print(cmp.to_text(c), markup=False)
+        out.print(to_text(c), markup=False)
     if junit is not None:
         atomic_write_text(junit, junit_xml_for_comparison(c))
     raise typer.Exit(c.exit_code)
@@ -326,7 +328,7 @@ def _read_result(path: Path) -> Any:
 def _print_summary(result: Any) -> None:
     from rich.table import Table
 
-    from mpaudit.report.html import fmt
+    from mpaudit.text import fmt
 
     metrics = list(dict.fromkeys(m for a in result.arms.values() for m in a.metrics))
     table = Table(title=f"mpaudit: {result.task}", title_justify="left")

@@ -12,9 +12,11 @@ import pytest
 
 import mpaudit
 from conftest import OVERFLOW_TASK, TINY_TASK
-from mpaudit.ci.compare import compare, load_result, result_from_json, to_dict, to_markdown, to_text
+from mpaudit.ci.compare import compare, to_dict
 from mpaudit.ci.gate import evaluate_gate
 from mpaudit.errors import ResultError, UsageError
+from mpaudit.report.compare_view import to_markdown, to_text
+from mpaudit.results.io import load_result
 from mpaudit.results.model import ArmResult, AuditResult, Flag
 from mpaudit.results.perf import MemoryResult, Speedup
 
@@ -284,6 +286,6 @@ def test_replicates_without_names_are_read() -> None:
     for runs in data["replicates"].values():
         for run in runs:
             del run["name"]
-    back = result_from_json(json.dumps(data))
+    back = AuditResult.from_json(json.dumps(data))
     assert back.replicates["bf16"][0].name == "bf16"
     assert replace(back, created="") == replace(AuditResult.from_json(seeded.to_json()), created="")

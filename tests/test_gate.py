@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from mpaudit.ci.gate import evaluate_gate, lower_is_better, parse_max_drop, t_interval
+from mpaudit.ci.gaps import lower_is_better, t_interval
+from mpaudit.ci.gate import evaluate_gate, parse_max_drop
 from mpaudit.errors import UsageError
 from mpaudit.results.model import ArmResult
 

@@ -12,10 +12,11 @@ from typer.testing import CliRunner
 import mpaudit
 from conftest import OVERFLOW_TASK, TINY_TASK
 from mpaudit.arms import ARMS
-from mpaudit.ci.recommend import Criteria, rank_layers, recommend, snippet
+from mpaudit.ci.recommend import Criteria, rank_layers, recommend
 from mpaudit.ci.verdict import SAFE_WITH_CHANGES, verdict
 from mpaudit.cli import app
 from mpaudit.report.html import render_html
+from mpaudit.report.snippets import snippet
 from mpaudit.results.model import AuditResult, Flag
 
 STEPS = 20

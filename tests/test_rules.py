@@ -18,7 +18,8 @@ from mpaudit.arms import ARMS
 from mpaudit.errors import UsageError
 from mpaudit.numerics.layerstats import TensorStats, TraceSummary
 from mpaudit.numerics.rules import Thresholds, flag
-from mpaudit.results.model import ArmResult, Flag, LossScale, to_jsonable
+from mpaudit.results.codec import dumps_plain, from_plain
+from mpaudit.results.model import ArmResult, Flag, LossScale
 from mpaudit.run.precision import make_scaler
 from mpaudit.run.task import Task
 from mpaudit.run.train import train_step
@@ -144,7 +145,7 @@ def test_tiny_loss_underflows_gradients_in_fp16_and_the_flag_says_how_to_scale()
     assert not [f for f in flags if f.arm == "bf16" and f.kind.endswith("underflow") and "update" not in f.kind]
     assert not _errors(flags, "bf16") and not _errors(flags, "fp32")
     # flags go into report.json as they are
-    back = [Flag.from_dict(d) for d in json.loads(json.dumps(to_jsonable(flags), allow_nan=False))]
+    back = from_plain(list[Flag], json.loads(dumps_plain(flags)))
     assert back == flags
 
 

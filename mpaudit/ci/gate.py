@@ -15,19 +15,15 @@ import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 
-from mpaudit.arms import BASELINE
+from mpaudit.ci.gaps import lower_is_better, metric_value, noise_floor, t_interval
 from mpaudit.errors import UsageError
 from mpaudit.results.model import ArmResult, Gate, GateCheck, NoiseFloor
+from mpaudit.vocab import BASELINE, FAILED, OK
 
 AUTO = "auto"
 DEFAULT_NOISE_K = 3.0
 """``--max-drop METRIC=auto`` allows a drop of k standard deviations of fp32's seed-to-seed spread. Three
 sigma keeps the false-alarm rate of a clean model low even with few seeds, where σ itself is uncertain."""
-
-# Two-sided 95% Student-t quantiles by degrees of freedom (1..30); beyond that the normal 1.96.
-_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-        2.045, 2.042)
 
 Limit = float | str
 
@@ -53,31 +49,6 @@ def parse_max_drop(specs: Iterable[str]) -> dict[str, Limit]:
             raise UsageError(f"--max-drop {spec!r}: the allowed drop must be a finite number >= 0.")
         out[metric] = delta
     return out
-
-
-def lower_is_better(metric: str) -> bool:
-    """Metrics are higher-is-better unless their name says loss (or perplexity, error)."""
-    name = metric.lower()
-    return any(word in name for word in ("loss", "perplexity", "ppl", "error"))
-
-
-def t_interval(xs: Sequence[float]) -> tuple[float, float, float]:
-    """Mean and two-sided 95% Student-t interval of ``xs`` (the interval is the mean itself for one value)."""
-    mean = statistics.fmean(xs)
-    if len(xs) < 2:
-        return mean, mean, mean
-    half = _T95[min(len(xs) - 2, len(_T95) - 1)] * statistics.stdev(xs) / math.sqrt(len(xs))
-    return mean, mean - half, mean + half
-
-
-def noise_floor(values: Sequence[float]) -> NoiseFloor:
-    """Spread of fp32 metric values over seeds (sample standard deviation)."""
-    return NoiseFloor(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else 0.0,
-                      min=min(values), max=max(values), n=len(values))
-
-
-def _value(arm: ArmResult, metric: str) -> float | None:
-    return arm.final_loss if metric == "final_loss" else arm.metrics.get(metric)
 
 
 def evaluate_gate(
@@ -115,7 +86,7 @@ def evaluate_gate(
 
 
 def _noise_floors(base_runs: Sequence[ArmResult]) -> dict[str, NoiseFloor]:
-    ok = [r for r in base_runs if r.status == "ok"]
+    ok = [r for r in base_runs if r.status == OK]
     if len(ok) < 2:
         return {}
     floors = {}
@@ -152,15 +123,15 @@ def _check(
                          seeds=len(arm_runs), **kw)
 
     base = base_runs[0] if base_runs else None
-    if base is None or any(r.status == "failed" for r in base_runs):
+    if base is None or any(r.status == FAILED for r in base_runs):
         why = "did not run" if base is None else "failed"
         return fail(f"{name} {metric}: cannot compare, the fp32 baseline {why}.")
-    bad = next((r for r in arm_runs if r.status != "ok"), None)
+    bad = next((r for r in arm_runs if r.status != OK), None)
     if bad is not None:
         detail = f" ({bad.error})" if bad.error else ""
         return fail(f"{name} {metric}: the arm {bad.status}{detail}; the allowed drop was {limit_text}.",
-                    value=_value(bad, metric))
-    pairs = [(_value(b, metric), _value(a, metric)) for b, a in zip(base_runs, arm_runs, strict=False)]
+                    value=metric_value(bad, metric))
+    pairs = [(metric_value(b, metric), metric_value(a, metric)) for b, a in zip(base_runs, arm_runs, strict=False)]
     if any(b is None or v is None for b, v in pairs):
         return fail(f"{name} {metric}: the metric is missing from evaluate()'s result.")
     bs = [float(b) for b, _ in pairs]  # type: ignore[arg-type]

@@ -18,12 +18,13 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from mpaudit.arms import BASELINE, Arm
-from mpaudit.ci.gate import Limit, evaluate_gate, lower_is_better
-from mpaudit.ci.verdict import UNGATED_RELATIVE_DROP
+from mpaudit.arms import Arm
+from mpaudit.ci.gaps import ungated_drop
+from mpaudit.ci.gate import Limit, evaluate_gate
 from mpaudit.numerics.formats import FP16, what_if
 from mpaudit.numerics.layerstats import ACTIVATION, ROOT_LAYER, TraceSummary
 from mpaudit.results.model import ArmResult, Flag, Recommendation
+from mpaudit.vocab import BASELINE, OK
 
 DEFAULT_VERIFY_BUDGET = 4
 """Extra training runs ``--verify`` may spend by default: enough for a loss scale plus a two-layer
@@ -57,7 +58,7 @@ class Criteria:
 
     def passes(self, run: ArmResult) -> bool:
         """True when ``run`` trains as well as fp32 under these criteria."""
-        if run.status != "ok":
+        if run.status != OK:
             return False
         if self.gated:
             base = self.baseline
@@ -69,19 +70,9 @@ class Criteria:
 
 
 def ungated_ok(run: ArmResult, baseline: ArmResult) -> bool:
-    """Without a gate: the primary metric (the first ``evaluate`` returned) is no more than
-    :data:`UNGATED_RELATIVE_DROP` of fp32's value worse; without metrics, the final loss is."""
-    if baseline.metrics:
-        metric = next(iter(baseline.metrics))
-        value, ref = run.metrics.get(metric), baseline.metrics[metric]
-        if value is None or not math.isfinite(value):
-            return False
-        worse = (value - ref) if lower_is_better(metric) else (ref - value)
-        return worse <= UNGATED_RELATIVE_DROP * abs(ref)
-    value, ref_loss = run.final_loss, baseline.final_loss
-    if value is None or ref_loss is None or not math.isfinite(value):
-        return False
-    return value - ref_loss <= UNGATED_RELATIVE_DROP * abs(ref_loss)
+    """Without a gate: the run finished ``ok`` and does not fall clearly behind fp32
+    (:func:`~mpaudit.ci.gaps.ungated_drop`, the rule the verdict uses too)."""
+    return run.status == OK and ungated_drop(run, baseline) is None
 
 
 def rank_layers(
@@ -274,18 +265,5 @@ def _describe(keep: Sequence[str], scale: float | None) -> str:
     return " and ".join(parts)
 
 
-def snippet(rec: Recommendation) -> str:
-    """Python that applies ``rec`` in the user's own training loop."""
-    lines = ["import mpaudit", "import torch", ""]
-    if rec.init_scale is not None:
-        k = math.log2(rec.init_scale)
-        exp = f"2**{k:g}" if k == int(k) else repr(rec.init_scale)
-        lines.append(f'scaler = torch.amp.GradScaler("cuda", init_scale={exp})')
-    if rec.keep_fp32:
-        lines.append(f"with mpaudit.keep_fp32(model, {list(rec.keep_fp32)!r}):")
-        lines.append("    train(model)  # your training loop, unchanged")
-    return "\n".join(lines)
-
-
-__all__ = ["DEFAULT_VERIFY_BUDGET", "Criteria", "rank_layers", "recommend", "recommended_init_scale", "snippet",
+__all__ = ["DEFAULT_VERIFY_BUDGET", "Criteria", "rank_layers", "recommend", "recommended_init_scale",
            "ungated_ok"]

@@ -8,15 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mpaudit.arms import BASELINE
-from mpaudit.ci.gate import lower_is_better
+from mpaudit.ci.gaps import UNGATED_RELATIVE_DROP, judged_metric, ungated_drop
 from mpaudit.results.model import AuditResult
-
-SAFE, SAFE_WITH_CHANGES, NOT_SAFE, BASELINE_LEVEL = "safe", "safe with changes", "not safe", "baseline"
-
-UNGATED_RELATIVE_DROP = 0.02
-"""Without a gate, a primary metric more than this fraction of fp32's value worse than fp32 is "not safe".
-A gate (``--max-drop``) replaces this default with the user's own tolerance."""
+from mpaudit.vocab import BASELINE, BASELINE_LEVEL, ERROR, NOT_SAFE, OK, SAFE, SAFE_WITH_CHANGES, WARNING, VerdictLevel
 
 
 @dataclass(frozen=True)
@@ -24,7 +18,7 @@ class Verdict:
     """The verdict on one arm, with the reasons behind it in plain words."""
 
     arm: str
-    level: str
+    level: VerdictLevel
     reasons: list[str] = field(default_factory=list)
 
 
@@ -42,16 +36,17 @@ def verdict(result: AuditResult, name: str) -> Verdict:
     if name == BASELINE:
         return Verdict(name, BASELINE_LEVEL, ["the fp32 reference every other arm is compared with"])
     blockers: list[str] = []
-    if arm.status != "ok":
+    if arm.status != OK:
         blockers.append(f"{arm.status}" + (f": {arm.error}" if arm.error else ""))
     failed_checks = [c for c in result.gate.checks if c.arm == name and not c.passed]
-    blockers += [f"gate failed: {c.message}" for c in failed_checks if arm.status == "ok"]
-    if not result.gate.given and arm.status == "ok":
-        drop = _ungated_drop(result, name)
+    blockers += [f"gate failed: {c.message}" for c in failed_checks if arm.status == OK]
+    base = result.baseline
+    if not result.gate.given and arm.status == OK and base is not None:
+        drop = ungated_drop(arm, base)
         if drop:
             blockers.append(drop)
-    errors = [f for f in result.flags if f.arm == name and f.severity == "error"]
-    warnings = [f for f in result.flags if f.arm == name and f.severity == "warning"]
+    errors = [f for f in result.flags if f.arm == name and f.severity == ERROR]
+    warnings = [f for f in result.flags if f.arm == name and f.severity == WARNING]
     fix = next((r for r in result.recommendations if r.arm == name and r.passed), None)
     if blockers and fix is not None:
         return Verdict(name, SAFE_WITH_CHANGES, [f"verified by training: {fix.reason}", *blockers[:2]])
@@ -60,24 +55,11 @@ def verdict(result: AuditResult, name: str) -> Verdict:
         return Verdict(name, NOT_SAFE, reasons)
     if errors:
         return Verdict(name, SAFE_WITH_CHANGES, [f"{f.kind} at {f.layer}: {f.recommendation}" for f in errors[:3]])
-    reasons = ["matches fp32 within " + ("the gate" if result.gate.given else "2% on the primary metric")]
+    judged = judged_metric(base) if base is not None else "the primary metric"
+    within = "the gate" if result.gate.given else f"{UNGATED_RELATIVE_DROP:.0%} on {judged}"
+    reasons = [f"matches fp32 within {within}"]
     if warnings:
         reasons.append(f"{len(warnings)} warning flag(s) to watch")
     if arm.loss_scale is not None and arm.loss_scale.skipped:
         reasons.append(f"GradScaler skipped {arm.loss_scale.skipped} of {arm.steps} steps")
     return Verdict(name, SAFE, reasons)
-
-
-def _ungated_drop(result: AuditResult, name: str) -> str | None:
-    metric = result.primary_metric
-    base = result.baseline
-    if metric is None or base is None or metric not in base.metrics:
-        return None
-    value, ref = result.arms[name].metrics.get(metric), base.metrics[metric]
-    if value is None:
-        return None
-    worse = (value - ref) if lower_is_better(metric) else (ref - value)
-    if worse > UNGATED_RELATIVE_DROP * abs(ref):
-        return (f"{metric} {value:.4g} vs fp32 {ref:.4g} is more than {UNGATED_RELATIVE_DROP:.0%} worse "
-                "(no gate given; set your own tolerance with --max-drop)")
-    return None

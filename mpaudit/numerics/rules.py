@@ -46,19 +46,7 @@ from mpaudit.numerics.layerstats import (
     is_update,
 )
 from mpaudit.results.model import ArmResult, Flag
-
-BASELINE_ARM = "fp32"
-SEVERITIES = ("error", "warning", "info")
-KINDS = (
-    "nonfinite",
-    "forward_overflow",
-    "gradient_overflow",
-    "gradient_underflow",
-    "activation_underflow",
-    "loss_scale",
-    "precision_loss",
-    "update_underflow",
-)
+from mpaudit.vocab import BASELINE, ERROR, FLAG_KINDS, INFO, SEVERITIES, WARNING, FlagKind, Severity
 
 
 @dataclass(frozen=True)
@@ -183,7 +171,7 @@ class _Flagger:
 
     def __post_init__(self) -> None:
         self.flags: dict[tuple[str, str, str], Flag] = {}
-        self.reference = self.summaries.get(BASELINE_ARM)
+        self.reference = self.summaries.get(BASELINE)
         self.layer_grad_max: dict[str, float] = {}
         for layer, role, s in self.reference.items() if self.reference is not None else ():
             if is_gradient(role) and math.isfinite(s.max_abs):
@@ -253,7 +241,7 @@ class _Flagger:
         order = {name: i for i, name in enumerate(self.arms)}
         return sorted(
             self.flags.values(),
-            key=lambda f: (SEVERITIES.index(f.severity), order.get(f.arm, len(order)), f.arm, KINDS.index(f.kind)),
+            key=lambda f: (SEVERITIES.index(f.severity), order.get(f.arm, len(order)), f.arm, FLAG_KINDS.index(f.kind)),
         )
 
     def advice(self) -> ScaleAdvice | None:
@@ -310,9 +298,9 @@ class _Flagger:
             if origin and site is not None:
                 evidence["first_inf_step"] = site.step
             if origin or largest > FP16.max:
-                severity = "error"
+                severity: Severity = ERROR
                 if not origin and self.keeps_fp32(arm, own) and own_inf == 0:
-                    severity = "warning"  # autocast kept this output in fp32; it overflows once cast to fp16
+                    severity = WARNING  # autocast kept this output in fp32; it overflows once cast to fp16
                 rule = "activation max |x| > fp16 max" if not origin else "first non-finite output in forward order"
             else:
                 severity, rule = "warning", "activation max |x| within forward_headroom_binades of fp16 max"
@@ -345,7 +333,7 @@ class _Flagger:
             return
         scale = self.scale_log2(arm)
         significant = advice.significant_binade if advice is not None else None
-        worst: dict[tuple[str, str], tuple[float, float, float, str, int | None]] = {}
+        worst: dict[tuple[str, FlagKind], tuple[float, float, float, str, int | None]] = {}
         for layer, role, ref in self.reference.items():
             own = summary.get(layer, role)
             if own is None or is_update(role):
@@ -357,7 +345,7 @@ class _Flagger:
             predicted = _what_if_from(ref, FP16, scale if gradient else 0, noise).flush
             serious = _what_if_from(ref, FP16, scale, _higher(significant, noise)).flush if gradient else predicted
             observed = _excess_zeros(own, ref)
-            kind = "gradient_underflow" if gradient else "activation_underflow"
+            kind: FlagKind = "gradient_underflow" if gradient else "activation_underflow"
             key = (layer, kind)
             if key not in worst or (serious, predicted) > worst[key][:2]:
                 worst[key] = (serious, predicted, observed, role, noise)
@@ -371,7 +359,7 @@ class _Flagger:
             if predicted < warn:
                 continue
             confirmed = serious >= err and observed >= warn
-            severity = "error" if confirmed else "warning"
+            severity: Severity = ERROR if confirmed else WARNING
             name = kind.split("_")[0]
             evidence: dict[str, Any] = {
                 "role": role,
@@ -452,7 +440,7 @@ class _Flagger:
                 fraction = what_if(own.hist, fmt).subnormal
             if fraction < self.t.precision_loss_info:
                 continue
-            severity = "warning" if fraction >= self.t.precision_loss_warning else "info"
+            severity: Severity = WARNING if fraction >= self.t.precision_loss_warning else INFO
             self.add(
                 Flag(
                     layer=layer,
@@ -490,7 +478,7 @@ class _Flagger:
             lost = sum(update_lost(r.hist, fmt) * r.finite_nonzero for r in records) / nonzero
             if lost < self.t.update_lost_info:
                 continue
-            severity = "warning" if lost >= self.t.update_lost_warning else "info"
+            severity: Severity = WARNING if lost >= self.t.update_lost_warning else INFO
             self.add(
                 Flag(
                     layer=layer,
@@ -572,7 +560,7 @@ class _Flagger:
         later = len(skipped) - calibration
         fraction = later / steps
         if fraction >= self.t.skip_fraction_warning:
-            severity = "error" if fraction >= self.t.skip_fraction_error else "warning"
+            severity: Severity = ERROR if fraction >= self.t.skip_fraction_error else WARNING
             self.add(
                 Flag(
                     layer=ROOT_LAYER,
@@ -597,13 +585,13 @@ class _Flagger:
         underflows = [f for f in self.flags.values() if f.arm == arm and f.kind == "gradient_underflow"]
         in_force = self.scale_log2(arm)
         if underflows and advice is not None and (advice.k is None or advice.k > in_force):
-            severity = min((f.severity for f in underflows), key=SEVERITIES.index)
+            worst_severity = min((f.severity for f in underflows), key=SEVERITIES.index)
             self.add(
                 Flag(
                     layer=ROOT_LAYER,
                     arm=arm,
                     kind="loss_scale",
-                    severity=severity,
+                    severity=worst_severity,
                     evidence={
                         "loss_scale": 2.0**in_force,
                         "recommended_log2": advice.k,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 from typing import Any
 
@@ -10,13 +9,14 @@ import jinja2
 import plotly.io
 import plotly.offline
 
-from mpaudit.ci.gate import lower_is_better
-from mpaudit.ci.recommend import snippet
+from mpaudit.ci.gaps import lower_is_better
 from mpaudit.ci.verdict import verdicts
 from mpaudit.report import layers_view
 from mpaudit.report.charts import all_charts
-from mpaudit.results.model import AuditResult
-from mpaudit.trace.shadow import POOR_SQNR_DB
+from mpaudit.report.snippets import snippet
+from mpaudit.results.model import POOR_SQNR_DB, AuditResult
+from mpaudit.text import fmt
+from mpaudit.vocab import BASELINE
 
 PLOTLY_CDN = "https://cdn.plot.ly/plotly-{version}.min.js"
 
@@ -43,19 +43,6 @@ def _plotly_js() -> str:
     return plotly.offline.get_plotlyjs()
 
 
-def fmt(x: Any, digits: int = 4) -> str:
-    """A number for people: 4 significant digits, non-finite spelled out, None as a dash."""
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        if math.isnan(x):
-            return "NaN"
-        if math.isinf(x):
-            return "+Inf" if x > 0 else "-Inf"
-        return f"{x:.{digits}g}"
-    return str(x)
-
-
 def _rows(result: AuditResult) -> list[dict[str, Any]]:
     """One summary row per arm: status, final loss, metrics and their delta vs fp32, speed, loss scale."""
     base = result.baseline
@@ -63,7 +50,7 @@ def _rows(result: AuditResult) -> list[dict[str, Any]]:
     for name, arm in result.arms.items():
         deltas: dict[str, str] = {}
         for metric, value in arm.metrics.items():
-            if base is None or name == "fp32" or metric not in base.metrics:
+            if base is None or name == BASELINE or metric not in base.metrics:
                 deltas[metric] = ""
                 continue
             d = value - base.metrics[metric]

@@ -15,18 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mpaudit.arms import BASELINE
-from mpaudit.ci.compare import FINAL_LOSS, MAX_ERROR_CHARS, fp32_noise, gap_to_fp32
-from mpaudit.ci.gate import lower_is_better
+from mpaudit.ci.gaps import FINAL_LOSS, fp32_noise, gap_to_fp32, lower_is_better
 from mpaudit.errors import UsageError
-from mpaudit.report.html import fmt
 from mpaudit.results.model import ArmResult, AuditResult, Flag
+from mpaudit.text import cut, fmt
+from mpaudit.vocab import BASELINE, severity_rank
 
 DEFAULT_MAX_FLAGS = 10
 """Flags listed in the summary, worst first; the rest are counted and left to report.html."""
-
-SEVERITY_ORDER = ("error", "warning", "info")
-"""Flag severities, worst first; unknown severities sort after these."""
 
 STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
 """The file GitHub Actions renders on a job's summary page; set by the runner in every step."""
@@ -52,14 +48,9 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _cut(text: str, limit: int = MAX_ERROR_CHARS) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
 def _status(arm: ArmResult) -> str:
     text = arm.status + (f" ({arm.fp16_mode})" if arm.fp16_mode else "")
-    return text + (f": {_cut(arm.error)}" if arm.error else "")
+    return text + (f": {cut(arm.error)}" if arm.error else "")
 
 
 def _gap_cell(result: AuditResult, name: str, metric: str) -> str:
@@ -131,14 +122,11 @@ def _noise_line(result: AuditResult, metric: str) -> str:
             f"(range {fmt(floor.min)}..{fmt(floor.max)}){auto}.")
 
 
-def _severity_rank(flag: Flag) -> int:
-    return SEVERITY_ORDER.index(flag.severity) if flag.severity in SEVERITY_ORDER else len(SEVERITY_ORDER)
-
-
 def _flag_lines(flags: Sequence[Flag], max_flags: int) -> list[str]:
     if not flags:
         return []
-    worst = sorted(flags, key=_severity_rank)[:max_flags]  # stable: the rules' order within a severity
+    # sorted is stable: within a severity the rules' order stays
+    worst = sorted(flags, key=lambda f: severity_rank(f.severity))[:max_flags]
     title = f"**Flags:** {len(flags)}" + (f", the {len(worst)} worst:" if len(worst) < len(flags) else ":")
     rows = [[f.severity, f.layer, f.arm, f.kind, f.recommendation] for f in worst]
     return [title, "", md_table(["severity", "layer", "arm", "kind", "recommendation"], rows)]

@@ -10,29 +10,24 @@ autoescape; link targets are also percent-encoded.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
 import jinja2
 
-from mpaudit.arms import BASELINE
-from mpaudit.ci.compare import gap_to_fp32
-from mpaudit.ci.gate import lower_is_better
+from mpaudit.ci.gaps import gap_to_fp32, lower_is_better
 from mpaudit.ci.verdict import verdicts
-from mpaudit.report.html import fmt
-from mpaudit.results.model import ArmResult, AuditResult, to_jsonable
-
-if TYPE_CHECKING:
-    from mpaudit.ci.suite import SuiteResult, WorkloadRun
+from mpaudit.results.codec import dumps_plain
+from mpaudit.results.model import ArmResult, AuditResult
+from mpaudit.results.suite import SuiteResult, WorkloadRun
+from mpaudit.text import fmt
+from mpaudit.vocab import BASELINE, SEVERITIES
 
 INDEX_SCHEMA_VERSION = 1
 """Bumped when a key of ``index.json`` changes meaning or moves."""
-SEVERITIES = ("error", "warning", "info")
-"""Flag severities counted per workload, worst first (any other severity is counted under its own name)."""
 STEP_SOURCE_BENCH = "measured"
 STEP_SOURCE_LOOP = "training loop"
 """Where a step-time ratio comes from: the separate speed measurement (``speed``), or, when that was skipped
@@ -93,7 +88,7 @@ def _arm_cells(result: AuditResult) -> dict[str, dict[str, Any]]:
 
 def _flag_counts(result: AuditResult) -> dict[str, int]:
     counts = Counter(flag.severity for flag in result.flags)
-    ordered = {s: counts.pop(s, 0) for s in SEVERITIES}
+    ordered: dict[str, int] = {s: counts.pop(s, 0) for s in SEVERITIES}
     return {**ordered, **dict(sorted(counts.items()))}
 
 
@@ -152,7 +147,7 @@ def render_index_json(suite: SuiteResult) -> str:
         "exit_code": suite.exit_code,
         "workloads": index_rows(suite),
     }
-    return json.dumps(to_jsonable(data), indent=1, allow_nan=False, ensure_ascii=False)
+    return dumps_plain(data)
 
 
 def render_index_html(suite: SuiteResult) -> str:

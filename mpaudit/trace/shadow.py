@@ -33,11 +33,6 @@ from mpaudit.run.task import Task
 SHADOW_BATCHES = 2
 """Batches the attribution runs on: enough to average out one odd batch, cheap next to training."""
 
-POOR_SQNR_DB = 20.0
-"""An own-error SQNR below this (noise above 1% of the signal's power) is highlighted in the report: far worse
-than the format's rounding alone, the layer itself loses precision or range."""
-
-
 @dataclass
 class _Acc:
     """Sums over calls and batches: signal energy, noise energy, and whether any output was not finite."""
@@ -208,4 +203,4 @@ def _compare_arm(
                 drift[path].add(y, out)
 
 
-__all__ = ["POOR_SQNR_DB", "SHADOW_BATCHES", "layer_errors"]
+__all__ = ["SHADOW_BATCHES", "layer_errors"]
