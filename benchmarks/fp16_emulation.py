@@ -22,8 +22,8 @@ from torch import nn
 from mpaudit.arms import ARMS
 from mpaudit.run.fp16_emulation import emulated_fp16
 from mpaudit.run.precision import make_scaler
+from mpaudit.run.step import train_step
 from mpaudit.run.task import Task
-from mpaudit.run.train import train_step
 from workload import BATCH, WIDTHS, mlp, mlp_task
 
 WARMUP_STEPS = 2

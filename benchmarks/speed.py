@@ -20,8 +20,8 @@ from mpaudit.arms import ARMS
 from mpaudit.perf.speed import measure_speed
 from mpaudit.results.perf import SpeedResult, Speedup
 from mpaudit.run.prepare import RunContext
+from mpaudit.run.step import train_step
 from mpaudit.run.task import Task
-from mpaudit.run.train import train_step
 from workload import BATCH, WIDTHS, mlp_task
 
 SEED = 0

@@ -21,7 +21,7 @@ import time
 import torch
 
 from mpaudit.arms import ARMS
-from mpaudit.run.train import train_step
+from mpaudit.run.step import train_step
 from mpaudit.trace.tracer import DEFAULT_TRACE_EVERY, Tracer, TraceSchedule
 from workload import BATCH, WIDTHS, mlp, mlp_task
 

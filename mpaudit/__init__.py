@@ -6,14 +6,17 @@ Public API::
     result = mpaudit.audit("model.py", steps=100)   # -> AuditResult
     mpaudit.write_report(result, "reports/model")   # report.json + report.html
     with mpaudit.keep_fp32(model, ["amp"]): ...      # a verified keep-list, in your own loop
+
+The names that run a model (``audit``, ``AuditConfig``, ``keep_fp32``, ``KeepFp32``) are imported on first use,
+so reading, gating and comparing results (``mpaudit gate``, ``compare``, ``report``) never imports torch.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from mpaudit.errors import MpauditError, ResultError, TaskError, UsageError
-from mpaudit.report import write_report
 from mpaudit.results.model import (
     SCHEMA_VERSION,
     ArmResult,
@@ -25,8 +28,36 @@ from mpaudit.results.model import (
     LossScale,
     Recommendation,
 )
-from mpaudit.run.audit import AuditConfig, audit
-from mpaudit.run.keep import KeepFp32, keep_fp32
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "audit": "mpaudit.run.audit",
+    "AuditConfig": "mpaudit.run.audit",
+    "keep_fp32": "mpaudit.run.keep",
+    "KeepFp32": "mpaudit.run.keep",
+    "write_report": "mpaudit.report",
+}
+"""Public names whose modules are imported when first used: the torch side, and the renderers (plotly, jinja2)."""
+
+if TYPE_CHECKING:
+    from mpaudit.report import write_report
+    from mpaudit.run.audit import AuditConfig, audit
+    from mpaudit.run.keep import KeepFp32, keep_fp32
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mpaudit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "SCHEMA_VERSION",

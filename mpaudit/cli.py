@@ -18,7 +18,18 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
+from mpaudit.defaults import (
+    DEFAULT_ARMS,
+    DEFAULT_BENCH_SECONDS,
+    DEFAULT_DIST_TIMEOUT_S,
+    DEFAULT_NOISE_K,
+    DEFAULT_SPEEDUP_TOLERANCE,
+    DEFAULT_STEPS,
+    DEFAULT_TRACE_EVERY,
+    DEFAULT_VERIFY_BUDGET,
+)
 from mpaudit.errors import (
+    EXIT_FILE_ENV,
     EXIT_GATE_FAILED,
     EXIT_INTERNAL,
     EXIT_OK,
@@ -88,8 +99,6 @@ def _rank_prefix() -> str:
 def _record_exit_code(code: int) -> None:
     """Under ``mpaudit run --nproc``, rank 0 leaves its exit code where the launcher reads it (torchrun turns
     every failure into 1)."""
-    from mpaudit.run.distributed import EXIT_FILE_ENV
-
     path = os.environ.get(EXIT_FILE_ENV)
     if path and os.environ.get("RANK", "0") == "0":
         with contextlib.suppress(OSError):
@@ -100,8 +109,8 @@ def _record_exit_code(code: int) -> None:
 @_exits()
 def run(
     task: Annotated[Path, typer.Argument(help="The task file (model.py) to audit.", show_default=False)],
-    arms: Annotated[str, typer.Option(help="Comma-separated arms to train, in order: fp32, bf16, fp16.")] = "fp32,bf16,fp16",
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps per arm (default 200 unless --epochs).", show_default=False)] = None,
+    arms: Annotated[str, typer.Option(help="Comma-separated arms to train, in order: fp32, bf16, fp16.")] = ",".join(DEFAULT_ARMS),
+    steps: Annotated[int | None, typer.Option(help=f"Optimizer steps per arm (default {DEFAULT_STEPS} unless --epochs).", show_default=False)] = None,
     epochs: Annotated[int | None, typer.Option(help="Passes over train_loader() per arm, instead of --steps.", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed for Python, NumPy and torch before build_model() and train_loader().")] = 0,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
@@ -109,17 +118,17 @@ def run(
     max_drop: Annotated[list[str] | None, typer.Option("--max-drop", help="Gate: METRIC=DELTA, fail when an arm's metric is DELTA worse than fp32 (repeatable).", show_default=False)] = None,
     max_loss_gap: Annotated[float | None, typer.Option(help="Gate: fail when an arm's final training loss exceeds fp32's by more than this.", show_default=False)] = None,
     seeds: Annotated[int, typer.Option(help="Train every arm with this many seeds (same data order) to measure fp32's seed noise; needed by METRIC=auto.")] = 1,
-    noise_k: Annotated[float, typer.Option(help="--max-drop METRIC=auto allows a drop of this many standard deviations of fp32's seed noise.")] = 3.0,
-    trace_every: Annotated[int, typer.Option(help="Trace per-layer numerics on step 0, every N-th step and after anomalies; 0 turns tracing off.")] = 50,
+    noise_k: Annotated[float, typer.Option(help="--max-drop METRIC=auto allows a drop of this many standard deviations of fp32's seed noise.")] = DEFAULT_NOISE_K,
+    trace_every: Annotated[int, typer.Option(help="Trace per-layer numerics on step 0, every N-th step and after anomalies; 0 turns tracing off.")] = DEFAULT_TRACE_EVERY,
     trace: Annotated[list[str] | None, typer.Option("--trace", help="Also trace this module (a path from named_modules(), e.g. encoder.layers.0); repeatable.", show_default=False)] = None,
     trace_depth: Annotated[int | None, typer.Option(help="Trace modules down to this depth instead of the leaf modules.", show_default=False)] = None,
     threshold: Annotated[list[str] | None, typer.Option("--threshold", help="Override a flag threshold, NAME=VALUE (see README); repeatable. Also read from [tool.mpaudit.thresholds] in pyproject.toml.", show_default=False)] = None,
     bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Measure speed and memory per arm after training (interleaved, fresh models, no tracing).")] = True,
-    bench_seconds: Annotated[float, typer.Option(help="Time budget of the speed measurement; it stops earlier once every arm's IQR is under 5% of its median.")] = 10.0,
+    bench_seconds: Annotated[float, typer.Option(help="Time budget of the speed measurement; it stops earlier once every arm's IQR is under 5% of its median.")] = DEFAULT_BENCH_SECONDS,
     compile: Annotated[bool, typer.Option("--compile", help="Also time torch.compile'd arms (numerics tracing stays eager).")] = False,
     memory_budget: Annotated[str | None, typer.Option(help="Report the largest batch per arm that fits this memory, e.g. 16GiB.", show_default=False)] = None,
     verify: Annotated[bool, typer.Option("--verify", help="Train each recommendation (fp32 keep-list, loss scale) as an extra arm and report whether it passes.")] = False,
-    verify_budget: Annotated[int, typer.Option(help="At most this many extra training runs for --verify.")] = 4,
+    verify_budget: Annotated[int, typer.Option(help="At most this many extra training runs for --verify.")] = DEFAULT_VERIFY_BUDGET,
     tf32: Annotated[bool, typer.Option("--tf32/--no-tf32", help="Allow TF32 matmuls in the fp32 baseline (CUDA only; off by default).")] = False,
     fp16_cpu: Annotated[str, typer.Option(help="fp16 on a CPU: emulate (tensor-core numerics at fp32 speed) or native (PyTorch's slow half kernels).")] = "emulate",
     autocast_policy: Annotated[str, typer.Option(help="On a CPU, run each op in the dtype cuda autocast gives it (default: the audit predicts GPU training) or as cpu autocast does (for training on CPUs).")] = "cuda",
@@ -127,7 +136,7 @@ def run(
     junit: Annotated[Path | None, typer.Option(help="Also write each gate check as a JUnit test case to this XML file.", show_default=False)] = None,
     nproc: Annotated[int | None, typer.Option(help="Run on this many processes of this machine: launches torchrun --standalone --nproc-per-node N for you (one per GPU; gloo processes on a CPU).", show_default=False)] = None,
     parallel: Annotated[str, typer.Option(help="Under torchrun: ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard); auto is ddp with several processes.")] = "auto",
-    dist_timeout: Annotated[float, typer.Option(help="Seconds a collective may wait for a rank that neither answers nor fails, before the job stops.")] = 300.0,
+    dist_timeout: Annotated[float, typer.Option(help="Seconds a collective may wait for a rank that neither answers nor fails, before the job stops.")] = DEFAULT_DIST_TIMEOUT_S,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display and no summary, only errors and gate failures.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
 ) -> None:
@@ -219,7 +228,7 @@ def gate(
     result_json: Annotated[Path, typer.Argument(help="A report.json written by mpaudit run.", show_default=False)],
     max_drop: Annotated[list[str] | None, typer.Option("--max-drop", help="METRIC=DELTA: fail when an arm's metric is DELTA worse than fp32 (repeatable).", show_default=False)] = None,
     max_loss_gap: Annotated[float | None, typer.Option(help="Fail when an arm's final training loss exceeds fp32's by more than this.", show_default=False)] = None,
-    noise_k: Annotated[float, typer.Option(help="METRIC=auto allows a drop of this many standard deviations of fp32's seed noise.")] = 3.0,
+    noise_k: Annotated[float, typer.Option(help="METRIC=auto allows a drop of this many standard deviations of fp32's seed noise.")] = DEFAULT_NOISE_K,
     junit: Annotated[Path | None, typer.Option(help="Also write each gate check as a JUnit test case to this XML file.", show_default=False)] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
 ) -> None:
@@ -247,8 +256,8 @@ def compare(
     base: Annotated[Path, typer.Argument(help="The baseline report.json (e.g. from main).", show_default=False)],
     new: Annotated[Path, typer.Argument(help="The report.json to judge (e.g. from a pull request).", show_default=False)],
     tolerance: Annotated[list[str] | None, typer.Option("--tolerance", help="METRIC=DELTA or METRIC=auto: how much an arm's gap to fp32 may grow (repeatable).", show_default=False)] = None,
-    speedup_tolerance: Annotated[float, typer.Option(help="Relative shrink of a benchmark speedup that counts as a regression.")] = 0.10,
-    noise_k: Annotated[float, typer.Option(help="METRIC=auto allows growth of this many standard deviations of fp32's seed noise.")] = 3.0,
+    speedup_tolerance: Annotated[float, typer.Option(help="Relative shrink of a benchmark speedup that counts as a regression.")] = DEFAULT_SPEEDUP_TOLERANCE,
+    noise_k: Annotated[float, typer.Option(help="METRIC=auto allows growth of this many standard deviations of fp32's seed noise.")] = DEFAULT_NOISE_K,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print GitHub-flavoured Markdown (for a PR comment).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
     junit: Annotated[Path | None, typer.Option(help="Also write each comparison check as a JUnit test case to this XML file.", show_default=False)] = None,
@@ -317,12 +326,23 @@ def suite(
     raise typer.Exit(result.exit_code)
 
 
-def _read_result(path: Path) -> Any:
+@app.command()
+@_exits()
+def schema(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
+) -> None:
+    """Print the JSON Schema of report.json (every float that can be non-finite also admits "NaN", "Infinity", "-Infinity")."""
+    import json
+
     from mpaudit.results.model import AuditResult
 
-    if not path.is_file():
-        raise ResultError(f"Result file {path} does not exist.")
-    return AuditResult.from_json(path.read_text(encoding="utf-8"))
+    out.print(json.dumps(AuditResult.json_schema(), indent=1), markup=False)
+
+
+def _read_result(path: Path) -> Any:
+    from mpaudit.results.io import load_result
+
+    return load_result(path)
 
 
 def _print_summary(result: Any) -> None:

@@ -19,8 +19,8 @@ from torch import nn
 from mpaudit.arms import ARMS
 from mpaudit.run.fp16_emulation import INTERCEPTED_OPS, EmulatedFp16, emulated_fp16, release_buffers
 from mpaudit.run.precision import make_scaler
+from mpaudit.run.step import train_step
 from mpaudit.run.task import Task
-from mpaudit.run.train import train_step
 
 aten = torch.ops.aten
 

@@ -9,23 +9,19 @@ from pathlib import Path
 import pytest
 
 import mpaudit
-from mpaudit.ci.gate import evaluate_gate
+from factories import make_arm, make_result
 from mpaudit.report.markdown import append_step_summary, md_escape, summary_markdown
-from mpaudit.results.model import ArmResult, AuditResult, Flag, LossScale
+from mpaudit.results.model import ArmResult, AuditResult, Flag
 from mpaudit.results.perf import Speedup
 
 
 def arm(name: str, status: str = "ok", error: str | None = None, skipped: int | None = None,
         **metrics: float) -> ArmResult:
-    scale = LossScale(history=[65536.0] * 30, skipped_steps=list(range(skipped))) if skipped is not None else None
-    return ArmResult(name=name, status=status, loss=[1.0] * 30, metrics=dict(metrics), steps=30, train_s=0.1,
-                     error=error, loss_scale=scale)
+    return make_arm(name, status, loss=1.0, steps=30, error=error, skipped=skipped, **metrics)
 
 
 def result(*arms: ArmResult, flags: list[Flag] | None = None, task: str = "model", **max_drop: float) -> AuditResult:
-    by_name = {a.name: a for a in arms}
-    return AuditResult(task=task, env={"device": "cpu", "torch_version": "2.13.0"}, config={"steps": 30},
-                       arms=by_name, gate=evaluate_gate(by_name, max_drop, None), flags=flags or [])
+    return make_result(*arms, task=task, flags=flags or [], max_drop=max_drop)
 
 
 def table_rows(md: str) -> list[list[str]]:

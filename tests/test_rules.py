@@ -21,8 +21,8 @@ from mpaudit.numerics.rules import Thresholds, flag
 from mpaudit.results.codec import dumps_plain, from_plain
 from mpaudit.results.model import ArmResult, Flag, LossScale
 from mpaudit.run.precision import make_scaler
+from mpaudit.run.step import train_step
 from mpaudit.run.task import Task
-from mpaudit.run.train import train_step
 from mpaudit.trace.tracer import Tracer, TraceSchedule
 
 ARM_NAMES = ("fp32", "bf16", "fp16")

@@ -67,7 +67,7 @@ def test_index_lists_every_workload_marks_the_broken_one_and_links_the_good_one(
     assert (out / good["report_html"]).is_file()
     assert good["primary_metric"] == "accuracy"
     assert set(good["arms"]) == {"fp32", "bf16"}
-    assert good["arms"]["bf16"]["verdict"] in ("safe", "safe with changes", "not safe")
+    assert good["arms"]["bf16"]["verdict"] == "safe"  # the tiny task trains alike in bf16
     assert good["arms"]["bf16"]["delta"] is not None
     assert good["arms"]["bf16"]["step_time_source"] == "training loop"  # --no-bench
     assert set(good["flags"]) >= {"error", "warning", "info"}

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
 import math
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import jsonschema
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ import mpaudit
 from mpaudit.run.task import load_task
 
 SUITES = Path(__file__).resolve().parent.parent / "suites"
+SCHEMA = mpaudit.AuditResult.json_schema()
 
 EXPECTED_METRICS = {
     "digits_mlp": ["accuracy", "eval_loss"],
@@ -71,6 +74,8 @@ def test_workload_trains_a_few_steps_in_fp32_and_bf16(name: str) -> None:
         assert list(arm.metrics) == EXPECTED_METRICS[name]
         assert all(math.isfinite(v) for v in arm.metrics.values())
     assert result.primary_metric == EXPECTED_METRICS[name][0]
+    # what `mpaudit schema` prints validates what the workload's audit writes (a traced step included)
+    jsonschema.validate(json.loads(result.to_json()), SCHEMA)
 
 
 def _capture_output(module: torch.nn.Module, store: dict[str, torch.Tensor], key: str) -> Any:

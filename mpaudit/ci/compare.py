@@ -26,19 +26,12 @@ from pydantic.dataclasses import dataclass
 
 from mpaudit.ci.gaps import FINAL_LOSS, Gap, fp32_noise, gap_to_fp32, lower_is_better
 from mpaudit.ci.gate import AUTO, DEFAULT_NOISE_K, Limit
+from mpaudit.defaults import DEFAULT_MEMORY_TOLERANCE, DEFAULT_SPEEDUP_TOLERANCE
 from mpaudit.errors import UsageError
 from mpaudit.results.codec import RESULT_CONFIG, JsonFloat, to_plain
 from mpaudit.results.model import ArmResult, AuditResult, Flag, NoiseFloor
 from mpaudit.text import byte_size, cut, fmt
 from mpaudit.vocab import BASELINE, ERROR, IMPROVEMENT, NOTE, OK, REGRESSION, Outcome
-
-DEFAULT_SPEEDUP_TOLERANCE = 0.10
-"""A benchmark speedup regresses when it shrinks by more than this fraction of the base ratio *and* the two
-confidence intervals do not overlap, so timing noise on a busy machine alone never fails CI."""
-
-DEFAULT_MEMORY_TOLERANCE = 0.05
-"""A mixed-precision arm's peak memory, as a fraction of fp32's peak in the same result, may grow by this
-much (0.05: five percent of fp32's peak) before it counts as a regression."""
 
 MAX_LISTED = 5
 """A note lists at most this many items (flags, ...) and counts the rest."""

@@ -16,14 +16,12 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 
 from mpaudit.ci.gaps import lower_is_better, metric_value, noise_floor, t_interval
+from mpaudit.defaults import DEFAULT_NOISE_K
 from mpaudit.errors import UsageError
 from mpaudit.results.model import ArmResult, Gate, GateCheck, NoiseFloor
 from mpaudit.vocab import BASELINE, FAILED, OK
 
 AUTO = "auto"
-DEFAULT_NOISE_K = 3.0
-"""``--max-drop METRIC=auto`` allows a drop of k standard deviations of fp32's seed-to-seed spread. Three
-sigma keeps the false-alarm rate of a clean model low even with few seeds, where σ itself is uncertain."""
 
 Limit = float | str
 

@@ -21,14 +21,11 @@ from dataclasses import dataclass, field
 from mpaudit.arms import Arm
 from mpaudit.ci.gaps import ungated_drop
 from mpaudit.ci.gate import Limit, evaluate_gate
+from mpaudit.defaults import DEFAULT_VERIFY_BUDGET
 from mpaudit.numerics.formats import FP16, what_if
 from mpaudit.numerics.layerstats import ACTIVATION, ROOT_LAYER, TraceSummary
 from mpaudit.results.model import ArmResult, Flag, Recommendation
 from mpaudit.vocab import BASELINE, OK
-
-DEFAULT_VERIFY_BUDGET = 4
-"""Extra training runs ``--verify`` may spend by default: enough for a loss scale plus a two-layer
-keep-list and one pruning try on a typical finding, small enough to stay a fraction of the audit."""
 
 MAX_KEEP_CANDIDATES = 8
 """At most this many top-ranked layers are tried in a keep-list; beyond that, bf16 is the better advice."""

@@ -23,13 +23,15 @@ import math
 import statistics
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import pandas as pd
 from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
 from pydantic_core import core_schema
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from mpaudit.numerics.formats import (
     FORMATS,
@@ -349,6 +351,7 @@ class TraceSummary:
         gradient rows further, e.g. to ask how the fp32 arm's gradients would fare at the fp16 arm's scale).
         ``<fmt>_update_lost`` is filled for ``update:*`` rows, whose what-if columns are NaN.
         """
+        import pandas as pd  # only the tables need it; reading and gating results stays light
         rows: list[dict[str, Any]] = []
         for layer, role, s in self.items():
             row: dict[str, Any] = {

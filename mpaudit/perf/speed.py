@@ -23,6 +23,7 @@ from numpy.typing import ArrayLike
 from torch.utils.flop_counter import FlopCounterMode
 
 from mpaudit.arms import Arm
+from mpaudit.defaults import DEFAULT_BENCH_SECONDS
 from mpaudit.errors import error_text
 from mpaudit.results.perf import STABLE_IQR_FRACTION, SpeedResult, Speedup
 from mpaudit.run.batches import batch_size, move_to_device
@@ -31,9 +32,6 @@ from mpaudit.run.prepare import PreparedArm, RunContext, prepare_arm
 from mpaudit.run.seeding import seed_everything
 from mpaudit.run.task import first_batch
 from mpaudit.vocab import BASELINE
-
-DEFAULT_BENCH_SECONDS = 10.0
-"""Time budget of the timed rounds (warm-up and compilation come on top)."""
 
 WARMUP_ROUNDS = 3
 """Untimed rounds first: the first step allocates optimizer state, picks kernels and (compiled) compiles."""

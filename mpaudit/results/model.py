@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from pydantic import ValidationError, computed_field, model_validator
 from pydantic.dataclasses import dataclass
 
@@ -27,6 +26,9 @@ from mpaudit.numerics.layerstats import TraceSummary
 from mpaudit.results.codec import RESULT_CONFIG, JsonFloat, dumps, from_plain, json_schema, to_plain
 from mpaudit.results.perf import MemoryResult, SpeedResult, Speedup, activation_savings
 from mpaudit.vocab import BASELINE, FAILED, FlagKind, Severity, Status
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SCHEMA_VERSION = 1
 """Bumped whenever a key CI scripts read changes meaning, type or place; readers accept every older version."""
@@ -323,6 +325,7 @@ class AuditResult:
         """The per-layer table of every traced arm: one row per arm × layer × tensor (``layers.csv``).
 
         Gradient what-if columns are at the scale each arm actually trained with (fp16: the loss scale)."""
+        import pandas as pd  # only the tables need it; reading and gating results stays light
         frames = [a.trace.to_frame().assign(arm=name) for name, a in self.arms.items() if a.trace is not None]
         if not frames:
             return pd.DataFrame()

@@ -13,6 +13,7 @@ from typing import Any
 from mpaudit.arms import DEFAULT_ARMS, Arm, parse_arms
 from mpaudit.ci.gate import AUTO, DEFAULT_NOISE_K, evaluate_gate, lower_is_better
 from mpaudit.ci.recommend import DEFAULT_VERIFY_BUDGET
+from mpaudit.defaults import DEFAULT_STEPS
 from mpaudit.errors import UsageError
 from mpaudit.numerics.rules import Thresholds, flag
 from mpaudit.perf.memory import parse_bytes
@@ -34,9 +35,6 @@ from mpaudit.run.task import Task, load_task, preflight
 from mpaudit.run.train import Progress, TrainSpec, train_arm
 from mpaudit.trace.tracer import DEFAULT_TRACE_EVERY, select_modules
 from mpaudit.vocab import AUTOCAST_POLICIES, BASELINE, FAILED, FP16_CPU_MODES, OK
-
-DEFAULT_STEPS = 200
-"""Optimizer steps per arm when neither ``steps`` nor ``epochs`` is given: under a minute for a small model on a CPU."""
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from mpaudit.run.distributed import SINGLE, Parallel
 from mpaudit.run.keep import KeepFp32, keep_fp32
 from mpaudit.run.precision import autocast, fp16_mode, make_scaler, step_context
 from mpaudit.run.seeding import fingerprint_model, seed_everything
+from mpaudit.run.step import train_step
 from mpaudit.run.task import Task
 from mpaudit.vocab import AutocastPolicy, Fp16Mode
 
@@ -74,8 +75,6 @@ class PreparedArm:
         self, batch: Any, after_backward: Any = None, after_step: Any = None
     ) -> torch.Tensor:
         """One real optimizer step on ``batch`` (call it inside :meth:`context`); the detached loss, no host sync."""
-        from mpaudit.run.train import train_step
-
         return train_step(self.run.task, self.arm, self.trained, self.optimizer, self.scaler, batch,
                           self.run.device.type, after_backward=after_backward, after_step=after_step)
 

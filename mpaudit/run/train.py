@@ -6,7 +6,7 @@ import contextlib
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -18,10 +18,8 @@ from mpaudit.numerics.layerstats import TraceSummary
 from mpaudit.results.model import ArmResult, Fingerprints, LossScale
 from mpaudit.run.batches import move_to_device
 from mpaudit.run.distributed import RankFailed
-from mpaudit.run.precision import autocast
 from mpaudit.run.prepare import PreparedArm, RunContext, prepare_arm, release
 from mpaudit.run.seeding import BatchFingerprint, seed_everything
-from mpaudit.run.task import Task
 from mpaudit.trace.tracer import DEFAULT_TRACE_EVERY, Tracer, TraceSchedule
 from mpaudit.vocab import DIVERGED, FAILED, OK, Status
 
@@ -106,42 +104,6 @@ def _epoch_batches(run: RunContext, first: Any, spec: TrainSpec) -> Iterator[Any
 
 
 _END = object()
-
-
-def train_step(
-    task: Task,
-    arm: Arm,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-    batch: Any,
-    device_type: str,
-    after_backward: Callable[[], None] | None = None,
-    after_step: Callable[[], None] | None = None,
-) -> torch.Tensor:
-    """One real optimizer step of ``arm``: forward under its autocast, backward (scaled for fp16),
-    optimizer step (through the GradScaler for fp16), zero grads. Returns the detached loss; no host sync.
-
-    ``after_backward`` runs between backward and the optimizer step (gradients are populated and, in the
-    fp16 arm, still multiplied by the loss scale); ``after_step`` right after the optimizer step.
-    """
-    with autocast(arm, device_type):
-        loss = task.loss(model, batch)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        if after_backward is not None:
-            after_backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        if after_backward is not None:
-            after_backward()
-        optimizer.step()
-    if after_step is not None:
-        after_step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
 
 
 def _planned_steps(loader: Any, spec: TrainSpec) -> int | None:
