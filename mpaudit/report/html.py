@@ -5,7 +5,6 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-import jinja2
 import plotly.io
 import plotly.offline
 
@@ -14,19 +13,13 @@ from mpaudit.ci.verdict import verdicts
 from mpaudit.report import layers_view
 from mpaudit.report.charts import all_charts
 from mpaudit.report.snippets import snippet
+from mpaudit.report.templates import ENV
 from mpaudit.results.model import POOR_SQNR_DB, AuditResult
 from mpaudit.text import fmt
 from mpaudit.vocab import BASELINE
 
 PLOTLY_CDN = "https://cdn.plot.ly/plotly-{version}.min.js"
 
-_ENV = jinja2.Environment(
-    loader=jinja2.PackageLoader("mpaudit.report", "templates"),
-    autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
-    undefined=jinja2.StrictUndefined,
-    trim_blocks=True,
-    lstrip_blocks=True,
-)
 
 
 def script_json(data: Any) -> str:
@@ -88,7 +81,7 @@ def render_html(result: AuditResult, *, plotlyjs: str = "inline") -> str:
     if plotlyjs not in ("inline", "cdn"):
         raise ValueError("plotlyjs must be 'inline' or 'cdn'")
     metrics = list(dict.fromkeys(m for arm in result.arms.values() for m in arm.metrics))
-    template = _ENV.get_template("report.html.j2")
+    template = ENV.get_template("report.html.j2")
     charts = all_charts(result)
     return template.render(
         verdicts=verdicts(result),

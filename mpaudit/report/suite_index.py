@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import jinja2
-
 from mpaudit.ci.gaps import gap_to_fp32, lower_is_better
 from mpaudit.ci.verdict import verdicts
+from mpaudit.report.templates import ENV
 from mpaudit.results.codec import dumps_plain
 from mpaudit.results.model import ArmResult, AuditResult
 from mpaudit.results.suite import SuiteResult, WorkloadRun
@@ -33,13 +32,6 @@ STEP_SOURCE_LOOP = "training loop"
 """Where a step-time ratio comes from: the separate speed measurement (``speed``), or, when that was skipped
 (``--no-bench``), the audited training loop itself (``train_step_s``, which includes per-step overhead)."""
 
-_ENV = jinja2.Environment(
-    loader=jinja2.PackageLoader("mpaudit.report", "templates"),
-    autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
-    undefined=jinja2.StrictUndefined,
-    trim_blocks=True,
-    lstrip_blocks=True,
-)
 
 
 def _step_s(arm: ArmResult) -> tuple[float | None, str | None]:
@@ -155,7 +147,7 @@ def render_index_html(suite: SuiteResult) -> str:
     rows = index_rows(suite)
     arms = list(dict.fromkeys(a for row in rows for a in row["arms"]))
     counts = Counter(row["status"] for row in rows)
-    return _ENV.get_template("index.html.j2").render(
+    return ENV.get_template("index.html.j2").render(
         suite=suite, rows=rows, arms=arms, counts=counts, fmt=fmt, href=_href, ratio=_ratio, created=_now(),
     )
 
