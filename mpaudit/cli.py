@@ -39,6 +39,7 @@ from mpaudit.errors import (
     TaskError,
     UsageError,
 )
+from mpaudit.vocab import BASELINE, ERROR
 
 app = typer.Typer(
     help="Audit a PyTorch model for mixed precision: train it matched in fp32, bf16 and fp16, "
@@ -241,7 +242,7 @@ def gate(
     limits = parse_max_drop(max_drop or [])
     if not limits and max_loss_gap is None:
         raise UsageError("Give at least one --max-drop or --max-loss-gap to gate on.")
-    if "fp32" not in result.arms:
+    if BASELINE not in result.arms:
         raise UsageError(f"{result_json} has no fp32 arm to compare against.")
     result = replace(result, gate=evaluate_gate(result.arms, limits, max_loss_gap, result.replicates, noise_k))
     for check in result.gate.checks:
@@ -365,7 +366,7 @@ def _print_summary(result: Any) -> None:
             str(arm.loss_scale.skipped) if arm.loss_scale else "",
         )
     out.print(table)
-    errors = [f for f in result.flags if f.severity == "error"]
+    errors = [f for f in result.flags if f.severity == ERROR]
     for f in errors[:5]:
         out.print(f"flag: {f.arm} {f.kind} at {f.layer}: {f.recommendation}", markup=False)
     if len(errors) > 5:

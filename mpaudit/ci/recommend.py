@@ -25,7 +25,7 @@ from mpaudit.defaults import DEFAULT_VERIFY_BUDGET
 from mpaudit.numerics.formats import FP16, what_if
 from mpaudit.numerics.layerstats import ACTIVATION, ROOT_LAYER, TraceSummary
 from mpaudit.results.model import ArmResult, Flag, Recommendation
-from mpaudit.vocab import BASELINE, OK
+from mpaudit.vocab import BASELINE, OK, severity_rank
 
 MAX_KEEP_CANDIDATES = 8
 """At most this many top-ranked layers are tried in a keep-list; beyond that, bf16 is the better advice."""
@@ -34,7 +34,6 @@ KEEP_KINDS = ("forward_overflow", "nonfinite", "activation_underflow", "gradient
               "precision_loss")
 """Flag kinds whose layer a keep-list can help, strongest evidence first."""
 
-SEVERITY_RANK = {"error": 0, "warning": 1, "info": 2}
 
 Trainer = Callable[[Arm], ArmResult]
 
@@ -88,7 +87,7 @@ def rank_layers(
 
     for f in flags:
         if f.arm == arm and f.kind in KEEP_KINDS:
-            offer(f.layer, (0, SEVERITY_RANK.get(f.severity, 3), KEEP_KINDS.index(f.kind),
+            offer(f.layer, (0, severity_rank(f.severity), KEEP_KINDS.index(f.kind),
                             0 if "first_inf_step" in f.evidence else 1, order.get(f.layer, len(order))))
     if trace is not None:
         for layer in trace.layers:

@@ -303,7 +303,7 @@ class _Flagger:
                     severity = WARNING  # autocast kept this output in fp32; it overflows once cast to fp16
                 rule = "activation max |x| > fp16 max" if not origin else "first non-finite output in forward order"
             else:
-                severity, rule = "warning", "activation max |x| within forward_headroom_binades of fp16 max"
+                severity, rule = WARNING, "activation max |x| within forward_headroom_binades of fp16 max"
             self.add(
                 Flag(
                     layer=layer,
@@ -412,7 +412,7 @@ class _Flagger:
                     layer=layer,
                     arm=arm,
                     kind="gradient_overflow",
-                    severity="error" if no_fit else "warning",
+                    severity=ERROR if no_fit else WARNING,
                     evidence={"role": role, "fp32_max_abs": ref.max_abs, "fp16_max": FP16.max},
                     recommendation=(
                         f"keep `{layer}` in fp32 or prefer bf16: its gradients exceed fp16's range before any "
@@ -512,7 +512,7 @@ class _Flagger:
                     layer=site.layer,
                     arm=arm,
                     kind="nonfinite",
-                    severity="error",
+                    severity=ERROR,
                     evidence={"step": site.step, "role": site.role, **_nonfinite_counts(s)},
                     recommendation=(
                         f"`{site.layer}` is the first layer (forward order) whose output became NaN/Inf: "
@@ -532,7 +532,7 @@ class _Flagger:
                     layer=site.layer,
                     arm=arm,
                     kind="nonfinite",
-                    severity="info" if handled else "error",
+                    severity=INFO if handled else ERROR,
                     evidence={"step": site.step, "role": site.role, "step_skipped": handled, **_nonfinite_counts(s)},
                     recommendation=(
                         "none needed: GradScaler skipped that step and lowered its scale, as designed"

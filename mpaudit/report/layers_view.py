@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 from mpaudit.numerics.formats import FORMATS, HIST_MIN_EXP, what_if
 from mpaudit.numerics.layerstats import ACTIVATION, GRAD_OUTPUT, GRAD_PREFIX, TraceSummary
 from mpaudit.results.model import AuditResult
+from mpaudit.vocab import BASELINE
 
 MAX_HEATMAP_ROWS = 300
 """Layers shown in the heatmap and the histogram explorer; the rest are counted and left to layers.csv."""
@@ -43,7 +44,7 @@ def reference_arm(result: AuditResult) -> str | None:
     traced = [n for n, a in result.arms.items() if a.trace is not None and a.trace.stats]
     if not traced:
         return None
-    return "fp32" if "fp32" in traced else traced[0]
+    return BASELINE if BASELINE in traced else traced[0]
 
 
 def fp16_scale_log2(result: AuditResult) -> int:

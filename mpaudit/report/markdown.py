@@ -19,7 +19,7 @@ from mpaudit.ci.gaps import FINAL_LOSS, fp32_noise, gap_to_fp32, lower_is_better
 from mpaudit.errors import UsageError
 from mpaudit.results.model import ArmResult, AuditResult, Flag
 from mpaudit.text import cut, fmt
-from mpaudit.vocab import BASELINE, severity_rank
+from mpaudit.vocab import BASELINE, OK, severity_rank
 
 DEFAULT_MAX_FLAGS = 10
 """Flags listed in the summary, worst first; the rest are counted and left to report.html."""
@@ -133,7 +133,7 @@ def _flag_lines(flags: Sequence[Flag], max_flags: int) -> list[str]:
 
 
 def _headline(result: AuditResult) -> str:
-    bad = [a for a in result.arms.values() if a.status != "ok"]
+    bad = [a for a in result.arms.values() if a.status != OK]
     if result.gate.given:
         verdict = "✅ gate passed" if result.gate.passed else "❌ gate failed"
     else:

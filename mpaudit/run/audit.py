@@ -1,4 +1,4 @@
-"""``audit()``: the whole flow of ``design.md`` as one call — load, check, train each arm, gate."""
+"""``audit()``: the whole flow as one call — load, check, train each arm, measure, flag, verify, gate."""
 
 from __future__ import annotations
 

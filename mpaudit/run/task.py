@@ -1,4 +1,4 @@
-"""Loading the task file (``model.py``) and checking it keeps the contract in ``design.md``.
+"""Loading the task file (``model.py``) and checking it keeps the contract (the README's "The task file").
 
 A task file is plain Python with module-level functions: ``build_model``, ``train_loader`` and
 ``loss_fn`` are required; ``eval_loader``, ``evaluate`` and ``build_optimizer`` are optional. Every
