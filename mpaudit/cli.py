@@ -39,7 +39,7 @@ from mpaudit.errors import (
     TaskError,
     UsageError,
 )
-from mpaudit.vocab import BASELINE, ERROR
+from mpaudit.vocab import BASELINE, SEVERITIES
 
 app = typer.Typer(
     help="Audit a PyTorch model for mixed precision: train it matched in fp32, bf16 and fp16, "
@@ -134,6 +134,7 @@ def run(
     fp16_cpu: Annotated[str, typer.Option(help="fp16 on a CPU: emulate (tensor-core numerics at fp32 speed) or native (PyTorch's slow half kernels).")] = "emulate",
     autocast_policy: Annotated[str, typer.Option(help="On a CPU, run each op in the dtype cuda autocast gives it (default: the audit predicts GPU training) or as cpu autocast does (for training on CPUs).")] = "cuda",
     plotlyjs: Annotated[str, typer.Option(help="inline (self-contained, works offline) or cdn (small file).")] = "inline",
+    min_severity: Annotated[str, typer.Option(help="The least severe flags summary.md lists: error, warning or info (the rest are counted).")] = "warning",
     junit: Annotated[Path | None, typer.Option(help="Also write each gate check as a JUnit test case to this XML file.", show_default=False)] = None,
     nproc: Annotated[int | None, typer.Option(help="Run on this many processes of this machine: launches torchrun --standalone --nproc-per-node N for you (one per GPU; gloo processes on a CPU).", show_default=False)] = None,
     parallel: Annotated[str, typer.Option(help="Under torchrun: ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard); auto is ddp with several processes.")] = "auto",
@@ -156,6 +157,8 @@ def run(
 
     if plotlyjs not in ("inline", "cdn"):
         raise UsageError(f"--plotlyjs must be inline or cdn, not {plotlyjs!r}.")
+    if min_severity not in SEVERITIES:
+        raise UsageError(f"--min-severity must be one of {', '.join(SEVERITIES)}, not {min_severity!r}.")
     config = AuditConfig(
         arms=tuple(a.strip() for a in arms.split(",") if a.strip()),
         steps=steps, epochs=epochs, seed=seed, device=device, tf32=tf32, fp16_cpu=fp16_cpu, autocast_policy=autocast_policy,
@@ -191,13 +194,13 @@ def run(
             if failure.rank == job.rank:
                 err.print(f"error: rank {job.rank} failed{where}: {failure.error}", markup=False)
             job.exit_after_failure(EXIT_RANK_FAILED)
-        paths = write_report(result, target, plotlyjs=plotlyjs)
+        paths = write_report(result, target, plotlyjs=plotlyjs, min_severity=min_severity)
         err.print(f"error: rank {failure.rank} failed{where}: {failure.error}; the report keeps the arms "
                   f"finished before it: {paths['json']}", markup=False)
         raise typer.Exit(EXIT_RANK_FAILED)
     if job.is_main:
-        paths = write_report(result, target, plotlyjs=plotlyjs)
-        _ci_outputs(result, junit)
+        paths = write_report(result, target, plotlyjs=plotlyjs, min_severity=min_severity)
+        _ci_outputs(result, junit, min_severity)
     if not quiet:
         _print_summary(result)
         out.print(f"report: {paths['html']}\nresult: {paths['json']}")
@@ -347,43 +350,18 @@ def _read_result(path: Path) -> Any:
 
 
 def _print_summary(result: Any) -> None:
-    from rich.table import Table
+    from mpaudit.report.terminal import summary_lines, summary_table
 
-    from mpaudit.text import fmt
-
-    metrics = list(dict.fromkeys(m for a in result.arms.values() for m in a.metrics))
-    table = Table(title=f"mpaudit: {result.task}", title_justify="left")
-    for col in ["arm", "status", "steps", "final loss", *metrics, "step ms", "speedup (95% CI)", "peak MiB", "skipped"]:
-        table.add_column(col, justify="left" if col in ("arm", "status") else "right")
-    for name, arm in result.arms.items():
-        sp = result.speedups.get(name)
-        table.add_row(
-            name, arm.status if not arm.error else f"{arm.status}: {arm.error}", str(arm.steps), fmt(arm.final_loss),
-            *[fmt(arm.metrics.get(m)) for m in metrics],
-            fmt(arm.speed.step_s_median * 1e3, 3) if arm.speed and not arm.speed.error else "–",
-            f"{sp.ratio:.2f}x ({sp.ci_low:.2f}–{sp.ci_high:.2f}) {sp.verdict}" if sp else "",
-            fmt(arm.memory.peak_bytes / 2**20, 3) if arm.memory and not arm.memory.error else "–",
-            str(arm.loss_scale.skipped) if arm.loss_scale else "",
-        )
-    out.print(table)
-    errors = [f for f in result.flags if f.severity == ERROR]
-    for f in errors[:5]:
-        out.print(f"flag: {f.arm} {f.kind} at {f.layer}: {f.recommendation}", markup=False)
-    if len(errors) > 5:
-        out.print(f"... and {len(errors) - 5} more error flags (see the report)")
-    for rec in result.recommendations:
-        change = ", ".join(filter(None, [f"keep {', '.join(rec.keep_fp32)} in fp32" if rec.keep_fp32 else "",
-                                         f"init_scale={rec.init_scale:g}" if rec.init_scale else ""]))
-        verdict = "verified" if rec.passed else "not verified"
-        out.print(f"recommendation for {rec.arm}: {change} ({verdict} by training {rec.verified_arm}; {rec.reason})",
-                  markup=False)
+    out.print(summary_table(result))
+    for line in summary_lines(result):
+        out.print(line, markup=False)
     for n in result.perf_notes:
         err.print(f"note: {n}")
     for w in result.warnings:
         err.print(f"[bold red]WARNING:[/bold red] {w}", markup=True)
 
 
-def _ci_outputs(result: Any, junit: Path | None) -> None:
+def _ci_outputs(result: Any, junit: Path | None, min_severity: str = "warning") -> None:
     """The JUnit file when asked for, and summary.md appended to $GITHUB_STEP_SUMMARY when that is set."""
     from mpaudit.report.junit import junit_xml
     from mpaudit.report.markdown import append_step_summary, summary_markdown
@@ -391,7 +369,7 @@ def _ci_outputs(result: Any, junit: Path | None) -> None:
 
     if junit is not None:
         atomic_write_text(junit, junit_xml(result))
-    append_step_summary(summary_markdown(result))
+    append_step_summary(summary_markdown(result, min_severity=min_severity))
 
 
 def _finish_gate(result: Any, show: bool = True) -> None:

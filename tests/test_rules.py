@@ -278,7 +278,10 @@ def test_update_underflow_is_judged_per_format() -> None:
     # updates about 2^-10 of their weight's binade: below bf16's half ulp (2^-8), above fp16's (2^-11)
     r = 2.0 ** np.random.default_rng(0).uniform(-10, -9.5, 500)
     summaries = {arm: _summary({("fc", "update:weight"): r}) for arm in ("bf16", "fp16")}
-    flags = flag(summaries, {"bf16": _arm("bf16"), "fp16": _arm("fp16")})
+    arms = {"bf16": _arm("bf16"), "fp16": _arm("fp16")}
+    # arms that keep fp32 master weights lose no update: the numbers stay in the layers table, no flag
+    assert not [f for f in flag(summaries, arms) if f.kind == "update_underflow"]
+    flags = flag(summaries, arms, half_weights=frozenset({"bf16", "fp16"}))
     updates = [(f.arm, f.severity) for f in flags if f.kind == "update_underflow"]
     assert updates == [("bf16", "warning")]
     f = next(f for f in flags if f.kind == "update_underflow")

@@ -22,6 +22,7 @@ SUITES = Path(__file__).resolve().parent.parent / "suites"
 SCHEMA = mpaudit.AuditResult.json_schema()
 
 EXPECTED_METRICS = {
+    "attention_overflow": ["accuracy", "eval_loss"],
     "digits_mlp": ["accuracy", "eval_loss"],
     "digits_cnn": ["accuracy", "eval_loss"],
     "resnet_digits": ["accuracy", "eval_loss"],

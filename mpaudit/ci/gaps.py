@@ -103,9 +103,22 @@ def fp32_noise(result: AuditResult, metric: str) -> NoiseFloor | None:
     stored = result.gate.noise_floor.get(metric)
     if stored is not None and stored.n >= 2:
         return stored
-    values = [v for run in result.runs(BASELINE) if run.status == OK
+    return fp32_noise_of_runs(result.runs(BASELINE), metric)
+
+
+def fp32_noise_of_runs(runs: Sequence[ArmResult], metric: str) -> NoiseFloor | None:
+    """fp32's seed-to-seed spread of ``metric`` over ``runs`` (its runs with every seed); None with fewer than 2."""
+    values = [v for run in runs if run.status == OK
               for v in [metric_value(run, metric)] if v is not None and math.isfinite(v)]
     return noise_floor(values) if len(values) >= 2 else None
+
+
+def gap_within_noise(run: ArmResult, baseline: ArmResult, metric: str, noise: NoiseFloor, k: float) -> bool:
+    """True when ``run`` is behind fp32 on ``metric`` by no more than k standard deviations of fp32's seed noise."""
+    value, ref = metric_value(run, metric), metric_value(baseline, metric)
+    if value is None or ref is None or not (math.isfinite(value) and math.isfinite(ref)):
+        return False
+    return worse_by(metric, value, ref) <= k * noise.std
 
 
 def judged_metric(baseline: ArmResult) -> str:

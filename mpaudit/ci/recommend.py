@@ -1,15 +1,17 @@
 """Recommendations that are proven before they are given: each is trained as an extra arm and checked.
 
-For every mixed-precision arm that does not pass (the user's gate, or without one: status ok and the
-primary metric within :data:`~mpaudit.ci.verdict.UNGATED_RELATIVE_DROP` of fp32), two changes are tried:
+For every mixed-precision arm that does not pass (the user's gate, or without one: status ok and the primary
+metric within :data:`~mpaudit.ci.gaps.UNGATED_RELATIVE_DROP` of fp32), two changes are tried:
 
-* a loss scale: the ``init_scale`` 2^k the rules already computed from fp32's gradient histograms
-  (``loss_scale`` flag, ``recommended_log2``), for arms with a GradScaler;
-* the smallest keep-list: layers ranked by evidence (error flags first, then the arm's non-finite and
-  overflowing outputs, then the per-layer error the arm's precision introduces), added one at a time until
-  the arm passes, then each removed again while it still passes.
+* a loss scale: the ``init_scale`` 2^k the rules computed from fp32's gradient histograms (a root ``loss_scale``
+  flag's ``recommended_log2``; a loss-scale flag that only follows from an overflow is not a cause to fix);
+* the smallest keep-list: modules ranked by evidence (:func:`rank_layers`), added one at a time until the arm
+  passes, then each dropped again while it still passes. "Minimal" is claimed only when every single removal
+  from the final list was trained and failed; otherwise the list is "sufficient" and says how many were tried.
 
-Every try is a full training run (same seed, same batches, same evaluation), bounded by a budget.
+Every try is a full training run (same seed, same batches, same evaluation), bounded by one budget shared by
+the arms, spent on the worst first: arms that diverged, failed or carry a root error flag, then arms failing
+the gate, then arms behind fp32 without a gate; never on a gap within fp32's seed noise.
 """
 
 from __future__ import annotations
@@ -19,21 +21,23 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from mpaudit.arms import Arm
-from mpaudit.ci.gaps import ungated_drop
+from mpaudit.ci.gaps import fp32_noise_of_runs, gap_within_noise, judged_metric, ungated_drop
 from mpaudit.ci.gate import Limit, evaluate_gate
 from mpaudit.defaults import DEFAULT_VERIFY_BUDGET
 from mpaudit.numerics.formats import FP16, what_if
 from mpaudit.numerics.layerstats import ACTIVATION, ROOT_LAYER, TraceSummary
 from mpaudit.results.model import ArmResult, Flag, Recommendation
-from mpaudit.vocab import BASELINE, OK, severity_rank
+from mpaudit.vocab import BASELINE, ERROR, OK, severity_rank
 
 MAX_KEEP_CANDIDATES = 8
-"""At most this many top-ranked layers are tried in a keep-list; beyond that, bf16 is the better advice."""
+"""At most this many top-ranked modules are tried in a keep-list; beyond that, bf16 is the better advice."""
 
 KEEP_KINDS = ("forward_overflow", "nonfinite", "activation_underflow", "gradient_overflow", "gradient_underflow",
               "precision_loss")
 """Flag kinds whose layer a keep-list can help, strongest evidence first."""
 
+UNKEEPABLE = ("(loss_fn)", ROOT_LAYER)
+"""Site modules no keep-list can hold: the loss outside the model, and the whole model."""
 
 Trainer = Callable[[Arm], ArmResult]
 
@@ -71,37 +75,58 @@ def ungated_ok(run: ArmResult, baseline: ArmResult) -> bool:
     return run.status == OK and ungated_drop(run, baseline) is None
 
 
+def _within(layer: str, module: str) -> bool:
+    return layer.startswith(module + ".")
+
+
 def rank_layers(
     arm: str, flags: Sequence[Flag], trace: TraceSummary | None, reference: TraceSummary | None,
     layer_error_db: Mapping[str, float] | None = None,
 ) -> list[str]:
-    """Layers of ``arm`` most likely to need fp32, best evidence first: flagged layers (error before
-    warning, by kind), then layers whose outputs went non-finite or overflow fp16, then the layers whose
-    own error (SQNR, dB: lower is worse) is the largest."""
+    """Modules of ``arm`` most likely to need fp32, best evidence first.
+
+    1. The module whose own forward ran the first non-finite op (a replayed site: it may be a container, such as
+       an attention module computing its scores), and modules whose own error is non-finite (they make the
+       non-finite values themselves).
+    2. Root flags of the arm (error before warning, by kind); consequences of another flag are never candidates.
+    3. Without a known origin: modules whose outputs went non-finite, or would overflow fp16 by fp32's numbers.
+    4. The rest by the error the arm's precision introduces at each module (SQNR, dB: lower is worse).
+
+    Modules inside a site's module are left out: keeping a leaf cannot change an op in its container's own
+    code (autocast casts the leaf's fp32 output back to half at the container's matmul).
+    """
     score: dict[str, tuple[float, ...]] = {}
     order = {layer: i for i, layer in enumerate(trace.layers if trace is not None else ())}
+    mine = [f for f in flags if f.arm == arm]
+    sites = [f.site.module for f in mine if f.site is not None and f.caused_by is None
+             and f.site.module not in UNKEEPABLE]
 
     def offer(layer: str, key: tuple[float, ...]) -> None:
-        if layer and layer != ROOT_LAYER and (layer not in score or key < score[layer]):
+        if not layer or layer in UNKEEPABLE or any(_within(layer, m) for m in sites):
+            return
+        if layer not in score or key < score[layer]:
             score[layer] = key
 
-    for f in flags:
-        if f.arm == arm and f.kind in KEEP_KINDS:
-            offer(f.layer, (0, severity_rank(f.severity), KEEP_KINDS.index(f.kind),
+    for i, module in enumerate(sites):
+        offer(module, (0, 0, i))
+    for layer, db in (layer_error_db or {}).items():
+        if not math.isfinite(db):
+            offer(layer, (0, 1, order.get(layer, len(order))))  # the layer itself produced non-finite values
+    for f in mine:
+        if f.kind in KEEP_KINDS and f.caused_by is None:
+            offer(f.layer, (1, severity_rank(f.severity), KEEP_KINDS.index(f.kind),
                             0 if "first_inf_step" in f.evidence else 1, order.get(f.layer, len(order))))
-    if trace is not None:
+    if trace is not None and not sites:
         for layer in trace.layers:
             own = trace.get(layer, ACTIVATION)
             ref = reference.get(layer, ACTIVATION) if reference is not None else None
             overflow = what_if(ref.hist, FP16).overflow if ref is not None and half_is_fp16(arm) else 0.0
             bad = own.nonfinite if own is not None else 0
             if bad or overflow > 0:
-                offer(layer, (1, -float(bad), -overflow, order.get(layer, len(order))))
+                offer(layer, (2, -float(bad), -overflow, order.get(layer, len(order))))
     for layer, db in (layer_error_db or {}).items():
         if math.isfinite(db):
-            offer(layer, (2, db))
-        else:
-            offer(layer, (1, -math.inf))  # the layer itself produced non-finite values
+            offer(layer, (3, db))
     return sorted(score, key=lambda layer: score[layer])[:MAX_KEEP_CANDIDATES]
 
 
@@ -111,10 +136,10 @@ def half_is_fp16(arm: str) -> bool:
 
 
 def recommended_init_scale(arm: str, flags: Sequence[Flag]) -> float | None:
-    """The GradScaler init_scale the rules recommend for ``arm`` (``loss_scale`` flag, ``recommended_log2``)."""
+    """The GradScaler init_scale a root ``loss_scale`` flag of ``arm`` recommends (``recommended_log2``)."""
     for f in flags:
         k = f.evidence.get("recommended_log2")
-        if f.arm == arm and f.kind == "loss_scale" and k is not None:
+        if f.arm == arm and f.kind == "loss_scale" and k is not None and f.caused_by is None:
             return float(2.0 ** int(k))
     return None
 
@@ -141,35 +166,81 @@ class _Search:
         return self.tried[key]
 
     def passes(self, keep: Sequence[str], init_scale: float | None) -> bool | None:
+        if not keep and init_scale is None:
+            return False  # the arm as it is: it is searched because it does not pass
         run = self.run(keep, init_scale)
         return None if run is None else self.criteria.passes(run)
 
-    def smallest_keep_list(self, ranked: Sequence[str]) -> tuple[list[str], bool, bool]:
-        """Add ranked layers until the arm passes, then drop each one it still passes without.
-        Returns (keep-list, passed, budget ran out)."""
+    def known(self, keep: Sequence[str]) -> bool | None:
+        """Whether ``keep`` was trained (or is the arm as it is) and passed; None when it was never trained."""
+        if not keep:
+            return False
+        run = self.tried.get((tuple(keep), None))
+        return None if run is None else self.criteria.passes(run)
+
+    def smallest_keep_list(self, ranked: Sequence[str]) -> _KeepSearch:
+        """Add ranked modules until the arm passes, drop each one it still passes without, then train the
+        removals from the final list not tried yet while the budget lasts."""
         keep: list[str] = []
-        passed = False
+        found = _KeepSearch(keep=[], passed=False, exhausted=False, ranked=list(ranked))
         for layer in ranked:
             keep.append(layer)
             ok = self.passes(keep, None)
             if ok is None:
                 keep.pop()
-                return keep, False, True
-            if ok:
-                passed = True
+                found.exhausted = True
                 break
-        if not passed:
-            return keep, False, False
+            if ok:
+                found.passed = True
+                break
+        found.keep = list(keep)
+        if not found.passed:
+            return found
         for layer in list(keep):
             if len(keep) == 1:
                 break
             trial = [x for x in keep if x != layer]
             ok = self.passes(trial, None)
             if ok is None:
-                return keep, True, True
+                found.exhausted = True
+                break
             if ok:
                 keep = trial
-        return keep, True, False
+        found.keep = list(keep)
+        for layer in keep:  # every single removal from the final list, trained: only then is it minimal
+            if self.known([x for x in keep if x != layer]) is None and self.passes(
+                    [x for x in keep if x != layer], None) is None:
+                found.exhausted = True
+                break
+        found.removals_tried = sum(self.known([x for x in keep if x != layer]) is not None for layer in keep)
+        found.minimal = found.removals_tried == len(keep) and not any(
+            self.known([x for x in keep if x != layer]) for layer in keep)
+        return found
+
+
+@dataclass
+class _KeepSearch:
+    """What the keep-list search found: the list, whether it passed, whether it is shown minimal."""
+
+    keep: list[str]
+    passed: bool
+    exhausted: bool
+    ranked: list[str]
+    removals_tried: int = 0
+    minimal: bool = False
+
+
+def _priority(name: str, result: ArmResult, flags: Sequence[Flag], criteria: Criteria) -> int | None:
+    """Which failing arm gets the budget first: 0 diverged, failed or a root error flag; 1 failing the gate;
+    2 behind fp32 without a gate; None when its gap lies within fp32's seed noise (nothing to fix)."""
+    if result.status != OK or any(f.arm == name and f.severity == ERROR and f.caused_by is None for f in flags):
+        return 0
+    runs = [criteria.baseline, *criteria.baseline_replicates]
+    metric = judged_metric(criteria.baseline)
+    noise = fp32_noise_of_runs(runs, metric)
+    if noise is not None and gap_within_noise(result, criteria.baseline, metric, noise, criteria.noise_k):
+        return None
+    return 1 if criteria.gated else 2
 
 
 def recommend(
@@ -191,10 +262,20 @@ def recommend(
     recs: list[Recommendation] = []
     verification: dict[str, ArmResult] = {}
     reference = results[BASELINE].trace if BASELINE in results else None
-    for arm in arms:
+    failing: list[tuple[int, int, Arm]] = []
+    for i, arm in enumerate(arms):
         result = results.get(arm.name)
         if arm.is_baseline or result is None or criteria.passes(result):
             continue
+        priority = _priority(arm.name, result, flags, criteria)
+        if priority is None:
+            recs.append(Recommendation(arm=arm.name, reason=(
+                f"not searched: {arm.name}'s gap to fp32 lies within fp32's seed noise ({criteria.noise_k:g}σ), "
+                "so no change could be shown to help")))
+            continue
+        failing.append((priority, i, arm))
+    for _, _, arm in sorted(failing, key=lambda t: t[:2]):
+        result = results[arm.name]
         search = _Search(arm, criteria, train, left)
         scale = recommended_init_scale(arm.name, flags) if arm.grad_scaler else None
         if scale is not None:
@@ -207,49 +288,54 @@ def recommend(
                 continue
         ranked = rank_layers(arm.name, flags, result.trace, reference, (layer_error_db or {}).get(arm.name))
         if not ranked:
-            recs.append(Recommendation(
-                arm=arm.name, keep_fp32=[], init_scale=None, verified_arm=None, passed=False, metrics={},
-                runs_used=0, reason="no layer evidence to build a keep-list from (trace more layers with --trace)",
-            ))
+            recs.append(Recommendation(arm=arm.name, reason=(
+                "no module evidence to build a keep-list from (trace more modules with --trace)")))
             continue
         before = search.runs_used
-        keep, passed, exhausted = search.smallest_keep_list(ranked)
-        if not keep:
-            recs.append(Recommendation(
-                arm=arm.name, keep_fp32=[], init_scale=None, verified_arm=None, passed=False, metrics={},
-                runs_used=0, reason=f"--verify-budget ran out before a keep-list could be tried (ranked: "
-                f"{', '.join(ranked)})",
-            ))
+        found = search.smallest_keep_list(ranked)
+        if not found.keep:
+            recs.append(Recommendation(arm=arm.name, runs_used=search.runs_used - before, reason=(
+                f"--verify-budget ran out before a keep-list could be tried (ranked: {', '.join(ranked)})")))
             continue
-        rec = _record(search, arm, keep, None, passed, runs=search.runs_used - before, exhausted=exhausted,
-                      ranked=ranked)
+        rec = _record(search, arm, found.keep, None, found.passed, runs=search.runs_used - before, found=found)
         recs.append(rec)
         if rec.verified_arm is not None:
-            verification[rec.verified_arm] = search.tried[(tuple(keep), None)]
+            verification[rec.verified_arm] = search.tried[(tuple(found.keep), None)]
     return recs, verification
 
 
 def _record(
     search: _Search, arm: Arm, keep: list[str], scale: float | None, passed: bool | None, runs: int | None = None,
-    exhausted: bool = False, ranked: Sequence[str] = (),
+    found: _KeepSearch | None = None,
 ) -> Recommendation:
     run = search.tried.get((tuple(keep), scale))
-    if run is None:
-        return Recommendation(arm=arm.name, keep_fp32=keep, init_scale=scale, verified_arm=None, passed=False,
-                              metrics={}, runs_used=runs or 0, reason="--verify-budget ran out before it was tried")
     change = _describe(keep, scale)
-    outcome = "trains as well as fp32" if passed else f"still does not pass ({run.status})"
+    if run is None:
+        return Recommendation(arm=arm.name, keep_fp32=keep, init_scale=scale, passed=False, runs_used=runs or 0,
+                              reason=f"{change}: --verify-budget ran out before it was trained")
+    outcome = "trains as well as fp32" if passed else f"still does not pass ({_outcome(run)})"
     reason = f"{change}: {arm.name} {outcome}"
-    if keep and passed:
-        reason += "; removing any one of them fails" if len(keep) > 1 else ""
-    elif keep and not passed:
-        reason += " with every ranked layer tried" if not exhausted else "; --verify-budget ran out"
-        if ranked:
-            reason += f" (ranked: {', '.join(ranked)})"
+    if found is not None and passed:
+        if found.minimal:
+            reason += ("; minimal: removing any one of them fails, each removal trained" if len(keep) > 1
+                       else "; minimal: the arm without it fails")
+        else:
+            reason += (f"; sufficient, not shown minimal: {found.removals_tried} of {len(keep)} removals trained"
+                       + ("; --verify-budget ran out" if found.exhausted else ""))
+    elif found is not None:
+        reason += "; --verify-budget ran out" if found.exhausted else " with every ranked module tried"
+        reason += f" (ranked: {', '.join(found.ranked)})"
     return Recommendation(
         arm=arm.name, keep_fp32=list(keep), init_scale=scale, verified_arm=run.name, passed=bool(passed),
         metrics=dict(run.metrics), runs_used=search.runs_used if runs is None else runs, reason=reason,
     )
+
+
+def _outcome(run: ArmResult) -> str:
+    if run.status != OK:
+        return run.status + (f": {run.error}" if run.error else "")
+    metric = next(iter(run.metrics), None)
+    return f"{metric} {run.metrics[metric]:.4g}" if metric is not None else f"final loss {run.final_loss:.4g}"
 
 
 def _describe(keep: Sequence[str], scale: float | None) -> str:
@@ -261,5 +347,4 @@ def _describe(keep: Sequence[str], scale: float | None) -> str:
     return " and ".join(parts)
 
 
-__all__ = ["DEFAULT_VERIFY_BUDGET", "Criteria", "rank_layers", "recommend", "recommended_init_scale",
-           "ungated_ok"]
+__all__ = ["Criteria", "rank_layers", "recommend", "recommended_init_scale", "ungated_ok"]

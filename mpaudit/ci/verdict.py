@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mpaudit.ci.gaps import UNGATED_RELATIVE_DROP, judged_metric, ungated_drop
-from mpaudit.results.model import AuditResult
+from mpaudit.results.model import AuditResult, Flag
 from mpaudit.vocab import BASELINE, BASELINE_LEVEL, ERROR, NOT_SAFE, OK, SAFE, SAFE_WITH_CHANGES, WARNING, VerdictLevel
 
 
@@ -25,6 +25,12 @@ class Verdict:
 def verdicts(result: AuditResult) -> dict[str, Verdict]:
     """The verdict on every arm, in the result's arm order."""
     return {name: verdict(result, name) for name in result.arms}
+
+
+def root_cause(flag: Flag) -> str:
+    """A root-cause flag in one line: ``forward_overflow at block.attn (aten.bmm.default at model.py:63): advice``."""
+    where = f" ({flag.site.op} at {flag.site.short_source})" if flag.site is not None and flag.site.source else ""
+    return f"{flag.kind} at {flag.layer}{where}" + (f": {flag.recommendation}" if flag.recommendation else "")
 
 
 def verdict(result: AuditResult, name: str) -> Verdict:
@@ -45,16 +51,16 @@ def verdict(result: AuditResult, name: str) -> Verdict:
         drop = ungated_drop(arm, base)
         if drop:
             blockers.append(drop)
-    errors = [f for f in result.flags if f.arm == name and f.severity == ERROR]
-    warnings = [f for f in result.flags if f.arm == name and f.severity == WARNING]
+    errors = [f for f in result.flags if f.arm == name and f.severity == ERROR and f.caused_by is None]
+    warnings = [f for f in result.flags if f.arm == name and f.severity == WARNING and f.caused_by is None]
     fix = next((r for r in result.recommendations if r.arm == name and r.passed), None)
+    causes = [root_cause(f) for f in errors[:3]]
     if blockers and fix is not None:
-        return Verdict(name, SAFE_WITH_CHANGES, [f"verified by training: {fix.reason}", *blockers[:2]])
+        return Verdict(name, SAFE_WITH_CHANGES, [f"verified by training: {fix.reason}", *causes[:1], *blockers[:2]])
     if blockers:
-        reasons = blockers + [f"{f.kind} at {f.layer}: {f.recommendation}" for f in errors[:3]]
-        return Verdict(name, NOT_SAFE, reasons)
+        return Verdict(name, NOT_SAFE, [*blockers[:1], *causes, *blockers[1:]])
     if errors:
-        return Verdict(name, SAFE_WITH_CHANGES, [f"{f.kind} at {f.layer}: {f.recommendation}" for f in errors[:3]])
+        return Verdict(name, SAFE_WITH_CHANGES, causes)
     judged = judged_metric(base) if base is not None else "the primary metric"
     within = "the gate" if result.gate.given else f"{UNGATED_RELATIVE_DROP:.0%} on {judged}"
     reasons = [f"matches fp32 within {within}"]

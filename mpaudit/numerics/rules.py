@@ -45,8 +45,13 @@ from mpaudit.numerics.layerstats import (
     is_gradient,
     is_update,
 )
-from mpaudit.results.model import ArmResult, Flag
+from mpaudit.results.model import ArmResult, Flag, Site
 from mpaudit.vocab import BASELINE, ERROR, FLAG_KINDS, INFO, SEVERITIES, WARNING, FlagKind, Severity
+
+OUTSIDE_MODEL = "(loss_fn)"
+"""The layer name of ops that ran outside every module of the model (``mpaudit.trace.sites``)."""
+_MATMULS = ("mm", "bmm", "matmul", "baddbmm", "addmm", "linear", "einsum", "scaled_dot_product")
+"""Op names (substrings) of matrix products: an overflowing one that feeds a softmax is attention scores."""
 
 
 @dataclass(frozen=True)
@@ -168,6 +173,8 @@ class _Flagger:
     summaries: dict[str, TraceSummary]
     arms: dict[str, ArmResult]
     t: Thresholds
+    half_weights: frozenset[str] = frozenset()
+    """Arms whose recipe stores the weights in half precision: only they can lose updates to rounding."""
 
     def __post_init__(self) -> None:
         self.flags: dict[tuple[str, str, str], Flag] = {}
@@ -225,6 +232,9 @@ class _Flagger:
 
     def run(self) -> list[Flag]:
         advice = self.advice()
+        for arm, result in self.arms.items():
+            for site in result.sites:
+                self.origin(arm, site)
         for arm, summary in self.summaries.items():
             fmt = half_format(arm)
             if fmt is FP16:
@@ -233,7 +243,8 @@ class _Flagger:
                 self.gradient_overflow(arm, summary, advice)
             if fmt is not None:
                 self.precision_loss(arm, summary, fmt)
-                self.update_underflow(arm, summary, fmt)
+                if arm in self.half_weights:
+                    self.update_underflow(arm, summary, fmt)
             self.nonfinite(arm, summary)
         for arm in self.arms:
             if half_format(arm) is FP16:
@@ -270,6 +281,49 @@ class _Flagger:
             f"no single loss scale fits: the 1st-percentile gradient (~2^{advice.significant_binade}) needs a scale "
             f">= 2^{advice.k_low}, the largest ({advice.max_abs:.3g}) allows <= 2^{advice.k_high}; prefer bf16, "
             f"or keep `{layer}` in fp32"
+        )
+
+    def origin(self, arm: str, site: Site) -> None:
+        """Where the arm's non-finite values started, found by replaying the failing step (``site``)."""
+        half = half_format(arm)
+        overflow = "inf" in site.detail and site.dtype == "float16"
+        backward = site.phase == "backward"
+        kind: FlagKind = ("gradient_overflow" if backward else "forward_overflow") if overflow else "nonfinite"
+        matmul = any(name in site.op for name in _MATMULS)
+        softmax = any("softmax" in op for op in site.feeds)
+        cast = "_to_copy" in site.op
+        module = f"`{site.module}`"
+        if site.module == OUTSIDE_MODEL:
+            advice = "the loss itself is computed in half precision: compute it from fp32 values (e.g. logits.float())"
+        elif half is None:
+            advice = f"{module} produces NaN/Inf even in fp32: fix the model before mixing precision"
+        elif cast and not backward:
+            advice = (f"{module} receives values beyond fp16's 65504 that autocast casts to fp16 for it: normalise "
+                      f"or rescale its inputs, or keep {module} in fp32")
+        else:
+            op = site.op.split(".")[1] if "." in site.op else site.op
+            at = f" at {site.short_source}" if site.source else ""
+            advice = f"keep {module} in fp32 ({op} in its own code{at} overflows), or prefer bf16"
+            if matmul and softmax and not backward:
+                advice += ("; or rescale the scores (not verified by training): scale q by 1/sqrt(d) before the "
+                           "product, or use F.scaled_dot_product_attention, which does")
+        severity: Severity = ERROR
+        if backward:
+            scale = self.arms[arm].loss_scale if arm in self.arms else None
+            handled = scale is not None and site.step in scale.skipped_steps
+            severity = INFO if handled else ERROR  # a skipped step is GradScaler doing its job (see loss_scale)
+        self.add(
+            Flag(
+                layer=site.module,
+                arm=arm,
+                kind=kind,
+                severity=severity,
+                evidence={"step": site.step, "phase": site.phase, "op": site.op, "detail": site.detail,
+                          "source": site.source, "code": site.code},
+                recommendation=advice,
+                rule=f"{kind}: the first op with finite inputs and a non-finite output ({site.phase}, replayed)",
+                site=site,
+            )
         )
 
     def forward_overflow(self, arm: str, summary: TraceSummary) -> None:
@@ -648,10 +702,13 @@ def flag(
     summaries: Mapping[str, TraceSummary],
     arms: Mapping[str, ArmResult],
     thresholds: Thresholds | None = None,
+    half_weights: frozenset[str] = frozenset(),
 ) -> list[Flag]:
     """Every flag the traces and arm results support, most severe first.
 
     ``summaries`` maps arm name to its trace (the fp32 arm's is the reference for predictions); ``arms``
-    gives each arm's status and GradScaler history.
+    gives each arm's status, GradScaler history and the sites where non-finite values started;
+    ``half_weights`` names the arms whose recipe stores weights in half precision (the only ones whose
+    updates can be lost to rounding). Causes and consequences are linked by :func:`mpaudit.numerics.causes.link`.
     """
-    return _Flagger(dict(summaries), dict(arms), thresholds or Thresholds()).run()
+    return _Flagger(dict(summaries), dict(arms), thresholds or Thresholds(), half_weights).run()

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ValidationError, computed_field, model_validator
 from pydantic.dataclasses import dataclass
@@ -59,6 +60,40 @@ class Fingerprints:
 
 
 @dataclass(frozen=True, config=RESULT_CONFIG)
+class Site:
+    """Where an arm's trouble started: the first op whose inputs were finite and whose output was not.
+
+    Found by replaying the first failing step (:mod:`mpaudit.trace.sites`). ``module`` is the innermost module
+    whose forward was running (for a backward op: the module whose forward created its autograd node),
+    ``(loss_fn)`` outside the model; ``source`` the ``file:line`` of the user's code that ran it and ``code`` that
+    line; ``feeds`` the ops that ran next in the forward (does a softmax consume the overflowing scores?).
+    """
+
+    phase: Literal["forward", "backward"]
+    module: str
+    module_class: str
+    op: str
+    source: str
+    code: str
+    step: int
+    dtype: str
+    detail: str
+    feeds: list[str] = field(default_factory=list)
+
+    @property
+    def where(self) -> str:
+        """``aten.bmm.default in block.attn (SelfAttention) at model.py:52`` for people."""
+        cls = f" ({self.module_class})" if self.module_class else ""
+        return f"{self.op} in {self.module}{cls}" + (f" at {self.short_source}" if self.source else "")
+
+    @property
+    def short_source(self) -> str:
+        """``model.py:52``: the file's name and the line."""
+        path, _, line = self.source.rpartition(":")
+        return f"{Path(path).name}:{line}" if path else self.source
+
+
+@dataclass(frozen=True, config=RESULT_CONFIG)
 class ArmResult:
     """What one arm did: status, per-step losses, final metrics, loss-scale history, fingerprints."""
 
@@ -79,6 +114,8 @@ class ArmResult:
     """Whose autocast op lists the arm followed (``cuda`` or ``cpu``); None for fp32 and older results."""
     notes: list[str] = field(default_factory=list)
     trace: TraceSummary | None = None
+    sites: list[Site] = field(default_factory=list)
+    """Where the arm's first non-finite values came from (forward and/or backward), when a step failed."""
 
     @model_validator(mode="before")
     @classmethod
@@ -100,8 +137,21 @@ class ArmResult:
 
 
 @dataclass(frozen=True, config=RESULT_CONFIG)
+class Cause:
+    """The flag another flag follows from: its layer and kind (same arm)."""
+
+    layer: str
+    kind: FlagKind
+
+
+@dataclass(frozen=True, config=RESULT_CONFIG)
 class Flag:
-    """A rule that fired: which layer, in which arm, what kind, how bad, the numbers, and what to do."""
+    """A rule that fired: which layer, in which arm, what kind, how bad, the numbers, and what to do.
+
+    ``caused_by`` is None for a root cause; a consequence names the flag it follows from and carries no
+    recommendation of its own. ``site`` says where the trouble started, down to the op and the line, when the
+    failing step was replayed.
+    """
 
     layer: str
     arm: str
@@ -110,6 +160,12 @@ class Flag:
     evidence: dict[str, Any]
     recommendation: str = ""
     rule: str = ""
+    site: Site | None = None
+    caused_by: Cause | None = None
+
+    @property
+    def is_root(self) -> bool:
+        return self.caused_by is None
 
 
 @dataclass(frozen=True, config=RESULT_CONFIG)

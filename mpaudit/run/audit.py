@@ -15,6 +15,7 @@ from mpaudit.ci.gate import AUTO, DEFAULT_NOISE_K, evaluate_gate, lower_is_bette
 from mpaudit.ci.recommend import DEFAULT_VERIFY_BUDGET
 from mpaudit.defaults import DEFAULT_STEPS
 from mpaudit.errors import UsageError
+from mpaudit.numerics.causes import link, settle
 from mpaudit.numerics.rules import Thresholds, flag
 from mpaudit.perf.memory import parse_bytes
 from mpaudit.perf.speed import DEFAULT_BENCH_SECONDS
@@ -197,8 +198,7 @@ def audit(
             failure = exc
 
     gate = evaluate_gate(results, cfg.max_drop, cfg.max_loss_gap, replicates, cfg.noise_k)
-    traces = {name: r.trace for name, r in results.items() if r.trace is not None}
-    flags = flag(traces, results, Thresholds.from_mapping(cfg.thresholds)) if traces else []
+    flags = _flags(results, replicates, cfg)
     recommendations: list[Recommendation] = []
     verification: dict[str, ArmResult] = {}
     if cfg.verify and failure is None:
@@ -378,6 +378,22 @@ def _shadow(
         return layer_errors(run, model, arms, paths), None
     except Exception as exc:  # the user's model may not run module by module; the audit stands without it
         return {}, f"Per-layer error attribution failed: {type(exc).__name__}: {exc}"
+
+
+def _flags(results: dict[str, ArmResult], replicates: dict[str, list[ArmResult]], cfg: AuditConfig) -> list[Flag]:
+    """The rules' flags, causes linked to their consequences, noise told from harm, in severity and forward order."""
+    from mpaudit.ci.recommend import Criteria
+
+    traces = {name: r.trace for name, r in results.items() if r.trace is not None}
+    flags = link(flag(traces, results, Thresholds.from_mapping(cfg.thresholds)), results)
+    baseline = results.get(BASELINE)
+    matching: set[str] = set()
+    if baseline is not None and baseline.status == OK:
+        criteria = Criteria(baseline=baseline, max_drop=cfg.max_drop, max_loss_gap=cfg.max_loss_gap,
+                            baseline_replicates=replicates.get(BASELINE, []), noise_k=cfg.noise_k)
+        matching = {name for name, run in results.items() if name != BASELINE and criteria.passes(run)}
+    order = {name: trace.layers for name, trace in traces.items()}
+    return settle(flags, matching, order, list(results))
 
 
 def _config_dict(cfg: AuditConfig) -> dict[str, Any]:

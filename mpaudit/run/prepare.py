@@ -72,11 +72,13 @@ class PreparedArm:
         return self.run.step_context(self.arm)
 
     def step(
-        self, batch: Any, after_backward: Any = None, after_step: Any = None
+        self, batch: Any, after_backward: Any = None, after_step: Any = None, hold_nonfinite: bool = False
     ) -> torch.Tensor:
-        """One real optimizer step on ``batch`` (call it inside :meth:`context`); the detached loss, no host sync."""
+        """One real optimizer step on ``batch`` (call it inside :meth:`context`); the detached loss, no host sync
+        (see :func:`~mpaudit.run.step.train_step` for ``hold_nonfinite``)."""
         return train_step(self.run.task, self.arm, self.trained, self.optimizer, self.scaler, batch,
-                          self.run.device.type, after_backward=after_backward, after_step=after_step)
+                          self.run.device.type, after_backward=after_backward, after_step=after_step,
+                          hold_nonfinite=hold_nonfinite)
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         """The arm's autocast on this device (for forward passes outside :meth:`step`)."""

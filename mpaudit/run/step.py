@@ -22,12 +22,16 @@ def train_step(
     device_type: str,
     after_backward: Callable[[], None] | None = None,
     after_step: Callable[[], None] | None = None,
+    hold_nonfinite: bool = False,
 ) -> torch.Tensor:
     """One real optimizer step of ``arm``: forward under its autocast, backward (scaled for fp16),
     optimizer step (through the GradScaler for fp16), zero grads. Returns the detached loss; no host sync.
 
     ``after_backward`` runs between backward and the optimizer step (gradients are populated and, in the
-    fp16 arm, still multiplied by the loss scale); ``after_step`` right after the optimizer step.
+    fp16 arm, still multiplied by the loss scale); ``after_step`` right after the optimizer step. With
+    ``hold_nonfinite`` an arm without GradScaler skips the optimizer step when its loss is not finite (one host
+    sync, before the step instead of after it), so the weights stay those the failing step started from, as
+    GradScaler leaves them in the fp16 arm.
     """
     with autocast(arm, device_type):
         loss = task.loss(model, batch)
@@ -41,7 +45,8 @@ def train_step(
         loss.backward()
         if after_backward is not None:
             after_backward()
-        optimizer.step()
+        if not hold_nonfinite or bool(torch.isfinite(loss.detach()).all()):
+            optimizer.step()
     if after_step is not None:
         after_step()
     optimizer.zero_grad(set_to_none=True)

@@ -13,14 +13,16 @@ from typing import Any, Protocol
 import torch
 
 from mpaudit.arms import Arm
+from mpaudit.defaults import DEFAULT_TRACE_EVERY
 from mpaudit.errors import error_text
 from mpaudit.numerics.layerstats import TraceSummary
-from mpaudit.results.model import ArmResult, Fingerprints, LossScale
+from mpaudit.results.model import ArmResult, Fingerprints, LossScale, Site
 from mpaudit.run.batches import move_to_device
 from mpaudit.run.distributed import RankFailed
 from mpaudit.run.prepare import PreparedArm, RunContext, prepare_arm, release
 from mpaudit.run.seeding import BatchFingerprint, seed_everything
-from mpaudit.trace.tracer import DEFAULT_TRACE_EVERY, Tracer, TraceSchedule
+from mpaudit.trace.sites import RngState, locate
+from mpaudit.trace.tracer import Tracer, TraceSchedule
 from mpaudit.vocab import DIVERGED, FAILED, OK, Status
 
 DIVERGE_PATIENCE = 25
@@ -140,6 +142,8 @@ def train_arm(
     progress = progress or NoProgress()
     label = label or arm.name
     losses: list[float] = []
+    sites: list[Site] = []
+    notes: list[str] = []
     scales: list[float] = []
     skipped: list[int] = []
     step_times: list[float] = []
@@ -167,7 +171,7 @@ def train_arm(
         hooks = tracer if tracer is not None else contextlib.nullcontext()
         with hooks:
             status, error = _loop(prepared, spec, loader, batch_fp, tracer, schedule, progress, label, losses,
-                                  scales, skipped, step_times)
+                                  scales, skipped, step_times, sites, notes)
         if tracer is not None:
             trace = tracer.summary()
         if not losses:
@@ -207,6 +211,8 @@ def train_arm(
         fp16_mode=run.fp16_mode(arm),
         autocast_policy=run.autocast_policy_of(arm),
         trace=trace,
+        sites=sites,
+        notes=notes,
     )
     progress.arm_finished(label, result)
     if failure is not None:
@@ -218,12 +224,13 @@ def train_arm(
 def _loop(
     prepared: PreparedArm, spec: TrainSpec, loader: Any, batch_fp: BatchFingerprint, tracer: Tracer | None,
     schedule: TraceSchedule, progress: Progress, label: str, losses: list[float], scales: list[float],
-    skipped: list[int], step_times: list[float],
+    skipped: list[int], step_times: list[float], sites: list[Site], notes: list[str],
 ) -> tuple[Status, str | None]:
     """The optimizer steps of one arm; fills the lists in place and returns (status, error)."""
     run, scaler = prepared.run, prepared.scaler
     device = run.device
     nonfinite_run = 0
+    finder = _SiteFinder(prepared, sites, notes)
     for step, batch in enumerate(_epoch_batches(run, loader, spec)):
         if spec.steps is not None and step >= spec.steps:
             break
@@ -234,11 +241,13 @@ def _loop(
         traced = tracer is not None and schedule.wants(step)
         if traced and tracer is not None:
             tracer.start_step(step, scale)
+        rng = finder.before_step()
         with prepared.context():
             loss = prepared.step(
                 batch,
                 after_backward=tracer.after_backward if traced and tracer else None,
                 after_step=tracer.after_optimizer_step if traced and tracer else None,
+                hold_nonfinite=scaler is None,
             )
         if traced and tracer is not None:
             tracer.finish_step()
@@ -253,6 +262,7 @@ def _loop(
         _sync(device)
         step_times.append(time.perf_counter() - t0)
         losses.append(value)
+        finder.after_step(step, batch, rng, value, scale, skipped)
         progress.step(label, step + 1, value)
         if math.isfinite(value):
             nonfinite_run = 0
@@ -265,6 +275,42 @@ def _loop(
         if anomaly:
             schedule.notify_anomaly(step)
     return OK, None
+
+
+class _SiteFinder:
+    """Replays an arm's first failing steps to find where its non-finite values start (:mod:`mpaudit.trace.sites`):
+    the first step with a non-finite loss (a forward origin), and the first step GradScaler skips with a finite
+    loss once it has found its scale (a backward origin). The weights are still those the step started from:
+    GradScaler skipped the update, or the loop held it back (``hold_nonfinite``)."""
+
+    def __init__(self, prepared: PreparedArm, sites: list[Site], notes: list[str]) -> None:
+        self.prepared = prepared
+        self.sites = sites
+        self.notes = notes
+        parallel = prepared.run.parallel
+        self.enabled = not (parallel.active and not parallel.params_replicated)  # FSDP: no rank holds the model
+        self.forward_done = self.backward_done = False
+
+    def before_step(self) -> RngState | None:
+        return RngState() if self.enabled and not (self.forward_done and self.backward_done) else None
+
+    def after_step(self, step: int, batch: Any, rng: RngState | None, loss: float, scale: float | None,
+                   skipped: list[int]) -> None:
+        if rng is None:
+            return
+        forward = not math.isfinite(loss) and not self.forward_done
+        calibrating = skipped == list(range(len(skipped)))  # GradScaler lowering its scale from step 0 on
+        backward = bool(skipped) and skipped[-1] == step and math.isfinite(loss) and not calibrating
+        if not (forward or (backward and not self.backward_done)):
+            return
+        self.forward_done = self.forward_done or forward
+        self.backward_done = True  # a forward failure's backward is its consequence
+        try:
+            found = locate(self.prepared, batch, step, scale, rng)
+        except Exception as exc:  # the audit stands without a site
+            self.notes.append(f"Locating the first non-finite op failed: {error_text(exc)}")
+            return
+        self.sites.extend(site for site in found if site is not None)
 
 
 def _loop_step_s(step_times: list[float]) -> float | None:
