@@ -10,6 +10,7 @@ import plotly.offline
 
 from mpaudit.ci.gaps import lower_is_better
 from mpaudit.ci.verdict import verdicts
+from mpaudit.numerics.causes import group_by_cause
 from mpaudit.report import layers_view
 from mpaudit.report.charts import all_charts
 from mpaudit.report.snippets import snippet
@@ -85,6 +86,7 @@ def render_html(result: AuditResult, *, plotlyjs: str = "inline") -> str:
     charts = all_charts(result)
     return template.render(
         verdicts=verdicts(result),
+        flag_groups=group_by_cause(result.flags),
         charts=charts,
         r=result,
         rows=_rows(result),
