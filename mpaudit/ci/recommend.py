@@ -47,6 +47,8 @@ class Criteria:
     max_loss_gap: float | None = None
     baseline_replicates: Sequence[ArmResult] = ()
     noise_k: float = 3.0
+    directions: Mapping[str, str] = field(default_factory=dict)
+    """Each metric's direction (``min``/``max``), as the result records it."""
 
     @property
     def gated(self) -> bool:
@@ -60,15 +62,15 @@ class Criteria:
             base = self.baseline
             arms = {BASELINE: base, run.name: run}
             replicates = {BASELINE: list(self.baseline_replicates)} if self.baseline_replicates else None
-            gate = evaluate_gate(arms, self.max_drop, self.max_loss_gap, replicates, self.noise_k)
+            gate = evaluate_gate(arms, self.max_drop, self.max_loss_gap, replicates, self.noise_k, self.directions)
             return gate.passed
-        return ungated_ok(run, self.baseline)
+        return ungated_ok(run, self.baseline, self.directions)
 
 
-def ungated_ok(run: ArmResult, baseline: ArmResult) -> bool:
+def ungated_ok(run: ArmResult, baseline: ArmResult, directions: Mapping[str, str] | None = None) -> bool:
     """Without a gate: the run finished ``ok`` and does not fall clearly behind fp32
     (:func:`~mpaudit.ci.gaps.ungated_drop`, the rule the verdict uses too)."""
-    return run.status == OK and ungated_drop(run, baseline) is None
+    return run.status == OK and ungated_drop(run, baseline, directions) is None
 
 
 def rank_layers(

@@ -42,7 +42,7 @@ def verdict(result: AuditResult, name: str) -> Verdict:
     blockers += [f"gate failed: {c.message}" for c in failed_checks if arm.status == OK]
     base = result.baseline
     if not result.gate.given and arm.status == OK and base is not None:
-        drop = ungated_drop(arm, base)
+        drop = ungated_drop(arm, base, result.metric_directions)
         if drop:
             blockers.append(drop)
     errors = [f for f in result.flags if f.arm == name and f.severity == ERROR]
@@ -55,7 +55,7 @@ def verdict(result: AuditResult, name: str) -> Verdict:
         return Verdict(name, NOT_SAFE, reasons)
     if errors:
         return Verdict(name, SAFE_WITH_CHANGES, [f"{f.kind} at {f.layer}: {f.recommendation}" for f in errors[:3]])
-    judged = judged_metric(base) if base is not None else "the primary metric"
+    judged = judged_metric(base, result.metric_directions) if base is not None else "the primary metric"
     within = "the gate" if result.gate.given else f"{UNGATED_RELATIVE_DROP:.0%} on {judged}"
     reasons = [f"matches fp32 within {within}"]
     if warnings:

@@ -8,7 +8,7 @@ from typing import Any
 import plotly.io
 import plotly.offline
 
-from mpaudit.ci.gaps import lower_is_better
+from mpaudit.ci.gaps import result_direction
 from mpaudit.ci.verdict import verdicts
 from mpaudit.report import layers_view
 from mpaudit.report.charts import all_charts
@@ -16,7 +16,10 @@ from mpaudit.report.snippets import snippet
 from mpaudit.report.templates import ENV
 from mpaudit.results.model import POOR_SQNR_DB, AuditResult
 from mpaudit.text import fmt
-from mpaudit.vocab import BASELINE
+from mpaudit.vocab import BASELINE, MAX, MIN, UNKNOWN
+
+DIRECTION_TEXT = {MIN: "lower is better", MAX: "higher is better", UNKNOWN: "direction unknown"}
+"""How a metric's direction is written under its name."""
 
 PLOTLY_CDN = "https://cdn.plot.ly/plotly-{version}.min.js"
 
@@ -47,7 +50,8 @@ def _rows(result: AuditResult) -> list[dict[str, Any]]:
                 deltas[metric] = ""
                 continue
             d = value - base.metrics[metric]
-            worse = d > 0 if lower_is_better(metric) else d < 0
+            direction = result_direction(result, metric)
+            worse = direction != UNKNOWN and (d > 0 if direction == MIN else d < 0)
             deltas[metric] = ("worse " if worse and abs(d) > 0 else "") + f"{d:+.4g}"
         sp = result.speedups.get(name)
         saving = result.activation_savings.get(name)
@@ -98,5 +102,6 @@ def render_html(result: AuditResult, *, plotlyjs: str = "inline") -> str:
         heatmap_cap=layers_view.MAX_HEATMAP_ROWS,
         plotly_inline=_plotly_js() if plotlyjs == "inline" else None,
         plotly_cdn=PLOTLY_CDN.format(version=plotly.offline.get_plotlyjs_version()),
-        lower_is_better=lower_is_better,
+        directions={m: result_direction(result, m) for m in metrics},
+        direction_text=DIRECTION_TEXT,
     )

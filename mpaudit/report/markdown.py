@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mpaudit.ci.gaps import FINAL_LOSS, fp32_noise, gap_to_fp32, lower_is_better
+from mpaudit.ci.gaps import FINAL_LOSS, fp32_noise, gap_to_fp32, lower_is_better, result_direction
 from mpaudit.errors import UsageError
 from mpaudit.results.model import ArmResult, AuditResult, Flag
 from mpaudit.text import cut, fmt
@@ -62,8 +62,9 @@ def _gap_cell(result: AuditResult, name: str, metric: str) -> str:
     gap = gap_to_fp32(result, name, metric)
     if gap is None:
         return fmt(value) + (" (no gap: fp32 or this arm did not finish)" if value is not None else "")
-    worse = gap.delta > 0 if (metric == FINAL_LOSS or lower_is_better(metric)) else gap.delta < 0
-    word = "" if gap.delta == 0 else (", worse" if worse else ", better")
+    lower = lower_is_better(metric, result.metric_directions)
+    worse = None if lower is None else (gap.delta > 0 if lower else gap.delta < 0)
+    word = "" if gap.delta == 0 or worse is None else (", worse" if worse else ", better")
     text = f"{fmt(gap.value)} ({gap.delta:+.4g}{word}"
     if gap.seeds > 1:
         text += f"; 95% CI {gap.low:+.3g}..{gap.high:+.3g} over {gap.seeds} seeds"
@@ -158,8 +159,9 @@ def _footer(result: AuditResult) -> str:
 def summary_markdown(result: AuditResult, max_flags: int = DEFAULT_MAX_FLAGS) -> str:
     """The PR-comment / job-summary view of one result: verdict per arm, gate, noise floor, worst flags."""
     metric = result.primary_metric or FINAL_LOSS
-    direction = "lower" if metric == FINAL_LOSS or lower_is_better(metric) else "higher"
-    headers = ["arm", "status", f"{metric} (gap to fp32; {direction} is better)"]
+    direction = {"min": "lower is better", "max": "higher is better"}.get(result_direction(result, metric),
+                                                                           "direction unknown, not judged")
+    headers = ["arm", "status", f"{metric} (gap to fp32; {direction})"]
     with_speed, with_skips = _has_speed(result), any(a.loss_scale for a in result.arms.values())
     if with_speed:
         headers.append("speedup vs fp32")
