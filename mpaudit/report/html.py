@@ -11,7 +11,7 @@ import plotly.offline
 from mpaudit.ci.gaps import result_direction
 from mpaudit.ci.verdict import verdicts
 from mpaudit.report import layers_view
-from mpaudit.report.charts import all_charts
+from mpaudit.report.charts import all_charts, arm_line
 from mpaudit.report.snippets import snippet
 from mpaudit.report.templates import ENV
 from mpaudit.results.model import POOR_SQNR_DB, AuditResult
@@ -97,7 +97,8 @@ def render_html(result: AuditResult, *, plotlyjs: str = "inline") -> str:
         metrics=metrics,
         fmt=fmt,
         charts_json=script_json(charts),
-        layers_json=script_json(layers_view.explorer_data(result)),
+        layers_json=script_json({**layers_view.explorer_data(result),
+                                 "colors": {name: arm_line(name)["color"] or "#888" for name in result.arms}}),
         layers_shown=layers_view.shown_layers(result),
         heatmap_cap=layers_view.MAX_HEATMAP_ROWS,
         plotly_inline=_plotly_js() if plotlyjs == "inline" else None,
