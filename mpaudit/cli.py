@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mpaudit.defaults import (
     DEFAULT_ARMS,
@@ -48,6 +49,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+METRIC_DIRECTION_HELP = ("NAME=min or NAME=max: lower (min) or higher (max) of this metric is better; overrides the task's "
+                         "METRICS and the metric's name (repeatable).")
+
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -118,6 +122,7 @@ def run(
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default reports/<task name>/).", show_default=False)] = None,
     max_drop: Annotated[list[str] | None, typer.Option("--max-drop", help="Gate: METRIC=DELTA, fail when an arm's metric is DELTA worse than fp32 (repeatable).", show_default=False)] = None,
     max_loss_gap: Annotated[float | None, typer.Option(help="Gate: fail when an arm's final training loss exceeds fp32's by more than this.", show_default=False)] = None,
+    metric_direction: Annotated[list[str] | None, typer.Option("--metric-direction", help=METRIC_DIRECTION_HELP, show_default=False)] = None,
     seeds: Annotated[int, typer.Option(help="Train every arm with this many seeds (same data order) to measure fp32's seed noise; needed by METRIC=auto.")] = 1,
     noise_k: Annotated[float, typer.Option(help="--max-drop METRIC=auto allows a drop of this many standard deviations of fp32's seed noise.")] = DEFAULT_NOISE_K,
     trace_every: Annotated[int, typer.Option(help="Trace per-layer numerics on step 0, every N-th step and after anomalies; 0 turns tracing off.")] = DEFAULT_TRACE_EVERY,
@@ -146,6 +151,7 @@ def run(
 
     Several processes: torchrun --nproc-per-node N -m mpaudit run model.py (or --nproc N); only rank 0 writes.
     """
+    from mpaudit.ci.gaps import parse_metric_directions
     from mpaudit.ci.gate import parse_max_drop
     from mpaudit.report import write_report
     from mpaudit.run.audit import AuditConfig, audit
@@ -163,6 +169,7 @@ def run(
         arms=tuple(a.strip() for a in arms.split(",") if a.strip()),
         steps=steps, epochs=epochs, seed=seed, device=device, tf32=tf32, fp16_cpu=fp16_cpu, autocast_policy=autocast_policy,
         max_drop=parse_max_drop(max_drop or []), max_loss_gap=max_loss_gap, seeds=seeds, noise_k=noise_k,
+        metric_directions=parse_metric_directions(metric_direction or []),
         bench=bench, bench_seconds=bench_seconds, compile=compile, memory_budget=memory_budget,
         verify=verify, verify_budget=verify_budget,
         trace_every=trace_every, trace=tuple(trace or ()), trace_depth=trace_depth,
@@ -204,6 +211,8 @@ def run(
     if not quiet:
         _print_summary(result)
         out.print(f"report: {paths['html']}\nresult: {paths['json']}")
+    for w in result.warnings if job.is_main else []:  # they void the comparison: shown even under --quiet
+        err.print(f"[bold red]WARNING:[/bold red] {escape(w)}", markup=True)
     job.close()
     _finish_gate(result, show=job.is_main)
 
@@ -232,22 +241,31 @@ def gate(
     result_json: Annotated[Path, typer.Argument(help="A report.json written by mpaudit run.", show_default=False)],
     max_drop: Annotated[list[str] | None, typer.Option("--max-drop", help="METRIC=DELTA: fail when an arm's metric is DELTA worse than fp32 (repeatable).", show_default=False)] = None,
     max_loss_gap: Annotated[float | None, typer.Option(help="Fail when an arm's final training loss exceeds fp32's by more than this.", show_default=False)] = None,
+    metric_direction: Annotated[list[str] | None, typer.Option("--metric-direction", help=METRIC_DIRECTION_HELP, show_default=False)] = None,
     noise_k: Annotated[float, typer.Option(help="METRIC=auto allows a drop of this many standard deviations of fp32's seed noise.")] = DEFAULT_NOISE_K,
     junit: Annotated[Path | None, typer.Option(help="Also write each gate check as a JUnit test case to this XML file.", show_default=False)] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
 ) -> None:
-    """Re-evaluate the gate on a saved report.json without training; exit 1 when it fails."""
+    """Re-evaluate the gate on a saved report.json without training; exit 1 when it fails, 2 when it cannot judge."""
     from dataclasses import replace
 
-    from mpaudit.ci.gate import evaluate_gate, parse_max_drop
+    from mpaudit.ci.gaps import directions_for, parse_metric_directions
+    from mpaudit.ci.gate import check_declared_metrics, check_gated_metrics, evaluate_gate, parse_max_drop
 
     result = _read_result(result_json)
     limits = parse_max_drop(max_drop or [])
+    declared = parse_metric_directions(metric_direction or [])
     if not limits and max_loss_gap is None:
         raise UsageError("Give at least one --max-drop or --max-loss-gap to gate on.")
     if BASELINE not in result.arms:
         raise UsageError(f"{result_json} has no fp32 arm to compare against.")
-    result = replace(result, gate=evaluate_gate(result.arms, limits, max_loss_gap, result.replicates, noise_k))
+    names = list(dict.fromkeys([*(m for a in result.arms for r in result.runs(a) for m in r.metrics),
+                                *result.metric_directions]))
+    check_declared_metrics(declared, names)
+    check_gated_metrics(limits, names, declared, result.metric_directions)
+    directions = directions_for(names, declared, result.metric_directions)
+    result = replace(result, metric_directions=directions,
+                     gate=evaluate_gate(result.arms, limits, max_loss_gap, result.replicates, noise_k, directions))
     for check in result.gate.checks:
         out.print(("PASS " if check.passed else "FAIL ") + check.message)
     _ci_outputs(result, junit)
@@ -260,6 +278,7 @@ def compare(
     base: Annotated[Path, typer.Argument(help="The baseline report.json (e.g. from main).", show_default=False)],
     new: Annotated[Path, typer.Argument(help="The report.json to judge (e.g. from a pull request).", show_default=False)],
     tolerance: Annotated[list[str] | None, typer.Option("--tolerance", help="METRIC=DELTA or METRIC=auto: how much an arm's gap to fp32 may grow (repeatable).", show_default=False)] = None,
+    metric_direction: Annotated[list[str] | None, typer.Option("--metric-direction", help=METRIC_DIRECTION_HELP, show_default=False)] = None,
     speedup_tolerance: Annotated[float, typer.Option(help="Relative shrink of a benchmark speedup that counts as a regression.")] = DEFAULT_SPEEDUP_TOLERANCE,
     noise_k: Annotated[float, typer.Option(help="METRIC=auto allows growth of this many standard deviations of fp32's seed noise.")] = DEFAULT_NOISE_K,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print GitHub-flavoured Markdown (for a PR comment).")] = False,
@@ -271,6 +290,7 @@ def compare(
     import json
 
     from mpaudit.ci import compare as cmp
+    from mpaudit.ci.gaps import parse_metric_directions
     from mpaudit.ci.gate import parse_max_drop
     from mpaudit.report.compare_view import to_markdown, to_text
     from mpaudit.report.junit import junit_xml_for_comparison
@@ -280,8 +300,9 @@ def compare(
     if markdown and as_json:
         raise UsageError("Give --markdown or --json, not both.")
     limits = parse_max_drop(tolerance or [])
+    declared = parse_metric_directions(metric_direction or [])
     c = cmp.compare(load_result(base), load_result(new), limits,
-                    speedup_tolerance=speedup_tolerance, noise_k=noise_k)
+                    speedup_tolerance=speedup_tolerance, noise_k=noise_k, directions=declared)
     if as_json:
         out.print(json.dumps(cmp.to_dict(c), indent=1, allow_nan=False), markup=False)
     elif markdown:
@@ -357,8 +378,6 @@ def _print_summary(result: Any) -> None:
         out.print(line, markup=False)
     for n in result.perf_notes:
         err.print(f"note: {n}")
-    for w in result.warnings:
-        err.print(f"[bold red]WARNING:[/bold red] {w}", markup=True)
 
 
 def _ci_outputs(result: Any, junit: Path | None, min_severity: str = "warning") -> None:
@@ -373,9 +392,18 @@ def _ci_outputs(result: Any, junit: Path | None, min_severity: str = "warning") 
 
 
 def _finish_gate(result: Any, show: bool = True) -> None:
-    """Print the gate's outcome (unless ``show`` is off: ranks other than 0) and exit 1 when it failed."""
+    """Print the gate's outcome (unless ``show`` is off: ranks other than 0) and exit 1 when it failed, 2 when the
+    arms did not start alike (mismatched fingerprints: every check failed, the comparison means nothing)."""
+    from mpaudit.ci.gate import MISMATCHED_FINGERPRINTS
+
     if not result.gate.given:
         return
+    if not result.fingerprints_match:
+        if show:
+            err.print(f"error: every gate check failed: {MISMATCHED_FINGERPRINTS}; build_model() and train_loader() "
+                      "must give every arm a fresh, identical model and the same batches under a fixed seed.",
+                      markup=False)
+        raise typer.Exit(EXIT_USAGE)
     if result.gate.passed:
         if show:
             out.print(f"gate passed ({len(result.gate.checks)} checks)")

@@ -67,6 +67,14 @@ IMPROVEMENT: Final = "improvement"
 NOTE: Final = "note"
 OUTCOMES: Final[tuple[Outcome, ...]] = get_args(Outcome)
 
+MetricDirection = Literal["min", "max", "unknown"]
+"""Which way a metric improves: ``min`` (lower is better: loss, error, mae, ...), ``max`` (higher is better:
+accuracy, f1, bleu, ...) or ``unknown`` (neither declared nor known by name: shown, never judged)."""
+MIN: Final = "min"
+MAX: Final = "max"
+UNKNOWN: Final = "unknown"
+METRIC_DIRECTIONS: Final[tuple[MetricDirection, ...]] = get_args(MetricDirection)
+
 FP16_CPU_MODES: Final = ("emulate", "native")
 """How fp16 arms run on a CPU: ``emulate`` (default) computes matmuls and convolutions from fp16 inputs with fp32
 accumulation and rounds to fp16, as a GPU tensor core does, at fp32 speed; ``native`` uses PyTorch's CPU half

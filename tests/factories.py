@@ -22,14 +22,16 @@ def make_arm(name: str, status: str = "ok", *, loss: float = 0.5, steps: int = 2
 
 def make_result(*arms: ArmResult, task: str = "model", replicates: dict[str, list[ArmResult]] | None = None,
                 flags: Sequence[Flag] = (), max_drop: Mapping[str, Limit] | None = None,
-                env: Mapping[str, Any] | None = None, config: Mapping[str, Any] | None = None) -> AuditResult:
-    """A result of ``arms`` (the first seed) and their ``replicates``, gated by ``max_drop`` when given."""
+                env: Mapping[str, Any] | None = None, config: Mapping[str, Any] | None = None,
+                metric_directions: Mapping[str, str] | None = None) -> AuditResult:
+    """A result of ``arms`` (the first seed) and their ``replicates``, gated by ``max_drop`` when given, recording
+    ``metric_directions`` when given."""
     by_name = {a.name: a for a in arms}
     reps = replicates or {}
     seeds = list(range(1 + max((len(v) for v in reps.values()), default=0)))
     steps = max((a.steps for a in arms), default=0)
     return AuditResult(
         task=task, env={**ENV, **(env or {})}, config={"steps": steps, "seeds": seeds, **(config or {})},
-        arms=by_name, gate=evaluate_gate(by_name, dict(max_drop or {}), None, reps), flags=list(flags),
-        replicates=reps,
+        arms=by_name, gate=evaluate_gate(by_name, dict(max_drop or {}), None, reps, directions=metric_directions),
+        flags=list(flags), replicates=reps, metric_directions=dict(metric_directions or {}),  # type: ignore[arg-type]
     )

@@ -24,14 +24,22 @@ from typing import Any
 from pydantic import computed_field
 from pydantic.dataclasses import dataclass
 
-from mpaudit.ci.gaps import FINAL_LOSS, Gap, fp32_noise, gap_to_fp32, lower_is_better
+from mpaudit.ci.gaps import (
+    FINAL_LOSS,
+    Gap,
+    check_declared_directions,
+    fp32_noise,
+    gap_to_fp32,
+    metric_direction,
+    unknown_direction_message,
+)
 from mpaudit.ci.gate import AUTO, DEFAULT_NOISE_K, Limit
 from mpaudit.defaults import DEFAULT_MEMORY_TOLERANCE, DEFAULT_SPEEDUP_TOLERANCE
 from mpaudit.errors import UsageError
 from mpaudit.results.codec import RESULT_CONFIG, JsonFloat, to_plain
 from mpaudit.results.model import ArmResult, AuditResult, Flag, NoiseFloor
 from mpaudit.text import byte_size, cut, fmt
-from mpaudit.vocab import BASELINE, ERROR, IMPROVEMENT, NOTE, OK, REGRESSION, Outcome
+from mpaudit.vocab import BASELINE, ERROR, IMPROVEMENT, MIN, NOTE, OK, REGRESSION, UNKNOWN, MetricDirection, Outcome
 
 MAX_LISTED = 5
 """A note lists at most this many items (flags, ...) and counts the rest."""
@@ -54,17 +62,20 @@ class MetricRow:
     limit_text: str
     base_noise: NoiseFloor | None = None
     new_noise: NoiseFloor | None = None
+    direction: MetricDirection = UNKNOWN
+    """``min`` (lower is better), ``max``, or ``unknown``: shown, never judged."""
 
     @computed_field  # type: ignore[prop-decorator]
     @property
-    def lower_is_better(self) -> bool:
-        return self.metric == FINAL_LOSS or lower_is_better(self.metric)
+    def lower_is_better(self) -> bool | None:
+        return None if self.direction == UNKNOWN else self.direction == MIN
 
     @computed_field  # type: ignore[prop-decorator]
     @property
     def growth(self) -> JsonFloat | None:
-        """How much further behind fp32 the arm fell from base to new (positive: worse); None if unknown."""
-        if self.base is None or self.new is None:
+        """How much further behind fp32 the arm fell from base to new (positive: worse); None if unknown (a gap is
+        missing, or the metric's direction is unknown)."""
+        if self.base is None or self.new is None or self.direction == UNKNOWN:
             return None
         sign = 1.0 if self.lower_is_better else -1.0
         return sign * (self.new.delta - self.base.delta)
@@ -209,15 +220,20 @@ def compare(
     speedup_tolerance: float = DEFAULT_SPEEDUP_TOLERANCE,
     noise_k: float = DEFAULT_NOISE_K,
     memory_tolerance: float = DEFAULT_MEMORY_TOLERANCE,
+    directions: Mapping[str, str] | None = None,
 ) -> Comparison:
     """Compare two results of the same task (usually main vs a pull request) arm by arm.
 
     ``tolerance`` maps a metric (or ``final_loss``) to the largest allowed growth of an arm's gap to fp32,
-    or to ``"auto"`` (``noise_k`` σ of the larger fp32 noise floor). UsageError for a tolerance naming a
-    metric neither result has, a negative one, or ``auto`` when neither result has a noise estimate.
+    or to ``"auto"`` (``noise_k`` σ of the larger fp32 noise floor). ``directions`` declares metrics' directions
+    (``min``/``max``, ``--metric-direction``), over those the results record, over the metrics' names; a metric
+    whose direction stays unknown (or that base and new record differently) is shown, never gated. UsageError for a
+    tolerance naming a metric neither result has or one whose direction is unknown, a negative one, or ``auto``
+    when neither result has a noise estimate.
     """
-    limits = _validated(tolerance or {}, base, new, speedup_tolerance, noise_k, memory_tolerance)
     checks = _context_notes(base, new)
+    dirs = _directions(base, new, directions or {}, checks)
+    limits = _validated(tolerance or {}, base, new, speedup_tolerance, noise_k, memory_tolerance, dirs)
     common = [name for name in new.arms if name in base.arms]
     only_base = [name for name in base.arms if name not in new.arms]
     only_new = [name for name in new.arms if name not in base.arms]
@@ -233,12 +249,12 @@ def compare(
         return Comparison(task=new.task, base=_identity(base), new=_identity(new), arms=[], speed=[], memory=[],
                           checks=checks, comparable=False, **settings)
 
-    gated = _gated_metrics(limits, base, new, noise_k, checks)
+    gated = _gated_metrics(limits, base, new, noise_k, checks, dirs)
     if BASELINE not in common:
         checks.append(_note("", "gaps", "fp32 is not in both results, so no gap to fp32 could be compared."))
     rows = []
     for name in common:
-        row = _arm_row(base, new, name, gated, noise_k)
+        row = _arm_row(base, new, name, gated, noise_k, dirs)
         rows.append(row)
         checks.extend(_status_checks(row))
         checks.extend(_metric_checks(row))
@@ -251,8 +267,33 @@ def compare(
                       memory=memory, checks=[*checks, *speed_checks, *memory_checks], comparable=True, **settings)
 
 
+def _directions(base: AuditResult, new: AuditResult, declared: Mapping[str, str],
+                checks: list[Check]) -> dict[str, MetricDirection]:
+    """Every metric's direction: declared, else recorded alike in both results, else by its name. A metric base
+    and new record in opposite directions (the task's ``METRICS`` changed) is unknown, with a note."""
+    declared = check_declared_directions(declared, "--metric-direction")
+    known = _all_metrics(base) | _all_metrics(new)
+    for metric in declared:
+        if metric not in known:
+            raise UsageError(f"--metric-direction names metric {metric!r}, which neither result has (they have "
+                             f"{', '.join(sorted(known)) or 'no metrics'}).")
+    out: dict[str, MetricDirection] = {FINAL_LOSS: MIN}
+    for metric in sorted(known):
+        b, n = metric_direction(metric, declared, base.metric_directions), metric_direction(metric, declared,
+                                                                                            new.metric_directions)
+        if b != n and UNKNOWN not in (b, n):
+            checks.append(_note("", "direction", f"Base records {metric} as {b} and new as {n} (better when "
+                                                 f"{'lower' if b == MIN else 'higher'} vs "
+                                                 f"{'lower' if n == MIN else 'higher'}): its gaps are shown, not "
+                                                 f"judged; declare it with --metric-direction {metric}=min|max."))
+            out[metric] = UNKNOWN
+        else:
+            out[metric] = n if n != UNKNOWN else b
+    return out
+
+
 def _validated(tolerance: Mapping[str, Limit], base: AuditResult, new: AuditResult, speedup_tolerance: float,
-               noise_k: float, memory_tolerance: float) -> dict[str, Limit]:
+               noise_k: float, memory_tolerance: float, directions: Mapping[str, str]) -> dict[str, Limit]:
     if not (math.isfinite(noise_k) and noise_k > 0):
         raise UsageError("--noise-k must be a positive number.")
     if not (0 <= speedup_tolerance < 1):
@@ -265,6 +306,8 @@ def _validated(tolerance: Mapping[str, Limit], base: AuditResult, new: AuditResu
         if metric not in known:
             raise UsageError(f"--tolerance {metric}: neither result has a metric called {metric!r} "
                              f"(they have {', '.join(sorted(known))}).")
+        if directions.get(metric, UNKNOWN) == UNKNOWN:
+            raise UsageError(unknown_direction_message(metric, "--tolerance"))
         if limit == AUTO:
             if fp32_noise(base, metric) is None and fp32_noise(new, metric) is None:
                 raise UsageError(f"--tolerance {metric}=auto needs a noise estimate: run base or new with "
@@ -282,11 +325,18 @@ def _all_metrics(result: AuditResult) -> set[str]:
 
 
 def _gated_metrics(limits: dict[str, Limit], base: AuditResult, new: AuditResult, noise_k: float,
-                   checks: list[Check]) -> dict[str, Limit]:
-    """The metrics whose gap growth is judged: the given tolerances, else the primary metric at ``auto``."""
+                   checks: list[Check], directions: Mapping[str, str]) -> dict[str, Limit]:
+    """The metrics whose gap growth is judged: the given tolerances, else the primary metric at ``auto`` (when its
+    direction is known)."""
     gated = dict(limits)
     if not gated:
         primary = new.primary_metric or base.primary_metric or FINAL_LOSS
+        if directions.get(primary, UNKNOWN) == UNKNOWN:
+            checks.append(_note("", "direction", f"The direction of {primary} is unknown (neither declared nor known "
+                                                 f"by its name): its gaps to fp32 are shown, not gated. Declare it "
+                                                 f"with --metric-direction {primary}=min|max, or METRICS in the task "
+                                                 "file."))
+            return {}
         if fp32_noise(base, primary) is None and fp32_noise(new, primary) is None:
             checks.append(_note("", "tolerance", f"No noise estimate (run with --seeds K) and no --tolerance: gaps "
                                                  f"to fp32 are shown but not gated. Give --tolerance {primary}=DELTA "
@@ -303,11 +353,12 @@ def _gated_metrics(limits: dict[str, Limit], base: AuditResult, new: AuditResult
     return gated
 
 
-def _arm_row(base: AuditResult, new: AuditResult, name: str, gated: Mapping[str, Limit], noise_k: float) -> ArmRow:
+def _arm_row(base: AuditResult, new: AuditResult, name: str, gated: Mapping[str, Limit], noise_k: float,
+             directions: Mapping[str, MetricDirection]) -> ArmRow:
     b, n = base.arms[name], new.arms[name]
     rows: list[MetricRow] = []
     if name != BASELINE and BASELINE in base.arms and BASELINE in new.arms:
-        rows = [_metric_row(base, new, name, metric, gated.get(metric), noise_k)
+        rows = [_metric_row(base, new, name, metric, gated.get(metric), noise_k, directions.get(metric, UNKNOWN))
                 for metric in _metric_order(base, new, name)]
     appeared, disappeared = _flag_changes(base.flags, new.flags, name)
     return ArmRow(
@@ -329,7 +380,7 @@ def _metric_order(base: AuditResult, new: AuditResult, name: str) -> list[str]:
 
 
 def _metric_row(base: AuditResult, new: AuditResult, arm: str, metric: str, limit: Limit | None,
-                noise_k: float) -> MetricRow:
+                noise_k: float, direction: MetricDirection) -> MetricRow:
     base_noise, new_noise = fp32_noise(base, metric), fp32_noise(new, metric)
     allowed: float | None = None
     text = "not gated"
@@ -344,8 +395,11 @@ def _metric_row(base: AuditResult, new: AuditResult, arm: str, metric: str, limi
     elif limit is not None:
         allowed = float(limit)
         text = fmt(allowed)
+    if direction == UNKNOWN:
+        allowed, text = None, "not gated (direction unknown)"
     return MetricRow(arm=arm, metric=metric, base=gap_to_fp32(base, arm, metric), new=gap_to_fp32(new, arm, metric),
-                     allowed=allowed, limit_text=text, base_noise=base_noise, new_noise=new_noise)
+                     allowed=allowed, limit_text=text, base_noise=base_noise, new_noise=new_noise,
+                     direction=direction)
 
 
 def _noise_notes(base: AuditResult, new: AuditResult, metrics: Sequence[str], tolerance_given: bool) -> list[Check]:

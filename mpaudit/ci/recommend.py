@@ -51,6 +51,8 @@ class Criteria:
     max_loss_gap: float | None = None
     baseline_replicates: Sequence[ArmResult] = ()
     noise_k: float = 3.0
+    directions: Mapping[str, str] = field(default_factory=dict)
+    """Each metric's direction (``min``/``max``), as the result records it."""
 
     @property
     def gated(self) -> bool:
@@ -64,15 +66,15 @@ class Criteria:
             base = self.baseline
             arms = {BASELINE: base, run.name: run}
             replicates = {BASELINE: list(self.baseline_replicates)} if self.baseline_replicates else None
-            gate = evaluate_gate(arms, self.max_drop, self.max_loss_gap, replicates, self.noise_k)
+            gate = evaluate_gate(arms, self.max_drop, self.max_loss_gap, replicates, self.noise_k, self.directions)
             return gate.passed
-        return ungated_ok(run, self.baseline)
+        return ungated_ok(run, self.baseline, self.directions)
 
 
-def ungated_ok(run: ArmResult, baseline: ArmResult) -> bool:
+def ungated_ok(run: ArmResult, baseline: ArmResult, directions: Mapping[str, str] | None = None) -> bool:
     """Without a gate: the run finished ``ok`` and does not fall clearly behind fp32
     (:func:`~mpaudit.ci.gaps.ungated_drop`, the rule the verdict uses too)."""
-    return run.status == OK and ungated_drop(run, baseline) is None
+    return run.status == OK and ungated_drop(run, baseline, directions) is None
 
 
 def _within(layer: str, module: str) -> bool:
@@ -236,9 +238,10 @@ def _priority(name: str, result: ArmResult, flags: Sequence[Flag], criteria: Cri
     if result.status != OK or any(f.arm == name and f.severity == ERROR and f.caused_by is None for f in flags):
         return 0
     runs = [criteria.baseline, *criteria.baseline_replicates]
-    metric = judged_metric(criteria.baseline)
+    metric = judged_metric(criteria.baseline, criteria.directions)
     noise = fp32_noise_of_runs(runs, metric)
-    if noise is not None and gap_within_noise(result, criteria.baseline, metric, noise, criteria.noise_k):
+    if noise is not None and gap_within_noise(result, criteria.baseline, metric, noise, criteria.noise_k,
+                                              criteria.directions):
         return None
     return 1 if criteria.gated else 2
 

@@ -48,7 +48,7 @@ def verdict(result: AuditResult, name: str) -> Verdict:
     blockers += [f"gate failed: {c.message}" for c in failed_checks if arm.status == OK]
     base = result.baseline
     if not result.gate.given and arm.status == OK and base is not None:
-        drop = ungated_drop(arm, base)
+        drop = ungated_drop(arm, base, result.metric_directions)
         if drop:
             blockers.append(drop)
     errors = [f for f in result.flags if f.arm == name and f.severity == ERROR and f.caused_by is None]
@@ -61,7 +61,7 @@ def verdict(result: AuditResult, name: str) -> Verdict:
         return Verdict(name, NOT_SAFE, [*blockers[:1], *causes, *blockers[1:]])
     if errors:
         return Verdict(name, SAFE_WITH_CHANGES, causes)
-    judged = judged_metric(base) if base is not None else "the primary metric"
+    judged = judged_metric(base, result.metric_directions) if base is not None else "the primary metric"
     within = "the gate" if result.gate.given else f"{UNGATED_RELATIVE_DROP:.0%} on {judged}"
     reasons = [f"matches fp32 within {within}"]
     if warnings:

@@ -36,6 +36,8 @@ def _verdict_line(c: Comparison) -> str:
 
 def _growth_text(m: MetricRow) -> str:
     g = m.growth
+    if m.lower_is_better is None:
+        return "direction unknown"
     if g is None:
         return "–"
     return "same" if g == 0 else f"{fmt(abs(g), 3)} {'worse' if g > 0 else 'better'}"
@@ -44,7 +46,9 @@ def _growth_text(m: MetricRow) -> str:
 def _metric_cells(m: MetricRow) -> list[str]:
     fp32 = " → ".join(fmt(g.baseline) if g else "–" for g in (m.base, m.new))
     gaps = [gap_text(g) if g else "–" for g in (m.base, m.new)]
-    return [m.arm, m.metric, fp32, *gaps, _growth_text(m), m.limit_text, m.outcome or "–"]
+    lower = m.lower_is_better
+    better = "" if lower is None else " (lower is better)" if lower else " (higher is better)"
+    return [m.arm, m.metric + better, fp32, *gaps, _growth_text(m), m.limit_text, m.outcome or "–"]
 
 
 _METRIC_HEADERS = ["arm", "metric", "fp32 base → new", "gap base", "gap new", "growth", "allowed", "verdict"]

@@ -8,16 +8,19 @@ from typing import Any
 import plotly.io
 import plotly.offline
 
-from mpaudit.ci.gaps import lower_is_better
+from mpaudit.ci.gaps import result_direction
 from mpaudit.ci.verdict import verdicts
 from mpaudit.numerics.causes import group_by_cause
 from mpaudit.report import layers_view
-from mpaudit.report.charts import all_charts
+from mpaudit.report.charts import all_charts, arm_line
 from mpaudit.report.snippets import snippet
 from mpaudit.report.templates import ENV
 from mpaudit.results.model import POOR_SQNR_DB, AuditResult
 from mpaudit.text import fmt
-from mpaudit.vocab import BASELINE
+from mpaudit.vocab import BASELINE, MAX, MIN, UNKNOWN
+
+DIRECTION_TEXT = {MIN: "lower is better", MAX: "higher is better", UNKNOWN: "direction unknown"}
+"""How a metric's direction is written under its name."""
 
 PLOTLY_CDN = "https://cdn.plot.ly/plotly-{version}.min.js"
 
@@ -48,7 +51,8 @@ def _rows(result: AuditResult) -> list[dict[str, Any]]:
                 deltas[metric] = ""
                 continue
             d = value - base.metrics[metric]
-            worse = d > 0 if lower_is_better(metric) else d < 0
+            direction = result_direction(result, metric)
+            worse = direction != UNKNOWN and (d > 0 if direction == MIN else d < 0)
             deltas[metric] = ("worse " if worse and abs(d) > 0 else "") + f"{d:+.4g}"
         sp = result.speedups.get(name)
         saving = result.activation_savings.get(name)
@@ -95,10 +99,12 @@ def render_html(result: AuditResult, *, plotlyjs: str = "inline") -> str:
         metrics=metrics,
         fmt=fmt,
         charts_json=script_json(charts),
-        layers_json=script_json(layers_view.explorer_data(result)),
+        layers_json=script_json({**layers_view.explorer_data(result),
+                                 "colors": {name: arm_line(name)["color"] or "#888" for name in result.arms}}),
         layers_shown=layers_view.shown_layers(result),
         heatmap_cap=layers_view.MAX_HEATMAP_ROWS,
         plotly_inline=_plotly_js() if plotlyjs == "inline" else None,
         plotly_cdn=PLOTLY_CDN.format(version=plotly.offline.get_plotlyjs_version()),
-        lower_is_better=lower_is_better,
+        directions={m: result_direction(result, m) for m in metrics},
+        direction_text=DIRECTION_TEXT,
     )

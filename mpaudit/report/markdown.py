@@ -19,7 +19,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mpaudit.ci.gaps import FINAL_LOSS, fp32_noise, gap_to_fp32, judged_metric, lower_is_better, metric_value
+from mpaudit.ci.gaps import (
+    FINAL_LOSS,
+    fp32_noise,
+    gap_to_fp32,
+    judged_metric,
+    lower_is_better,
+    metric_value,
+    result_direction,
+)
 from mpaudit.ci.verdict import Verdict, root_cause, verdicts
 from mpaudit.errors import UsageError
 from mpaudit.numerics.causes import group_by_cause
@@ -68,7 +76,9 @@ def judged_metrics(result: AuditResult) -> list[str]:
         gated = list(result.gate.max_drop)
         return gated + ([FINAL_LOSS] if result.gate.max_loss_gap is not None else [])
     base = result.baseline
-    return [judged_metric(base)] if base is not None else [result.primary_metric or FINAL_LOSS]
+    if base is None:
+        return [result.primary_metric or FINAL_LOSS]
+    return [judged_metric(base, result.metric_directions)]
 
 
 def _aggregate(result: AuditResult, name: str, metric: str) -> str:
@@ -95,8 +105,9 @@ def _gap_cell(result: AuditResult, name: str, metric: str) -> str:
         if result.arms[name].status != OK and base is not None:
             return f"{value} (did not finish; fp32 {_aggregate(result, BASELINE, metric)})"
         return value + " (no gap: fp32 did not finish)"
-    worse = gap.delta > 0 if (metric == FINAL_LOSS or lower_is_better(metric)) else gap.delta < 0
-    word = "" if gap.delta == 0 else (", worse" if worse else ", better")
+    lower = lower_is_better(metric, result.metric_directions)
+    worse = None if lower is None else (gap.delta > 0 if lower else gap.delta < 0)
+    word = "" if gap.delta == 0 or worse is None else (", worse" if worse else ", better")
     text = f"{value} ({gap.delta:+.4g}{word}"
     if gap.seeds > 1:
         text += f"; 95% CI {gap.low:+.3g}..{gap.high:+.3g}"
@@ -236,11 +247,13 @@ def summary_markdown(result: AuditResult, max_flags: int = DEFAULT_MAX_FLAGS,
     root-cause flags."""
     if min_severity not in SEVERITIES:
         raise UsageError(f"--min-severity must be one of {', '.join(SEVERITIES)}, not {min_severity!r}.")
-    metric = judged_metrics(result)[0]
-    direction = "lower" if metric == FINAL_LOSS or lower_is_better(metric) else "higher"
+    judged = judged_metrics(result)[0]
+    metric = judged if result.gate.given else (result.primary_metric or judged)  # an unknown direction shows
+    direction = {"min": "lower is better", "max": "higher is better"}.get(result_direction(result, metric),
+                                                                           "direction unknown, not judged")
     seeds = len(result.seeds)
     aggregate = f"mean ± sd over {seeds} seeds; " if seeds > 1 else ""
-    headers = ["arm", "verdict", "status", f"{metric} ({aggregate}gap to fp32; {direction} is better)"]
+    headers = ["arm", "verdict", "status", f"{metric} ({aggregate}gap to fp32; {direction})"]
     levels = verdicts(result)
     with_speed, with_skips = _has_speed(result), any(a.loss_scale for a in result.arms.values())
     if with_speed:

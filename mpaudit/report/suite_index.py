@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from mpaudit.ci.gaps import gap_to_fp32, lower_is_better
+from mpaudit.ci.gaps import gap_to_fp32, lower_is_better, result_direction
 from mpaudit.ci.verdict import verdicts
 from mpaudit.report.templates import ENV
 from mpaudit.results.codec import dumps_plain
@@ -58,8 +58,9 @@ def _arm_cells(result: AuditResult) -> dict[str, dict[str, Any]]:
         if name != BASELINE and step and base_step and source == base_source:
             ratio = step / base_step
         worse = None
-        if gap is not None and gap.delta != 0:
-            worse = gap.delta > 0 if lower_is_better(metric or "") else gap.delta < 0
+        lower = lower_is_better(metric, result.metric_directions) if metric else None
+        if gap is not None and gap.delta != 0 and lower is not None:
+            worse = gap.delta > 0 if lower else gap.delta < 0
         speedup = result.speedups.get(name)
         cells[name] = {
             "status": arm.status,
@@ -104,6 +105,7 @@ def _row(run: WorkloadRun, suite: SuiteResult) -> dict[str, Any]:
         "report_json": _relative(run.report_dir / "report.json", suite) if result is not None else None,
         "primary_metric": None,
         "lower_is_better": None,
+        "metric_direction": None,
         "arms": {},
         "flags": {},
         "gate": None,
@@ -114,7 +116,8 @@ def _row(run: WorkloadRun, suite: SuiteResult) -> dict[str, Any]:
     metric = result.primary_metric
     row.update(
         primary_metric=metric,
-        lower_is_better=lower_is_better(metric) if metric else None,
+        lower_is_better=lower_is_better(metric, result.metric_directions) if metric else None,
+        metric_direction=result_direction(result, metric) if metric else None,
         arms=_arm_cells(result),
         flags=_flag_counts(result),
         gate={"given": result.gate.given, "passed": result.gate.passed,

@@ -15,6 +15,7 @@ readers accept every older version.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -26,7 +27,7 @@ from mpaudit.errors import ResultError
 from mpaudit.numerics.layerstats import TraceSummary
 from mpaudit.results.codec import RESULT_CONFIG, JsonFloat, dumps, from_plain, json_schema, to_plain
 from mpaudit.results.perf import MemoryResult, SpeedResult, Speedup, activation_savings
-from mpaudit.vocab import BASELINE, FAILED, FlagKind, Severity, Status
+from mpaudit.vocab import BASELINE, FAILED, FlagKind, MetricDirection, Severity, Status
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -224,6 +225,20 @@ class DistributedInfo:
         return {k: sum(v) / len(v) for k, v in self.peak_bytes_per_rank.items() if v}
 
 
+def fingerprints_match(arms: Mapping[str, ArmResult],
+                       replicates: Mapping[str, Sequence[ArmResult]] | None = None) -> bool:
+    """True when the arms' runs with the same seed (the main runs, then each replicate) all started from the same
+    initial weights and first batches: the one condition under which comparing arms means anything."""
+    groups: list[list[ArmResult]] = [list(arms.values())]
+    for runs in (replicates or {}).values():
+        for i, run in enumerate(runs):
+            while len(groups) <= i + 1:
+                groups.append([])
+            groups[i + 1].append(run)
+    return all(len({(r.fingerprints.weights, r.fingerprints.batches) for r in group if r.fingerprints}) <= 1
+               for group in groups)
+
+
 POOR_SQNR_DB = 20.0
 """An own-error SQNR below this (noise above 1% of the signal's power) is highlighted in the report: far worse
 than the format's rounding alone, the layer itself loses precision or range."""
@@ -308,6 +323,9 @@ class AuditResult:
     arms: dict[str, ArmResult]
     gate: Gate = field(default_factory=Gate)
     flags: list[Flag] = field(default_factory=list)
+    metric_directions: dict[str, MetricDirection] = field(default_factory=dict)
+    """Per metric ``evaluate`` returned: ``min`` (lower is better), ``max`` or ``unknown`` (neither declared nor
+    known by name). Older results have none: readers fall back to declarations and the metric's name."""
     replicates: dict[str, list[ArmResult]] = field(default_factory=dict)
     speedups: dict[str, Speedup] = field(default_factory=dict)
     compiled: dict[str, SpeedResult] = field(default_factory=dict)
@@ -342,9 +360,9 @@ class AuditResult:
     @computed_field  # type: ignore[prop-decorator]
     @property
     def fingerprints_match(self) -> bool:
-        """True when every arm that started saw the same initial weights and first batches."""
-        prints = {(a.fingerprints.weights, a.fingerprints.batches) for a in self.arms.values() if a.fingerprints}
-        return len(prints) <= 1
+        """True when every arm that started saw the same initial weights and first batches (with ``--seeds``:
+        every arm's run with the same seed)."""
+        return fingerprints_match(self.arms, self.replicates)
 
     @computed_field  # type: ignore[prop-decorator]
     @property

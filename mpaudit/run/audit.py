@@ -5,13 +5,14 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from mpaudit.arms import DEFAULT_ARMS, Arm, parse_arms
-from mpaudit.ci.gate import AUTO, DEFAULT_NOISE_K, evaluate_gate, lower_is_better
+from mpaudit.ci.gaps import check_declared_directions, directions_for, lower_is_better
+from mpaudit.ci.gate import AUTO, DEFAULT_NOISE_K, check_declared_metrics, check_gated_metrics, evaluate_gate
 from mpaudit.ci.recommend import DEFAULT_VERIFY_BUDGET
 from mpaudit.defaults import DEFAULT_STEPS
 from mpaudit.errors import UsageError
@@ -35,7 +36,7 @@ from mpaudit.run.prepare import RunContext
 from mpaudit.run.task import Task, load_task, preflight
 from mpaudit.run.train import Progress, TrainSpec, train_arm
 from mpaudit.trace.tracer import DEFAULT_TRACE_EVERY, select_modules
-from mpaudit.vocab import AUTOCAST_POLICIES, BASELINE, FAILED, FP16_CPU_MODES, OK
+from mpaudit.vocab import AUTOCAST_POLICIES, BASELINE, FAILED, FP16_CPU_MODES, OK, MetricDirection
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class AuditConfig:
     autocast_policy: str = "cuda"
     max_drop: dict[str, float | str] = field(default_factory=dict)
     max_loss_gap: float | None = None
+    metric_directions: dict[str, str] = field(default_factory=dict)
+    """Declared metric directions (``--metric-direction NAME=min|max``), overriding the task's ``METRICS``."""
     seeds: int = 1
     noise_k: float = DEFAULT_NOISE_K
     trace_every: int = DEFAULT_TRACE_EVERY
@@ -92,6 +95,7 @@ class AuditConfig:
             raise UsageError(
                 f"--autocast-policy must be one of {', '.join(AUTOCAST_POLICIES)}, not {self.autocast_policy!r}."
             )
+        check_declared_directions(self.metric_directions, "--metric-direction")
         if self.max_loss_gap is not None and self.max_loss_gap < 0:
             raise UsageError("--max-loss-gap must be >= 0.")
         if self.seeds < 1:
@@ -160,7 +164,9 @@ def audit(
     with tf32_setting(cfg.tf32):
         env = collect_env(device, cfg.seed, task.path, task.sha256, list(command or sys.argv))
         metric_names = preflight(task, device)
-        _check_metrics_requested(cfg, metric_names)
+        declared = {**task.metric_directions, **cfg.metric_directions}
+        check_declared_metrics(cfg.metric_directions, metric_names)
+        check_gated_metrics(cfg.max_drop, metric_names, declared)  # a typo or an unknown direction fails now
         if cfg.trace or cfg.trace_depth is not None:
             select_modules(task.build_model(), cfg.trace, cfg.trace_depth)  # a wrong module path fails now
         run = RunContext(task=task, device=device, fp16_cpu=cfg.fp16_cpu, autocast_policy=cfg.autocast_policy,
@@ -197,15 +203,17 @@ def audit(
         except RankFailed as exc:  # the job cannot go on: keep what finished and say who failed
             failure = exc
 
-    gate = evaluate_gate(results, cfg.max_drop, cfg.max_loss_gap, replicates, cfg.noise_k)
-    flags = _flags(results, replicates, cfg)
+    returned = [*metric_names, *(m for r in results.values() for m in r.metrics)]
+    directions = directions_for(returned, declared)
+    gate = evaluate_gate(results, cfg.max_drop, cfg.max_loss_gap, replicates, cfg.noise_k, directions)
+    flags = _flags(results, replicates, cfg, directions)
     recommendations: list[Recommendation] = []
     verification: dict[str, ArmResult] = {}
     if cfg.verify and failure is None:
         try:
             with tf32_setting(cfg.tf32):
                 recommendations, verification = _verify(run, arms, cfg, results, replicates, flags, progress,
-                                                        layer_errors)
+                                                        layer_errors, directions)
         except RankFailed as exc:
             failure = exc
     from mpaudit import __version__
@@ -217,6 +225,7 @@ def audit(
         arms=results,
         gate=gate,
         flags=flags,
+        metric_directions=directions,
         replicates=replicates,
         speedups=perf.speedups,
         compiled=perf.compiled,
@@ -342,7 +351,7 @@ def _distributed_info(
 def _verify(
     run: RunContext, arms: list[Arm], cfg: AuditConfig, results: dict[str, ArmResult],
     replicates: dict[str, list[ArmResult]], flags: list[Flag], progress: Progress | None,
-    layer_errors: dict[str, list[LayerError]],
+    layer_errors: dict[str, list[LayerError]], directions: dict[str, MetricDirection],
 ) -> tuple[list[Recommendation], dict[str, ArmResult]]:
     """The verification phase: each recommendation trained as an extra arm (main seed, same batches, no
     tracing), at most ``verify_budget`` runs in all."""
@@ -353,7 +362,8 @@ def _verify(
         return [], {}
     spec = TrainSpec(seed=cfg.seed, steps=cfg.steps, epochs=cfg.epochs, data_seed=cfg.seed, trace_every=0)
     criteria = Criteria(baseline=baseline, max_drop=cfg.max_drop, max_loss_gap=cfg.max_loss_gap,
-                        baseline_replicates=replicates.get(BASELINE, []), noise_k=cfg.noise_k)
+                        baseline_replicates=replicates.get(BASELINE, []), noise_k=cfg.noise_k,
+                        directions=directions)
 
     def train(arm: Arm) -> ArmResult:
         return train_arm(run, arm, spec, progress).result
@@ -380,7 +390,8 @@ def _shadow(
         return {}, f"Per-layer error attribution failed: {type(exc).__name__}: {exc}"
 
 
-def _flags(results: dict[str, ArmResult], replicates: dict[str, list[ArmResult]], cfg: AuditConfig) -> list[Flag]:
+def _flags(results: dict[str, ArmResult], replicates: dict[str, list[ArmResult]], cfg: AuditConfig,
+           directions: Mapping[str, str]) -> list[Flag]:
     """The rules' flags, causes linked to their consequences, noise told from harm, in severity and forward order."""
     from mpaudit.ci.recommend import Criteria
 
@@ -390,7 +401,8 @@ def _flags(results: dict[str, ArmResult], replicates: dict[str, list[ArmResult]]
     matching: set[str] = set()
     if baseline is not None and baseline.status == OK:
         criteria = Criteria(baseline=baseline, max_drop=cfg.max_drop, max_loss_gap=cfg.max_loss_gap,
-                            baseline_replicates=replicates.get(BASELINE, []), noise_k=cfg.noise_k)
+                            baseline_replicates=replicates.get(BASELINE, []), noise_k=cfg.noise_k,
+                            directions=directions)
         matching = {name for name, run in results.items() if name != BASELINE and criteria.passes(run)}
     order = {name: trace.layers for name, trace in traces.items()}
     return settle(flags, matching, order, list(results))
@@ -402,17 +414,6 @@ def _config_dict(cfg: AuditConfig) -> dict[str, Any]:
     d["seeds"] = cfg.seed_list
     d["trace"] = list(cfg.trace)
     return d
-
-
-def _check_metrics_requested(cfg: AuditConfig, metric_names: list[str]) -> None:
-    """A --max-drop on a metric evaluate() never returns is a typo: say so before training, not after."""
-    for metric in cfg.max_drop:
-        if not metric_names:
-            raise UsageError(f"--max-drop names metric {metric!r}, but the task has no evaluate() to compute it.")
-        if metric not in metric_names:
-            raise UsageError(
-                f"--max-drop names metric {metric!r}, but evaluate() returns only: {', '.join(metric_names)}."
-            )
 
 
 def _warnings(results: dict[str, ArmResult], replicates: dict[str, list[ArmResult]]) -> list[str]:

@@ -1,8 +1,9 @@
 """Loading the task file (``model.py``) and checking it keeps the contract (the README's "The task file").
 
 A task file is plain Python with module-level functions: ``build_model``, ``train_loader`` and
-``loss_fn`` are required; ``eval_loader``, ``evaluate`` and ``build_optimizer`` are optional. Every
-breach is reported as a :class:`~mpaudit.errors.TaskError` with one sentence naming the problem.
+``loss_fn`` are required; ``eval_loader``, ``evaluate`` and ``build_optimizer`` are optional, and so is a
+module-level ``METRICS = {"mae": "min"}`` declaring which way each metric improves. Every breach is reported
+as a :class:`~mpaudit.errors.TaskError` with one sentence naming the problem.
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpaudit.errors import TaskError
+from mpaudit.ci.gaps import check_declared_directions
+from mpaudit.errors import TaskError, UsageError
 
 REQUIRED = ("build_model", "train_loader", "loss_fn")
 OPTIONAL = ("eval_loader", "evaluate", "build_optimizer")
+DIRECTIONS = "METRICS"
+"""The optional module-level dict declaring each metric's direction: ``METRICS = {"mae": "min", "bleu": "max"}``."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,11 @@ class Task:
     @property
     def has_evaluate(self) -> bool:
         return self.fn("evaluate") is not None
+
+    @property
+    def metric_directions(self) -> dict[str, str]:
+        """The task's declared ``METRICS``: metric name to ``min`` (lower is better) or ``max``; empty without."""
+        return dict(getattr(self.module, DIRECTIONS, None) or {})
 
     # The calls below wrap user code so that a raise is reported as the user's error, not ours.
 
@@ -158,6 +167,11 @@ def load_task(path: str | Path) -> Task:
             raise TaskError(f"{name} in {path.name} must be a function, but it is {_describe(getattr(module, name))}.")
     if hasattr(module, "evaluate") and not hasattr(module, "eval_loader"):
         raise TaskError(f"Task file {path.name} defines evaluate() but no eval_loader() to feed it.")
+    if hasattr(module, DIRECTIONS):
+        try:
+            check_declared_directions(getattr(module, DIRECTIONS), f"{DIRECTIONS} in {path.name}")
+        except UsageError as exc:
+            raise TaskError(str(exc)) from None
     return Task(path=path.resolve(), sha256=sha, module=module)
 
 
