@@ -247,6 +247,9 @@ def gate(
     limits = parse_max_drop(max_drop or [])
     if not limits and max_loss_gap is None:
         raise UsageError("Give at least one --max-drop or --max-loss-gap to gate on.")
+    if result.observed:
+        raise UsageError(f"{result_json} is an observed run (mpaudit.watch), not a matched comparison: it has no fp32 "
+                         "arm trained beside it, so there is nothing to gate; gate a result of mpaudit run instead.")
     if BASELINE not in result.arms:
         raise UsageError(f"{result_json} has no fp32 arm to compare against.")
     result = replace(result, gate=evaluate_gate(result.arms, limits, max_loss_gap, result.replicates, noise_k))

@@ -227,6 +227,13 @@ def compare(
         checks.append(_note("", "arms", f"Only new ran {', '.join(only_new)}; not compared."))
     settings: dict[str, Any] = {"tolerance": dict(limits), "noise_k": noise_k,
                                 "speedup_tolerance": speedup_tolerance, "memory_tolerance": memory_tolerance}
+    watched = [label for label, r in (("base", base), ("new", new)) if r.observed]
+    if watched:
+        checks.append(_note("", "arms", f"Nothing to compare: {' and '.join(watched)} is an observed run "
+                                        "(mpaudit.watch), not a matched comparison with fp32; compare two results "
+                                        "of mpaudit run."))
+        return Comparison(task=new.task, base=_identity(base), new=_identity(new), arms=[], speed=[], memory=[],
+                          checks=checks, comparable=False, **settings)
     if not common:
         checks.append(_note("", "arms", f"Nothing to compare: base ran {_names(base.arms)} and new ran "
                                         f"{_names(new.arms)}, no arm in common."))

@@ -61,6 +61,10 @@ def evaluate_gate(
     ``replicates`` holds, per arm, its runs with the extra seeds (paired by position with fp32's); with
     them the checks use mean paired drops and the gate records fp32's noise floor for every metric.
     """
+    observed = [name for name, arm in arms.items() if arm.observed]
+    if observed and (max_drop or max_loss_gap is not None):
+        raise UsageError(f"{observed[0]} is an observed run (mpaudit.watch): it has no matched fp32 arm, so there is "
+                         "no gap to gate on; gate a result of mpaudit run instead.")
     replicates = replicates or {}
     runs = {name: [arm, *replicates.get(name, [])] for name, arm in arms.items()}
     floors = _noise_floors(runs.get(BASELINE, []))

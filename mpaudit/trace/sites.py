@@ -271,3 +271,46 @@ def _with_feeds(site: Site, after: list[str]) -> Site:
     from dataclasses import replace
 
     return replace(site, feeds=list(after))
+
+
+class _LiveWatch(_Watch):
+    """:class:`_Watch` over a step mpaudit does not run itself: the phase is backward while autograd's engine runs
+    a node, forward otherwise (so micro-batches that alternate forward and backward are told apart)."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.phase = "backward" if torch._C._current_autograd_node() is not None else "forward"
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+class StepLocator:
+    """Checks every op of one live training step (:func:`mpaudit.watch`), for the first forward and first backward
+    origin of non-finite values: enter it before the step's forward (from the model's forward pre-hook), leave it
+    once the step's backwards are done, then read :meth:`sites`.
+
+    Entered from inside the root module's forward pre-hook, so the root is put on the module stack by hand (the
+    global hooks that keep the stack are registered too late for its own call). Costs a host sync per op while
+    entered, like :func:`locate`; the watch enters it only on a few steps after an anomaly.
+    """
+
+    def __init__(self, model: nn.Module, step: int) -> None:
+        self.model = model
+        self._stack = contextlib.ExitStack()
+        self._watch = _LiveWatch([], step)
+
+    def __enter__(self) -> StepLocator:
+        stack = self._stack.enter_context(_module_stack(self.model))
+        stack.append((ROOT_MODULE, type(self.model).__name__))
+        self._watch.stack = stack
+        self._stack.enter_context(torch.autograd.set_detect_anomaly(True, check_nan=False))
+        self._stack.enter_context(self._watch)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def sites(self) -> tuple[Site | None, Site | None]:
+        """The first forward and the first backward origin seen while entered (None where there was none)."""
+        forward = self._watch.forward
+        if forward is not None and self._watch.after:
+            forward = _with_feeds(forward, self._watch.after)
+        return forward, self._watch.backward
