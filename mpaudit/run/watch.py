@@ -96,6 +96,8 @@ class Watch:
         plotlyjs: str = "inline",
         read_gradients: bool = True,
     ) -> None:
+        """``read_gradients=False`` leaves reading gradients (without a GradScaler) to the caller's
+        :meth:`gradients_ready`: for frameworks that run forward and backward inside ``optimizer.step()``."""
         if not isinstance(model, nn.Module):
             raise UsageError(f"mpaudit.watch needs the torch.nn.Module you train, not {type(model).__name__}.")
         self.model = model
@@ -165,8 +167,7 @@ class Watch:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if exc is not None:
-            self._status, self._error = FAILED, error_text(exc)
-            self.notes.append(f"The training loop raised {error_text(exc)}; the report holds the steps before it.")
+            self.fail(exc)
         try:
             self.close()
         except Exception:
@@ -195,6 +196,11 @@ class Watch:
 
             self.paths = write_report(self.result, self.out, plotlyjs=self._plotlyjs)
         return self.result
+
+    def fail(self, exc: BaseException) -> None:
+        """Mark the run ``failed`` with ``exc`` (the loop raised); the report still holds the steps before it."""
+        self._status, self._error = FAILED, error_text(exc)
+        self.notes.append(f"The training loop raised {error_text(exc)}; the report holds the steps before it.")
 
     # ------------------------------------------------------------------ what the loop may call
 
@@ -303,13 +309,17 @@ class Watch:
         assert scaler is not None
         unscale, step, update = scaler.unscale_, scaler.step, scaler.update
 
+        def ours(optimizer: Any) -> bool:
+            return optimizer is watched or getattr(optimizer, "optimizer", None) is watched \
+                or getattr(optimizer, "_optimizer", None) is watched
+
         def unscale_(optimizer: Any) -> Any:
-            if optimizer is watched and self._auto_gradients:
+            if ours(optimizer):
                 self.gradients_ready()
             return unscale(optimizer)
 
         def step_(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
-            if optimizer is watched and self._auto_gradients:
+            if ours(optimizer):
                 self.gradients_ready()
             return step(optimizer, *args, **kwargs)
 
@@ -449,12 +459,11 @@ def watch(
 def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimizer inside a wrapper (accelerate's ``AcceleratedOptimizer``, Lightning's
     ``LightningOptimizer``), or ``optimizer`` itself."""
-    seen = 0
-    while not isinstance(optimizer, torch.optim.Optimizer) and seen < 4:
+    for _ in range(4):  # AcceleratedOptimizer subclasses Optimizer itself: look inside first
         inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
-        if inner is None:
+        if not isinstance(inner, torch.optim.Optimizer):
             break
-        optimizer, seen = inner, seen + 1
+        optimizer = inner
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise UsageError(f"mpaudit.watch needs the torch.optim.Optimizer you step, not {type(optimizer).__name__}.")
     return optimizer
