@@ -207,7 +207,7 @@ def test_observed_results_cannot_be_gated_or_compared(tmp_path: Path) -> None:
 
 def test_watch_checks_what_it_is_given() -> None:
     model = _model()
-    with pytest.raises(UsageError, match="torch.optim.Optimizer"):
+    with pytest.raises(UsageError, match=r"torch\.optim\.Optimizer"):
         mpaudit.watch(model, object())
     with pytest.raises(UsageError, match="GradScaler"):
         mpaudit.watch(model, torch.optim.SGD(model.parameters(), lr=0.1), scaler=object())
