@@ -296,3 +296,13 @@ def test_amp_handle_reports_its_precision() -> None:
 def test_usage_error_class_for_recipe_override() -> None:
     with pytest.raises(UsageError, match="--grad-accumulation"):
         mpaudit.AuditConfig(grad_accumulation=0).validated()
+
+
+def test_the_report_shows_the_recipe(write_task: Callable[..., Path]) -> None:
+    from mpaudit.report import render_html, summary_markdown
+
+    path = write_task(TINY_TASK + SCHEDULER + "\nclip_grad_norm = 2.0\ngrad_accumulation = 2\n")
+    result = mpaudit.audit(path, steps=1, arms=("fp32",), bench=False, trace_every=0)
+    words = "LambdaLR scheduler, clip_grad_norm 2 (after unscale_), grad_accumulation 2"
+    assert words in render_html(result, plotlyjs="cdn")
+    assert words.replace("_", "\\_") in summary_markdown(result)

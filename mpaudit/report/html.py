@@ -16,7 +16,7 @@ from mpaudit.report.charts import all_charts
 from mpaudit.report.snippets import snippet
 from mpaudit.report.templates import ENV
 from mpaudit.results.model import POOR_SQNR_DB, AuditResult
-from mpaudit.text import fmt
+from mpaudit.text import fmt, recipe_text
 from mpaudit.vocab import BASELINE
 
 PLOTLY_CDN = "https://cdn.plot.ly/plotly-{version}.min.js"
@@ -101,4 +101,5 @@ def render_html(result: AuditResult, *, plotlyjs: str = "inline") -> str:
         plotly_inline=_plotly_js() if plotlyjs == "inline" else None,
         plotly_cdn=PLOTLY_CDN.format(version=plotly.offline.get_plotlyjs_version()),
         lower_is_better=lower_is_better,
+        recipe=recipe_text(result.config),
     )

@@ -24,7 +24,7 @@ from mpaudit.ci.verdict import Verdict, root_cause, verdicts
 from mpaudit.errors import UsageError
 from mpaudit.numerics.causes import group_by_cause
 from mpaudit.results.model import ArmResult, AuditResult, Flag
-from mpaudit.text import cut, fmt
+from mpaudit.text import cut, fmt, recipe_text
 from mpaudit.vocab import BASELINE, ERROR, OK, SEVERITIES, severity_rank
 
 DEFAULT_MAX_FLAGS = 10
@@ -227,6 +227,9 @@ def _footer(result: AuditResult) -> str:
              f"torch {env.get('torch_version', '?')}", device, f"{result.config.get('steps', '?')} steps"]
     if result.seeds:
         parts.append(f"seeds {', '.join(str(s) for s in result.seeds)}")
+    recipe = recipe_text(result.config)
+    if recipe:
+        parts.append(f"recipe: {recipe}")
     if result.distributed is not None:
         d = result.distributed
         parts.append(f"{d.parallel.upper()} × {d.world_size} ranks ({d.backend})")
