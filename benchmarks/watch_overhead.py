@@ -1,7 +1,8 @@
 """Cost of a watched step: ``mpaudit.watch`` around a plain loop against a traced step of ``mpaudit run``.
 
 Builds the benchmark MLP (``workload.py``: 1024 -> 4096 -> 4096 -> 10, batch 256, AdamW, fp32 on the CPU) four
-times from the same seed and steps each in turn, ``--steps`` steps a round, the order rotating every round:
+times from the same seed and steps each in turn, one step each per round (the order rotating every round), so a busy
+neighbour on the CPU slows all four alike:
 
 * ``plain``: the user's loop alone (forward, backward, ``optimizer.step()``, ``zero_grad``, ``loss.item()``);
 * ``watched``: the same loop inside ``mpaudit.watch(..., trace_every=1)``, ``w.log(loss)`` each step, so every step
@@ -11,9 +12,9 @@ times from the same seed and steps each in turn, ``--steps`` steps a round, the 
   ``finish_step``, the loss read back);
 * ``watched (default schedule)``: the watched loop at the default ``trace_every`` (50).
 
-Prints each variant's median step time over the rounds and the ratio ``watched / run traced`` (goal: at most
-``GOAL``, a watched step costing no more than a traced step of ``mpaudit run``), plus what the watch costs a plain
-loop on its default schedule. Run: ``python benchmarks/watch_overhead.py`` (a few minutes on 2 cores).
+Prints each variant's median step time and the median over rounds of the paired ratio ``watched / run traced``
+(goal: at most ``GOAL``, a watched step costing no more than a traced step of ``mpaudit run``), plus what the watch
+costs a plain loop on its default schedule. Run: ``python benchmarks/watch_overhead.py`` (2-4 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -33,10 +34,8 @@ from mpaudit.run.prepare import RunContext, prepare_arm
 from mpaudit.trace.tracer import Tracer
 from workload import SEED, batch, mlp, mlp_task
 
-STEPS = 6
-"""Steps per variant per round."""
-ROUNDS = 6
-"""Interleaved rounds; the median over all timed steps of each variant is compared."""
+ROUNDS = 40
+"""Interleaved rounds of one step per variant; per-round ratios are paired, their median is reported."""
 GOAL = 1.0
 """A watched step should cost no more than a traced step of mpaudit run (ratio <= 1, within noise)."""
 
@@ -84,7 +83,6 @@ class RunTraced:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     args = parser.parse_args()
 
@@ -103,23 +101,26 @@ def main() -> None:
     names = list(variants)
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            for _ in range(args.steps):
-                t0 = time.perf_counter()
-                variants[name](b)
-                times[name].append(time.perf_counter() - t0)
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {statistics.median(t) * 1e3:.1f} ms"
-                                                        for n, t in times.items()), flush=True)
+            t0 = time.perf_counter()
+            variants[name](b)
+            times[name].append(time.perf_counter() - t0)
+        if (r + 1) % 10 == 0:
+            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {statistics.median(t) * 1e3:.1f} ms"
+                                                            for n, t in times.items()), flush=True)
     load_after = os.getloadavg()[0]
     medians = {name: statistics.median(ts) for name, ts in times.items()}
+
+    def paired(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+
     print(f"\nMLP 1024 -> 4096 -> 4096 -> 10, batch 256, AdamW, fp32 on CPU ({torch.get_num_threads()} threads), "
-          f"median of {args.rounds} interleaved rounds of {args.steps} steps; 1-minute load average "
-          f"{load_before:.1f} before, {load_after:.1f} after, on {os.cpu_count()} CPUs")
+          f"{args.rounds} interleaved rounds of one step each; 1-minute load average {load_before:.1f} before, "
+          f"{load_after:.1f} after, on {os.cpu_count()} CPUs")
     for name in names:
-        print(f"  {name:<30} {medians[name] * 1e3:8.1f} ms a step")
-    ratio = medians["watched"] / medians["run traced"]
-    print(f"watched / run traced: {ratio:.3f}x  (goal <= {GOAL}x)")
+        print(f"  {name:<30} {medians[name] * 1e3:8.1f} ms a step (median)")
+    print(f"watched / run traced: {paired('watched', 'run traced'):.3f}x  (median of paired rounds; goal <= {GOAL}x)")
     default = names[3]
-    print(f"{default} / plain: {medians[default] / medians['plain']:.3f}x")
+    print(f"{default} / plain: {paired(default, 'plain'):.3f}x")
 
 
 if __name__ == "__main__":

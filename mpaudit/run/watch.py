@@ -215,7 +215,7 @@ class Watch:
 
     # ------------------------------------------------------------------ the step protocol (integrations drive it)
 
-    def begin_step(self) -> None:
+    def begin_step(self, _from_forward: bool = False) -> None:
         """Open the next optimizer step (idempotent); the first training forward calls it."""
         if self._open:
             return
@@ -228,7 +228,7 @@ class Watch:
             scale = float(self.scaler.get_scale()) if self.scaler is not None else None
             self.tracer.start_step(self.step, scale)
         if self._armed:
-            self._start_locating()
+            self._start_locating(inside_root=_from_forward)
 
     def gradients_ready(self) -> None:
         """The step's gradients are complete and not yet unscaled or clipped: read them (once per step)."""
@@ -297,7 +297,7 @@ class Watch:
             return
         if self._autocast_seen is None:
             self._autocast_seen = _autocast_precision(self._device_type)
-        self.begin_step()
+        self.begin_step(_from_forward=True)
 
     def _on_optimizer_step(self) -> None:
         self.optimizer_stepped()
@@ -348,11 +348,11 @@ class Watch:
         due = [p for p, d in (("forward", forward_due), ("backward", backward_due)) if d]
         self._armed = self._armed or any(self._locate_tries[p] < LOCATE_TRIES for p in due)
 
-    def _start_locating(self) -> None:
+    def _start_locating(self, inside_root: bool) -> None:
         from mpaudit.trace.sites import StepLocator
 
         self._armed = False
-        self._locator = _Locator(StepLocator(self.model, self.step))
+        self._locator = _Locator(StepLocator(self.model, self.step, inside_root))
         for phase in self._locate_tries:
             self._locate_tries[phase] += 1
 

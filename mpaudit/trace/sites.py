@@ -287,19 +287,22 @@ class StepLocator:
     origin of non-finite values: enter it before the step's forward (from the model's forward pre-hook), leave it
     once the step's backwards are done, then read :meth:`sites`.
 
-    Entered from inside the root module's forward pre-hook, so the root is put on the module stack by hand (the
-    global hooks that keep the stack are registered too late for its own call). Costs a host sync per op while
+    Entered from inside the root module's forward pre-hook (``inside_root``), the root is put on the module stack by
+    hand (the global hooks that keep the stack are registered too late for its own call). Costs a host sync per op while
     entered, like :func:`locate`; the watch enters it only on a few steps after an anomaly.
     """
 
-    def __init__(self, model: nn.Module, step: int) -> None:
+    def __init__(self, model: nn.Module, step: int, inside_root: bool = False) -> None:
         self.model = model
+        self.inside_root = inside_root
+        """Entered from the root module's forward pre-hook (its forward is starting): put it on the stack by hand."""
         self._stack = contextlib.ExitStack()
         self._watch = _LiveWatch([], step)
 
     def __enter__(self) -> StepLocator:
         stack = self._stack.enter_context(_module_stack(self.model))
-        stack.append((ROOT_MODULE, type(self.model).__name__))
+        if self.inside_root:
+            stack.append((ROOT_MODULE, type(self.model).__name__))
         self._watch.stack = stack
         self._stack.enter_context(torch.autograd.set_detect_anomaly(True, check_nan=False))
         self._stack.enter_context(self._watch)
