@@ -208,8 +208,7 @@ class Watch:
         """Report a training loss: of the step in progress, or — between ``optimizer.step()`` and the next forward —
         of the step that just ended. Call it any number of times per step: the step's loss is their mean. No host
         sync here (the value is read when the next step begins)."""
-        value = loss.detach().float().reshape(-1).mean() if isinstance(loss, torch.Tensor) else torch.tensor(
-            float(loss))
+        value = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
         target = self.step if self._open or self.step == 0 else self.step - 1
         self._step_losses.setdefault(target, []).append(value)
 
@@ -278,7 +277,8 @@ class Watch:
         logged = self._step_losses.pop(step, [])
         if not logged:
             return
-        value = float(torch.stack([v.to(logged[0].device) for v in logged]).mean())
+        values = [float(v) if v.numel() == 1 else float(v.float().mean()) for v in logged]  # one host sync each
+        value = sum(values) / len(values)
         self.losses.append(value)
         if math.isfinite(value):
             self._nonfinite_run = 0
