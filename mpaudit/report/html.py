@@ -55,7 +55,8 @@ def _rows(result: AuditResult) -> list[dict[str, Any]]:
         timed = arm.speed is not None and arm.speed.error is None
         rows.append({
             "name": name, "arm": arm, "final_loss": fmt(arm.final_loss), "deltas": deltas,
-            "step_ms": fmt(arm.speed.step_s_median * 1e3, 3) if timed and arm.speed else "–",
+            "step_ms": fmt(arm.speed.step_s_median * 1e3, 3) if timed and arm.speed
+            else fmt(arm.train_step_s * 1e3, 3) if arm.observed and arm.train_step_s is not None else "–",
             "step_iqr_ms": fmt(arm.speed.step_s_iqr * 1e3, 2) if timed and arm.speed else "",
             "speedup": f"{sp.ratio:.2f}× ({sp.ci_low:.2f}–{sp.ci_high:.2f})" if sp else "",
             "verdict": sp.verdict if sp else "",
