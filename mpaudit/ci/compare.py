@@ -391,7 +391,8 @@ def _identity(result: AuditResult) -> dict[str, Any]:
 
 
 _ENV_KEYS = ("device", "device_name", "torch_version", "mpaudit_version", "threads")
-_CONFIG_KEYS = ("steps", "epochs", "fp16_cpu", "tf32", "device")
+_CONFIG_KEYS = ("steps", "epochs", "fp16_cpu", "tf32", "device", "clip_grad_norm", "grad_accumulation", "scheduler",
+                "custom_step")
 
 
 def _context_notes(base: AuditResult, new: AuditResult) -> list[Check]:
