@@ -213,3 +213,31 @@ def test_watch_checks_what_it_is_given() -> None:
         mpaudit.watch(model, torch.optim.SGD(model.parameters(), lr=0.1), scaler=object())
     with pytest.raises(UsageError, match="precision must be"):
         mpaudit.watch(model, torch.optim.SGD(model.parameters(), lr=0.1), precision="fp8")
+
+
+def test_a_backward_overflow_is_localised_on_the_next_skipped_step() -> None:
+    """Inputs grow 30x at step 5: GradScaler skips steps whose weight gradients overflow fp16; the watch checks the
+    next step op by op and finds the backward matmul of the last Linear."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler("cpu")
+    g = torch.Generator().manual_seed(1)
+    with mpaudit.watch(model, opt, scaler=scaler, out=None, trace_every=50) as w:
+        for i in range(10):
+            x = torch.randn(32, 64, generator=g) * (1.0 if i < 5 else 30.0)
+            y = torch.randint(0, 3, (32,), generator=g)
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = nn.functional.cross_entropy(model(x), y, reduction="sum")
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            w.log(loss)
+    arm = w.result.arms["fp16"]  # type: ignore[union-attr]
+    assert arm.loss_scale is not None and 5 in arm.loss_scale.skipped_steps
+    (site,) = arm.sites
+    assert (site.phase, site.module, site.step) == ("backward", "2", 6)
+    assert "Backward" in site.op and "test_watch.py" in site.source and "model(x)" in site.code
+    roots = [f for f in w.result.flags if f.caused_by is None]  # type: ignore[union-attr]
+    assert roots[0].kind == "gradient_overflow" and roots[0].layer == "2"
