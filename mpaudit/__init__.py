@@ -6,9 +6,11 @@ Public API::
     result = mpaudit.audit("model.py", steps=100)   # -> AuditResult
     mpaudit.write_report(result, "reports/model")   # report.json + report.html
     with mpaudit.keep_fp32(model, ["amp"]): ...      # a verified keep-list, in your own loop
+    with mpaudit.watch(model, optimizer, scaler): ...  # observe your own loop, report when it ends
 
-The names that run a model (``audit``, ``AuditConfig``, ``keep_fp32``, ``KeepFp32``) are imported on first use,
-so reading, gating and comparing results (``mpaudit gate``, ``compare``, ``report``) never imports torch.
+The names that run a model (``audit``, ``AuditConfig``, ``keep_fp32``, ``KeepFp32``, ``watch``, ``Watch``) are
+imported on first use, so reading, gating and comparing results (``mpaudit gate``, ``compare``, ``report``) never
+imports torch.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ _LAZY = {
     "keep_fp32": "mpaudit.run.keep",
     "KeepFp32": "mpaudit.run.keep",
     "write_report": "mpaudit.report",
+    "watch": "mpaudit.run.watch",
+    "Watch": "mpaudit.run.watch",
 }
 """Public names whose modules are imported when first used: the torch side, and the renderers (plotly, jinja2)."""
 
@@ -44,6 +48,7 @@ if TYPE_CHECKING:
     from mpaudit.report import write_report
     from mpaudit.run.audit import AuditConfig, audit
     from mpaudit.run.keep import KeepFp32, keep_fp32
+    from mpaudit.run.watch import Watch, watch
 
 
 def __getattr__(name: str) -> Any:
@@ -75,8 +80,10 @@ __all__ = [
     "ResultError",
     "TaskError",
     "UsageError",
+    "Watch",
     "__version__",
     "audit",
     "keep_fp32",
+    "watch",
     "write_report",
 ]

@@ -117,6 +117,8 @@ def run(
     arms: Annotated[str, typer.Option(help="Comma-separated arms to train, in order: fp32, bf16, fp16.")] = ",".join(DEFAULT_ARMS),
     steps: Annotated[int | None, typer.Option(help=f"Optimizer steps per arm (default {DEFAULT_STEPS} unless --epochs).", show_default=False)] = None,
     epochs: Annotated[int | None, typer.Option(help="Passes over train_loader() per arm, instead of --steps.", show_default=False)] = None,
+    clip_grad_norm: Annotated[float | None, typer.Option(help="Clip the gradient norm to this before every optimizer step (after GradScaler.unscale_ in fp16); overrides the task's clip_grad_norm.", show_default=False)] = None,
+    grad_accumulation: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step (each loss divided by their count); overrides the task's grad_accumulation.", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed for Python, NumPy and torch before build_model() and train_loader().")] = 0,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default reports/<task name>/).", show_default=False)] = None,
@@ -174,7 +176,7 @@ def run(
         verify=verify, verify_budget=verify_budget,
         trace_every=trace_every, trace=tuple(trace or ()), trace_depth=trace_depth,
         thresholds={**pyproject_thresholds(task), **parse_thresholds(threshold or [])},
-        parallel=parallel, dist_timeout=dist_timeout,
+        parallel=parallel, dist_timeout=dist_timeout, clip_grad_norm=clip_grad_norm, grad_accumulation=grad_accumulation,
     ).validated()
     loaded = load_task(task)
     if nproc is not None:  # options and task file checked once here, then every rank runs this command
@@ -257,6 +259,9 @@ def gate(
     declared = parse_metric_directions(metric_direction or [])
     if not limits and max_loss_gap is None:
         raise UsageError("Give at least one --max-drop or --max-loss-gap to gate on.")
+    if result.observed:
+        raise UsageError(f"{result_json} is an observed run (mpaudit.watch), not a matched comparison: it has no fp32 "
+                         "arm trained beside it, so there is nothing to gate; gate a result of mpaudit run instead.")
     if BASELINE not in result.arms:
         raise UsageError(f"{result_json} has no fp32 arm to compare against.")
     names = list(dict.fromkeys([*(m for a in result.arms for r in result.runs(a) for m in r.metrics),

@@ -6,6 +6,7 @@ Plain Python, no torch; the one place a number's format is decided.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 MAX_ERROR_CHARS = 200
@@ -38,3 +39,18 @@ def byte_size(n: float) -> str:
             return f"{n:.3g} {unit}"
         n /= 1024
     return f"{n:.3g} TiB"
+
+
+def recipe_text(config: Mapping[str, Any]) -> str:
+    """The training recipe a result's ``config`` records, in words (empty for the plain default or older results):
+    ``custom_step()`` or ``LambdaLR scheduler, clip_grad_norm 1, grad_accumulation 4``."""
+    if config.get("custom_step"):
+        return "custom_step() (the task's own step through amp)"
+    parts = []
+    if config.get("scheduler"):
+        parts.append(f"{config['scheduler']} scheduler")
+    if config.get("clip_grad_norm") is not None:
+        parts.append(f"clip_grad_norm {config['clip_grad_norm']:g} (after unscale_)")
+    if (config.get("grad_accumulation") or 1) > 1:
+        parts.append(f"grad_accumulation {config['grad_accumulation']}")
+    return ", ".join(parts)

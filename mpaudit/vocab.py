@@ -49,9 +49,11 @@ FlagKind = Literal[
 """What kind of numeric trouble a flag reports (see the README's flag table)."""
 FLAG_KINDS: Final[tuple[FlagKind, ...]] = get_args(FlagKind)
 
-VerdictLevel = Literal["baseline", "safe", "safe with changes", "not safe"]
-"""The one-line answer for an arm: the fp32 reference, safe as is, safe once a verified change is applied, or not."""
+VerdictLevel = Literal["baseline", "safe", "safe with changes", "not safe", "observed"]
+"""The one-line answer for an arm: the fp32 reference, safe as is, safe once a verified change is applied, or not;
+``observed`` for a run mpaudit watched (:func:`mpaudit.watch`), which has no fp32 arm to be judged against."""
 BASELINE_LEVEL: Final = "baseline"
+OBSERVED_LEVEL: Final = "observed"
 SAFE: Final = "safe"
 SAFE_WITH_CHANGES: Final = "safe with changes"
 NOT_SAFE: Final = "not safe"

@@ -15,7 +15,7 @@ import pytest
 import mpaudit
 
 PACKAGE = Path(mpaudit.__file__).parent
-TORCH_SIDE = ("mpaudit.run", "mpaudit.trace", "mpaudit.perf")
+TORCH_SIDE = ("mpaudit.run", "mpaudit.trace", "mpaudit.perf", "mpaudit.integrations")
 """Packages that run the user's model and may import torch."""
 TORCH_FREE = ("mpaudit.numerics", "mpaudit.results", "mpaudit.ci", "mpaudit.report", "mpaudit.arms", "mpaudit.vocab",
               "mpaudit.errors", "mpaudit.text")

@@ -31,6 +31,7 @@ EXPECTED_METRICS = {
     "dlrm_synthetic": ["auc", "accuracy", "eval_loss"],
     "fp16_overflow": ["accuracy", "eval_loss"],
     "fp16_underflow": ["perplexity", "eval_loss"],
+    "regression_recipe": ["r2", "eval_loss"],
 }
 """Every workload and the metrics its ``evaluate`` returns, primary first."""
 
@@ -148,3 +149,32 @@ def test_fp16_underflow_logit_gradients_flush_at_gradscalers_default_scale() -> 
     assert _logit_grad_zero_fraction(m, torch.float16, default_scale) > 0.25
     # the fix the docstring gives: a loss scale that lifts these gradients into fp16's range
     assert _logit_grad_zero_fraction(m, torch.float16, 2.0**28) == 0.0
+
+
+def test_regression_recipe_fp32_arm_reproduces_the_plain_pytorch_loop() -> None:
+    """mpaudit's fp32 arm trains the recipe (warm-up schedule, clipping, SGD at 1.0) exactly as a plain loop."""
+    m = _module("regression_recipe")
+    steps = 60  # past the warm-up, into the cosine decay
+    plain = m.train_plain(steps, "fp32")
+    result = mpaudit.audit(SUITES / "regression_recipe" / "model.py", steps=steps, arms=("fp32",), bench=False)
+    assert result.arms["fp32"].metrics["r2"] == pytest.approx(plain["r2"], abs=1e-5)
+    assert result.arms["fp32"].metrics["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-5)
+    assert result.config["clip_grad_norm"] == 1.0 and result.config["scheduler"] == "LambdaLR"
+
+
+@pytest.mark.slow
+def test_regression_recipe_mixed_precision_arms_stay_within_003_of_fp32_and_clip_after_unscale() -> None:
+    """The full recipe (200 steps): fp32 as in plain PyTorch, bf16 and fp16 within 0.03 of it; the naive fp16 loop
+    that clips the scaled gradients barely trains, so mpaudit's fp16 arm is not doing that."""
+    m = _module("regression_recipe")
+    result = mpaudit.audit(SUITES / "regression_recipe" / "model.py", bench=False)  # the default 200 steps
+    r2 = {name: arm.metrics["r2"] for name, arm in result.arms.items()}
+    assert r2["fp32"] == pytest.approx(m.train_plain()["r2"], abs=1e-5)
+    assert r2["fp32"] > 0.75
+    assert abs(r2["bf16"] - r2["fp32"]) < 0.03 and abs(r2["fp16"] - r2["fp32"]) < 0.03
+    assert not [f for f in result.flags if f.severity == "error"]
+    wrong = m.train_plain(precision="fp16", clip_scaled=True)["r2"]
+    assert abs(wrong) < 0.05  # every step shrunk by the loss scale: the model stays near predicting the mean
+    assert r2["fp16"] > wrong + 0.5
+    # and the recipe is needed: without the schedule the same loop does far worse
+    assert m.train_plain(schedule=False)["r2"] < r2["fp32"] - 0.2

@@ -243,6 +243,13 @@ def compare(
         checks.append(_note("", "arms", f"Only new ran {', '.join(only_new)}; not compared."))
     settings: dict[str, Any] = {"tolerance": dict(limits), "noise_k": noise_k,
                                 "speedup_tolerance": speedup_tolerance, "memory_tolerance": memory_tolerance}
+    watched = [label for label, r in (("base", base), ("new", new)) if r.observed]
+    if watched:
+        checks.append(_note("", "arms", f"Nothing to compare: {' and '.join(watched)} is an observed run "
+                                        "(mpaudit.watch), not a matched comparison with fp32; compare two results "
+                                        "of mpaudit run."))
+        return Comparison(task=new.task, base=_identity(base), new=_identity(new), arms=[], speed=[], memory=[],
+                          checks=checks, comparable=False, **settings)
     if not common:
         checks.append(_note("", "arms", f"Nothing to compare: base ran {_names(base.arms)} and new ran "
                                         f"{_names(new.arms)}, no arm in common."))
@@ -438,7 +445,8 @@ def _identity(result: AuditResult) -> dict[str, Any]:
 
 
 _ENV_KEYS = ("device", "device_name", "torch_version", "mpaudit_version", "threads")
-_CONFIG_KEYS = ("steps", "epochs", "fp16_cpu", "tf32", "device")
+_CONFIG_KEYS = ("steps", "epochs", "fp16_cpu", "tf32", "device", "clip_grad_norm", "grad_accumulation", "scheduler",
+                "custom_step")
 
 
 def _context_notes(base: AuditResult, new: AuditResult) -> list[Check]:

@@ -103,6 +103,10 @@ def evaluate_gate(
     their name, and a gated metric whose direction stays unknown is a UsageError. When the arms' fingerprints
     differ every check fails with :data:`MISMATCHED_FINGERPRINTS`.
     """
+    observed = [name for name, arm in arms.items() if arm.observed]
+    if observed and (max_drop or max_loss_gap is not None):
+        raise UsageError(f"{observed[0]} is an observed run (mpaudit.watch): it has no matched fp32 arm, so there is "
+                         "no gap to gate on; gate a result of mpaudit run instead.")
     replicates = replicates or {}
     for metric in max_drop:
         if metric_direction(metric, directions) == UNKNOWN:

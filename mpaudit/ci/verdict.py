@@ -10,7 +10,18 @@ from dataclasses import dataclass, field
 
 from mpaudit.ci.gaps import UNGATED_RELATIVE_DROP, judged_metric, ungated_drop
 from mpaudit.results.model import AuditResult, Flag
-from mpaudit.vocab import BASELINE, BASELINE_LEVEL, ERROR, NOT_SAFE, OK, SAFE, SAFE_WITH_CHANGES, WARNING, VerdictLevel
+from mpaudit.vocab import (
+    BASELINE,
+    BASELINE_LEVEL,
+    ERROR,
+    NOT_SAFE,
+    OBSERVED_LEVEL,
+    OK,
+    SAFE,
+    SAFE_WITH_CHANGES,
+    WARNING,
+    VerdictLevel,
+)
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,8 @@ def verdict(result: AuditResult, name: str) -> Verdict:
     or it fails as is but a recommendation trained by ``--verify`` passed (the reason names the change).
     Safe: none of those."""
     arm = result.arms[name]
+    if arm.observed:
+        return _observed(result, name)
     if name == BASELINE:
         return Verdict(name, BASELINE_LEVEL, ["the fp32 reference every other arm is compared with"])
     blockers: list[str] = []
@@ -69,3 +82,20 @@ def verdict(result: AuditResult, name: str) -> Verdict:
     if arm.loss_scale is not None and arm.loss_scale.skipped:
         reasons.append(f"GradScaler skipped {arm.loss_scale.skipped} of {arm.steps} steps")
     return Verdict(name, SAFE, reasons)
+
+
+def _observed(result: AuditResult, name: str) -> Verdict:
+    """A watched run: not safe when it diverged or failed, else ``observed`` with what the numerics showed. Never
+    "safe": nothing was compared with fp32."""
+    arm = result.arms[name]
+    errors = [root_cause(f) for f in result.flags if f.arm == name and f.severity == ERROR and f.caused_by is None]
+    warnings = [f for f in result.flags if f.arm == name and f.severity == WARNING and f.caused_by is None]
+    if arm.status != OK:
+        return Verdict(name, NOT_SAFE, [f"{arm.status}" + (f": {arm.error}" if arm.error else ""), *errors[:3]])
+    reasons = ["observed run, not a matched comparison: no fp32 arm trained beside it"]
+    reasons += errors[:3] if errors else ["no error flag"]
+    if warnings:
+        reasons.append(f"{len(warnings)} warning flag(s) to watch")
+    if arm.loss_scale is not None and arm.loss_scale.skipped:
+        reasons.append(f"GradScaler skipped {arm.loss_scale.skipped} of {arm.steps} steps")
+    return Verdict(name, OBSERVED_LEVEL, reasons)

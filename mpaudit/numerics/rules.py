@@ -384,6 +384,7 @@ class _Flagger:
         count for neither the error nor the warning.
         """
         if self.reference is None:
+            self.observed_underflow(arm, summary, advice)
             return
         scale = self.scale_log2(arm)
         significant = advice.significant_binade if advice is not None else None
@@ -450,6 +451,44 @@ class _Flagger:
                         if confirmed
                         else f"{kind}: predicted flush fraction >= {name}_underflow_warning"
                     ),
+                )
+            )
+
+    def observed_underflow(self, arm: str, summary: TraceSummary, advice: ScaleAdvice | None) -> None:
+        """Gradient underflow seen in an fp16 run without an fp32 reference (an observed run, ``mpaudit.watch``).
+
+        Flushed values are zeros there, indistinguishable from true zeros, so nothing can be confirmed: when a
+        large share (``precision_loss_warning``) of a layer's surviving gradient values sits in fp16's subnormal
+        range at the scale in force, the distribution's lower tail below 2^-24 is being cut off. A warning, never an
+        error; the ``loss_scale`` advice it brings is read from the arm's own (surviving) gradients, so it is a lower
+        bound on the scale that helps."""
+        scale = self.scale_log2(arm)
+        worst: dict[str, tuple[float, str, TensorStats]] = {}
+        for layer, role, own in summary.items():
+            if not is_gradient(role) or not own.finite_nonzero:
+                continue
+            w = what_if(own.hist, FP16)
+            share = w.subnormal + w.flush
+            if share >= self.t.precision_loss_warning and share > worst.get(layer, (0.0, "", own))[0]:
+                worst[layer] = (share, role, own)
+        for layer, (share, role, own) in worst.items():
+            self.add(
+                Flag(
+                    layer=layer,
+                    arm=arm,
+                    kind="gradient_underflow",
+                    severity=WARNING,
+                    evidence={
+                        "role": role,
+                        "subnormal_fraction": share,
+                        "zero_fraction": own.zero_fraction,
+                        "loss_scale": 2.0**scale,
+                        "observed": True,
+                        "warning_at": self.t.precision_loss_warning,
+                    },
+                    recommendation=self.scale_recommendation(advice, layer, scale),
+                    rule="gradient_underflow (no fp32 reference): share of surviving gradients in fp16's subnormal "
+                         "range >= precision_loss_warning",
                 )
             )
 

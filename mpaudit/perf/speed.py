@@ -1,9 +1,11 @@
 """The speed phase: every arm's real training step, timed in interleaved rounds, with error bars.
 
 Each arm steps a fresh, identically seeded copy of the model and optimizer on one fixed batch (the
-first of ``train_loader()``). After warm-up the arms take turns, one step each per round (A B C A B C
-...), so drift on a shared machine (other jobs, clock changes, heat) hits every arm alike. Rounds go on
-until every arm's IQR is under 5% of its median or the time budget is spent, like
+first of ``train_loader()``). A step is one optimizer step with the task's recipe: with ``grad_accumulation`` N it
+runs that batch N times as its micro-batches (the step the user pays for), clipping and the scheduler included.
+After warm-up the arms take turns, one step each per round (A B C A B C ...), so drift on a shared machine
+(other jobs, clock changes, heat) hits every arm alike. Rounds go on until every arm's IQR is under 5% of its
+median or the time budget is spent, like
 ``torch.utils.benchmark``'s ``adaptive_autorange``. A speedup is the ratio of median step times with a
 bootstrap confidence interval over paired rounds; FLOPs are counted once per arm, outside the timing.
 """
@@ -267,6 +269,8 @@ def measure_speed(
     seed_everything(seed)
     batch = move_to_device(first_batch(run.task, "train_loader", parallel.shard(run.task.train_loader())), device)
     samples = batch_size(batch)
+    if samples is not None:  # one timed step is one optimizer step: every micro-batch of it
+        samples *= run.recipe.grad_accumulation
     contestants = [_prepare(run, arm, seed, False, compile_backend) for arm in arms]
     if compile:
         contestants += [_prepare(run, arm, seed, True, compile_backend) for arm in arms]

@@ -16,7 +16,7 @@ from mpaudit.report.charts import all_charts, arm_line
 from mpaudit.report.snippets import snippet
 from mpaudit.report.templates import ENV
 from mpaudit.results.model import POOR_SQNR_DB, AuditResult
-from mpaudit.text import fmt
+from mpaudit.text import fmt, recipe_text
 from mpaudit.vocab import BASELINE, MAX, MIN, UNKNOWN
 
 DIRECTION_TEXT = {MIN: "lower is better", MAX: "higher is better", UNKNOWN: "direction unknown"}
@@ -59,7 +59,8 @@ def _rows(result: AuditResult) -> list[dict[str, Any]]:
         timed = arm.speed is not None and arm.speed.error is None
         rows.append({
             "name": name, "arm": arm, "final_loss": fmt(arm.final_loss), "deltas": deltas,
-            "step_ms": fmt(arm.speed.step_s_median * 1e3, 3) if timed and arm.speed else "–",
+            "step_ms": fmt(arm.speed.step_s_median * 1e3, 3) if timed and arm.speed
+            else fmt(arm.train_step_s * 1e3, 3) if arm.observed and arm.train_step_s is not None else "–",
             "step_iqr_ms": fmt(arm.speed.step_s_iqr * 1e3, 2) if timed and arm.speed else "",
             "speedup": f"{sp.ratio:.2f}× ({sp.ci_low:.2f}–{sp.ci_high:.2f})" if sp else "",
             "verdict": sp.verdict if sp else "",
@@ -107,4 +108,5 @@ def render_html(result: AuditResult, *, plotlyjs: str = "inline") -> str:
         plotly_cdn=PLOTLY_CDN.format(version=plotly.offline.get_plotlyjs_version()),
         directions={m: result_direction(result, m) for m in metrics},
         direction_text=DIRECTION_TEXT,
+        recipe=recipe_text(result.config),
     )

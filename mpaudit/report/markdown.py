@@ -32,7 +32,7 @@ from mpaudit.ci.verdict import Verdict, root_cause, verdicts
 from mpaudit.errors import UsageError
 from mpaudit.numerics.causes import group_by_cause
 from mpaudit.results.model import ArmResult, AuditResult, Flag
-from mpaudit.text import cut, fmt
+from mpaudit.text import cut, fmt, recipe_text
 from mpaudit.vocab import BASELINE, ERROR, OK, SEVERITIES, severity_rank
 
 DEFAULT_MAX_FLAGS = 10
@@ -97,7 +97,7 @@ def _gap_cell(result: AuditResult, name: str, metric: str) -> str:
     """The arm's value (the same aggregate in every row) and its gap to fp32 (paired over seeds, 95% CI when more
     than one), worse/better."""
     value = _aggregate(result, name, metric)
-    if name == BASELINE:
+    if name == BASELINE or result.arms[name].observed:
         return value
     gap = gap_to_fp32(result, name, metric)
     if gap is None:
@@ -175,6 +175,8 @@ def _has_speed(result: AuditResult) -> bool:
 
 def _gate_lines(result: AuditResult) -> list[str]:
     gate = result.gate
+    if result.observed:
+        return ["**Gate:** not applicable: an observed run has no fp32 arm to gate against."]
     if not gate.given:
         return ["**Gate:** none given (add `--max-drop METRIC=DELTA` to fail CI on a precision regression)."]
     limits = [f"{m}={v}" for m, v in gate.max_drop.items()]
@@ -222,6 +224,8 @@ def _headline(result: AuditResult) -> str:
     bad = [a for a in result.arms.values() if a.status != OK]
     if result.gate.given:
         verdict = "✅ gate passed" if result.gate.passed else "❌ gate failed"
+    elif result.observed and not bad:
+        verdict = "observed run"
     else:
         verdict = "⚠️ " + ", ".join(f"{a.name} {a.status}" for a in bad) if bad else "no gate given"
     return f"### mpaudit: {md_escape(result.task)}: {verdict}"
@@ -231,8 +235,12 @@ def _footer(result: AuditResult) -> str:
     env = result.env
     device = env.get("device", "?") + (f" ({env['device_name']})" if env.get("device_name") else "")
     parts = [f"mpaudit {result.mpaudit_version or env.get('mpaudit_version', '?')}",
-             f"torch {env.get('torch_version', '?')}", device, f"{result.config.get('steps', '?')} steps",
-             f"seeds {', '.join(str(s) for s in result.seeds)}"]
+             f"torch {env.get('torch_version', '?')}", device, f"{result.config.get('steps', '?')} steps"]
+    if result.seeds:
+        parts.append(f"seeds {', '.join(str(s) for s in result.seeds)}")
+    recipe = recipe_text(result.config)
+    if recipe:
+        parts.append(f"recipe: {recipe}")
     if result.distributed is not None:
         d = result.distributed
         parts.append(f"{d.parallel.upper()} × {d.world_size} ranks ({d.backend})")
@@ -253,7 +261,8 @@ def summary_markdown(result: AuditResult, max_flags: int = DEFAULT_MAX_FLAGS,
                                                                            "direction unknown, not judged")
     seeds = len(result.seeds)
     aggregate = f"mean ± sd over {seeds} seeds; " if seeds > 1 else ""
-    headers = ["arm", "verdict", "status", f"{metric} ({aggregate}gap to fp32; {direction})"]
+    gap = "" if result.observed else "gap to fp32; "
+    headers = ["arm", "verdict", "status", f"{metric} ({aggregate}{gap}{direction})"]
     levels = verdicts(result)
     with_speed, with_skips = _has_speed(result), any(a.loss_scale for a in result.arms.values())
     if with_speed:
@@ -266,9 +275,15 @@ def summary_markdown(result: AuditResult, max_flags: int = DEFAULT_MAX_FLAGS,
         row += [_speed_cell(result, name)] if with_speed else []
         row += [_skipped_cell(arm)] if with_skips else []
         rows.append(row)
-    lines = [_arm_line(result, name, v) for name, v in levels.items() if name != BASELINE]
-    out = [_headline(result), "", *lines, "", md_table(headers, rows), "", *_gate_lines(result), "",
-           _noise_line(result, metric), ""]
+    lines = [_arm_line(result, name, v) for name, v in levels.items() if name != BASELINE or result.arms[name].observed]
+    out = [_headline(result), ""]
+    if result.observed:
+        out += [f"**Observed run** ({md_escape(', '.join(result.arms))}): mpaudit watched the user's own training "
+                "loop; no fp32 arm was trained beside it, so this is not a matched comparison and nothing is gated.",
+                ""]
+    out += [*lines, "", md_table(headers, rows), "", *_gate_lines(result), ""]
+    if not result.observed:
+        out += [_noise_line(result, metric), ""]
     flags = _flag_lines(result.flags, max_flags, min_severity)
     if flags:
         out += [*flags, ""]

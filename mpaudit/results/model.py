@@ -117,6 +117,9 @@ class ArmResult:
     trace: TraceSummary | None = None
     sites: list[Site] = field(default_factory=list)
     """Where the arm's first non-finite values came from (forward and/or backward), when a step failed."""
+    observed: bool = False
+    """True for a run mpaudit watched (:func:`mpaudit.watch`, the Trainer and Lightning callbacks) rather than
+    trained itself: the user's own loop, one precision, no matched fp32 arm to compare with."""
 
     @model_validator(mode="before")
     @classmethod
@@ -369,6 +372,11 @@ class AuditResult:
     def activation_savings(self) -> dict[str, JsonFloat]:
         """Fraction of fp32's activation memory each mixed-precision arm saves (the part autocast shrinks)."""
         return activation_savings({n: a.memory for n, a in self.arms.items() if a.memory is not None})
+
+    @property
+    def observed(self) -> bool:
+        """True when the result is an observed run (:func:`mpaudit.watch`), not a matched comparison of arms."""
+        return any(arm.observed for arm in self.arms.values())
 
     @property
     def seeds(self) -> list[int]:

@@ -33,6 +33,7 @@ from mpaudit.results.perf import MemoryResult, SpeedResult, Speedup
 from mpaudit.run.distributed import DEFAULT_DIST_TIMEOUT_S, Parallel, RankFailed, check_options
 from mpaudit.run.env import collect_env, resolve_device, tf32_setting
 from mpaudit.run.prepare import RunContext
+from mpaudit.run.step import Recipe
 from mpaudit.run.task import Task, load_task, preflight
 from mpaudit.run.train import Progress, TrainSpec, train_arm
 from mpaudit.trace.tracer import DEFAULT_TRACE_EVERY, select_modules
@@ -69,6 +70,10 @@ class AuditConfig:
     verify_budget: int = DEFAULT_VERIFY_BUDGET
     parallel: str = "auto"
     dist_timeout: float = DEFAULT_DIST_TIMEOUT_S
+    clip_grad_norm: float | None = None
+    """Overrides the task's ``clip_grad_norm`` (``--clip-grad-norm``); None keeps the task's."""
+    grad_accumulation: int | None = None
+    """Overrides the task's ``grad_accumulation`` (``--grad-accumulation``); None keeps the task's."""
 
     @property
     def seed_list(self) -> list[int]:
@@ -116,6 +121,12 @@ class AuditConfig:
         if self.verify_budget < 1:
             raise UsageError("--verify-budget must be at least 1.")
         check_options(self.parallel, self.dist_timeout)
+        if self.clip_grad_norm is not None and not (math.isfinite(self.clip_grad_norm) and self.clip_grad_norm > 0):
+            raise UsageError("--clip-grad-norm must be a positive number (the max gradient norm).")
+        if self.grad_accumulation is not None and (isinstance(self.grad_accumulation, bool)
+                                                   or int(self.grad_accumulation) != self.grad_accumulation
+                                                   or self.grad_accumulation < 1):
+            raise UsageError("--grad-accumulation must be a whole number of micro-batches per step, at least 1.")
         if not (math.isfinite(self.noise_k) and self.noise_k > 0):
             raise UsageError("--noise-k must be a positive number.")
         for metric, limit in self.max_drop.items():
@@ -161,16 +172,22 @@ def audit(
     arms = parse_arms(cfg.arms)
     failure: RankFailed | None = None
 
+    if task.has_custom_step and (cfg.clip_grad_norm is not None or cfg.grad_accumulation is not None):
+        given = "--clip-grad-norm" if cfg.clip_grad_norm is not None else "--grad-accumulation"
+        raise UsageError(f"{given} cannot apply to {task.path.name}: its custom_step() owns clipping and "
+                         "accumulation itself.")
+
     with tf32_setting(cfg.tf32):
         env = collect_env(device, cfg.seed, task.path, task.sha256, list(command or sys.argv))
-        metric_names = preflight(task, device)
+        found: dict[str, Any] = {}
+        metric_names = preflight(task, device, found)
         declared = {**task.metric_directions, **cfg.metric_directions}
         check_declared_metrics(cfg.metric_directions, metric_names)
         check_gated_metrics(cfg.max_drop, metric_names, declared)  # a typo or an unknown direction fails now
         if cfg.trace or cfg.trace_depth is not None:
             select_modules(task.build_model(), cfg.trace, cfg.trace_depth)  # a wrong module path fails now
         run = RunContext(task=task, device=device, fp16_cpu=cfg.fp16_cpu, autocast_policy=cfg.autocast_policy,
-                         parallel=parallel)
+                         parallel=parallel, clip_grad_norm=cfg.clip_grad_norm, grad_accumulation=cfg.grad_accumulation)
         results: dict[str, ArmResult] = {}
         layer_errors: dict[str, list[LayerError]] = {}
         shadow_notes: list[str] = []
@@ -221,7 +238,7 @@ def audit(
     return AuditResult(
         task=task.name,
         env=env,
-        config=_config_dict(cfg),
+        config=_config_dict(cfg, run.recipe, found.get("scheduler")),
         arms=results,
         gate=gate,
         flags=flags,
@@ -408,11 +425,17 @@ def _flags(results: dict[str, ArmResult], replicates: dict[str, list[ArmResult]]
     return settle(flags, matching, order, list(results))
 
 
-def _config_dict(cfg: AuditConfig) -> dict[str, Any]:
+def _config_dict(cfg: AuditConfig, recipe: Recipe, scheduler: str | None) -> dict[str, Any]:
+    """The options as ``report.json``'s ``config``; the recipe keys hold what every arm trained with (the task's
+    values, or the command line's overrides)."""
     d = asdict(cfg)
     d["arms"] = list(cfg.arms)
     d["seeds"] = cfg.seed_list
     d["trace"] = list(cfg.trace)
+    d["clip_grad_norm"] = recipe.clip_grad_norm
+    d["grad_accumulation"] = recipe.grad_accumulation
+    d["scheduler"] = scheduler
+    d["custom_step"] = recipe.custom_step
     return d
 
 

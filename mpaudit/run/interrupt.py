@@ -20,7 +20,7 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 """The signals that stop an audit and keep its work."""
 
 
-class Interrupted(BaseException):  # noqa: N818 - it is not an error: the user asked the audit to stop
+class Interrupted(BaseException):
     """The user (SIGINT) or the system (SIGTERM) stopped the audit; ``exit_code`` is 128 + the signal number."""
 
     def __init__(self, signum: int) -> None:

@@ -2,8 +2,9 @@
 
 :func:`prepare_arm` seeds, builds the model, fingerprints its initial weights *before* any conversion (later
 recipes swap modules or cast weights), moves it to the device, applies the recipe's keep-list, wraps it for the
-distributed job and builds the optimizer and GradScaler. What is timed and measured is therefore exactly the
-recipe that was trained, keep-lists and loss scales included.
+distributed job and builds the optimizer, the task's LR scheduler and the GradScaler. What is timed and measured is
+therefore exactly the recipe that was trained: keep-lists, loss scales, gradient clipping, accumulation, the
+scheduler and a custom step included (:mod:`mpaudit.run.step`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from mpaudit.run.distributed import SINGLE, Parallel
 from mpaudit.run.keep import KeepFp32, keep_fp32
 from mpaudit.run.precision import autocast, fp16_mode, make_scaler, step_context
 from mpaudit.run.seeding import fingerprint_model, seed_everything
-from mpaudit.run.step import train_step
+from mpaudit.run.step import Recipe, recipe_of, train_step
 from mpaudit.run.task import Task
 from mpaudit.vocab import AutocastPolicy, Fp16Mode
 
@@ -35,6 +36,15 @@ class RunContext:
     autocast_policy: str = "cuda"
     """Whose autocast op lists CPU arms follow (``cuda`` or ``cpu``; see :data:`mpaudit.vocab.AutocastPolicy`)."""
     parallel: Parallel = field(default=SINGLE)
+    clip_grad_norm: float | None = None
+    """Overrides the task's ``clip_grad_norm`` (``--clip-grad-norm``); None keeps the task's."""
+    grad_accumulation: int | None = None
+    """Overrides the task's ``grad_accumulation`` (``--grad-accumulation``); None keeps the task's."""
+
+    @property
+    def recipe(self) -> Recipe:
+        """How every arm's optimizer step trains: the task's recipe with the overrides applied."""
+        return recipe_of(self.task, self.clip_grad_norm, self.grad_accumulation)
 
     def fp16_mode(self, arm: Arm) -> Fp16Mode | None:
         """How ``arm`` computes fp16 here (``emulated`` / ``native``), None for arms without fp16."""
@@ -66,19 +76,25 @@ class PreparedArm:
     weights_fingerprint: str
     """Hash of the initial weights, taken before the model was moved or converted."""
     keep: KeepFp32 | None = None
+    scheduler: Any = None
+    """The task's LR scheduler (``build_scheduler``), stepped after every optimizer step that really stepped."""
 
     def context(self) -> contextlib.AbstractContextManager[Any]:
         """The context every step of this arm runs in (enter it outermost, around forward, backward and step)."""
         return self.run.step_context(self.arm)
 
     def step(
-        self, batch: Any, after_backward: Any = None, after_step: Any = None, hold_nonfinite: bool = False
+        self, batch: Any, after_backward: Any = None, after_step: Any = None, hold_nonfinite: bool = False,
+        *, group: Any = None,
     ) -> torch.Tensor:
-        """One real optimizer step on ``batch`` (call it inside :meth:`context`); the detached loss, no host sync
-        (see :func:`~mpaudit.run.step.train_step` for ``hold_nonfinite``)."""
+        """One real optimizer step (call it inside :meth:`context`) with the run's recipe: on the micro-batches
+        ``group`` when given (training), else on ``batch`` repeated ``grad_accumulation`` times (speed and memory:
+        the step the user pays for is one optimizer step with all its micro-batches). The detached loss, no host
+        sync (see :func:`~mpaudit.run.step.train_step` for ``hold_nonfinite``)."""
         return train_step(self.run.task, self.arm, self.trained, self.optimizer, self.scaler, batch,
                           self.run.device.type, after_backward=after_backward, after_step=after_step,
-                          hold_nonfinite=hold_nonfinite)
+                          hold_nonfinite=hold_nonfinite, recipe=self.run.recipe, scheduler=self.scheduler,
+                          group=group)
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         """The arm's autocast on this device (for forward passes outside :meth:`step`)."""
@@ -98,9 +114,10 @@ def prepare_arm(run: RunContext, arm: Arm, seed: int) -> PreparedArm:
     keep = keep_fp32(model, arm.keep_fp32) if arm.keep_fp32 else None
     trained = run.parallel.wrap(model, run.device)
     optimizer = run.task.build_optimizer(model)
+    scheduler = run.task.build_scheduler(optimizer)
     scaler = make_scaler(arm, run.device.type, run.parallel.scaler_cls)
     return PreparedArm(arm=arm, run=run, model=model, trained=trained, optimizer=optimizer, scaler=scaler,
-                       weights_fingerprint=weights, keep=keep)
+                       weights_fingerprint=weights, keep=keep, scheduler=scheduler)
 
 
 def release(arm: Arm, run: RunContext) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import statistics
 import time
@@ -108,11 +109,21 @@ def _epoch_batches(run: RunContext, first: Any, spec: TrainSpec) -> Iterator[Any
 _END = object()
 
 
-def _planned_steps(loader: Any, spec: TrainSpec) -> int | None:
+def _groups(batches: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    """The micro-batches of each optimizer step: ``size`` batches at a time (the last group of a run that ends
+    with ``--epochs`` may be shorter; its losses are then divided by its own length)."""
+    while True:
+        group = list(itertools.islice(batches, size))
+        if not group:
+            return
+        yield group
+
+
+def _planned_steps(loader: Any, spec: TrainSpec, accumulation: int = 1) -> int | None:
     if spec.steps is not None:
         return spec.steps
     try:
-        return len(loader) * (spec.epochs or 1)
+        return math.ceil(len(loader) * (spec.epochs or 1) / accumulation)
     except TypeError:
         return None
 
@@ -163,7 +174,7 @@ def train_arm(
         seed_everything(spec.loader_seed)
         loader = run.task.train_loader()
         batch_fp = BatchFingerprint()
-        total = _planned_steps(parallel.shard(loader), spec)
+        total = _planned_steps(parallel.shard(loader), spec, run.recipe.grad_accumulation)
         progress.arm_started(label, total)
         schedule = TraceSchedule(spec.trace_every)
         if spec.trace_every > 0:
@@ -231,11 +242,13 @@ def _loop(
     device = run.device
     nonfinite_run = 0
     finder = _SiteFinder(prepared, sites, notes)
-    for step, batch in enumerate(_epoch_batches(run, loader, spec)):
+    accumulation = run.recipe.grad_accumulation
+    for step, group in enumerate(_groups(_epoch_batches(run, loader, spec), accumulation)):
         if spec.steps is not None and step >= spec.steps:
             break
-        batch_fp.add(batch)
-        batch = move_to_device(batch, device)
+        for batch in group:
+            batch_fp.add(batch)
+        group = [move_to_device(batch, device) for batch in group]
         t0 = time.perf_counter()
         scale = scaler.get_scale() if scaler is not None else None
         traced = tracer is not None and schedule.wants(step)
@@ -244,7 +257,8 @@ def _loop(
         rng = finder.before_step()
         with prepared.context():
             loss = prepared.step(
-                batch,
+                group[0],
+                group=group,
                 after_backward=tracer.after_backward if traced and tracer else None,
                 after_step=tracer.after_optimizer_step if traced and tracer else None,
                 hold_nonfinite=scaler is None,
@@ -262,7 +276,7 @@ def _loop(
         _sync(device)
         step_times.append(time.perf_counter() - t0)
         losses.append(value)
-        finder.after_step(step, batch, rng, value, scale, skipped)
+        finder.after_step(step, group, rng, value, scale, skipped)
         progress.step(label, step + 1, value)
         if math.isfinite(value):
             nonfinite_run = 0
@@ -294,7 +308,7 @@ class _SiteFinder:
     def before_step(self) -> RngState | None:
         return RngState() if self.enabled and not (self.forward_done and self.backward_done) else None
 
-    def after_step(self, step: int, batch: Any, rng: RngState | None, loss: float, scale: float | None,
+    def after_step(self, step: int, group: list[Any], rng: RngState | None, loss: float, scale: float | None,
                    skipped: list[int]) -> None:
         if rng is None:
             return
@@ -306,7 +320,7 @@ class _SiteFinder:
         self.forward_done = self.forward_done or forward
         self.backward_done = True  # a forward failure's backward is its consequence
         try:
-            found = locate(self.prepared, batch, step, scale, rng)
+            found = locate(self.prepared, group[0], step, scale, rng, group=group)
         except Exception as exc:  # the audit stands without a site
             self.notes.append(f"Locating the first non-finite op failed: {error_text(exc)}")
             return

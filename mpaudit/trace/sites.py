@@ -213,37 +213,52 @@ def _module_stack(model: nn.Module) -> Iterator[list[tuple[str, str]]]:
 
 
 def locate(
-    prepared: PreparedArm, batch: Any, step: int, loss_scale: float | None, rng: RngState
+    prepared: PreparedArm, batch: Any, step: int, loss_scale: float | None, rng: RngState,
+    group: Sequence[Any] | None = None,
 ) -> tuple[Site | None, Site | None]:
-    """Replay ``step`` of ``prepared``'s arm on ``batch`` from the random state ``rng`` (the weights must be those
-    the step started from) and return its first forward and first backward origin of non-finite values.
+    """Replay ``step`` of ``prepared``'s arm from the random state ``rng`` (the weights must be those the step
+    started from) and return its first forward and first backward origin of non-finite values.
+
+    ``group`` is the step's micro-batches (``grad_accumulation``; without it, ``batch`` alone): each is replayed
+    through ``loss_fn``, its loss divided by their count as the step did, until an origin turns up. A task with a
+    ``custom_step`` is replayed through its ``loss_fn`` too: the forward mpaudit can run on its own.
 
     The model's gradients, buffers (BatchNorm statistics) and the random state are restored afterwards; the
     optimizer and GradScaler are not touched. Errors in the replay are the caller's to catch.
     """
     model = prepared.model
+    group = list(group) if group is not None else [batch]
     after_state = RngState()
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    grads = {p: p.grad for p in model.parameters()}  # a custom step may be accumulating across calls
     was_training = model.training
     model.train()
     rng.restore()
     watch = _Watch([], step)
     try:
+        for p in model.parameters():
+            p.grad = None
         with _module_stack(model) as stack, prepared.context(), \
                 torch.autograd.set_detect_anomaly(True, check_nan=False):
             watch.stack = stack
             with watch:
-                with autocast(prepared.arm, prepared.run.device.type):
-                    loss = prepared.run.task.loss(model, batch)
-                if loss.requires_grad:
-                    watch.phase = "backward"
-                    (loss * loss_scale if loss_scale is not None else loss).backward()
+                for batch in group:
+                    watch.phase = "forward"
+                    with autocast(prepared.arm, prepared.run.device.type):
+                        loss = prepared.run.task.loss(model, batch)
+                    if len(group) > 1:
+                        loss = loss / len(group)
+                    if loss.requires_grad:
+                        watch.phase = "backward"
+                        (loss * loss_scale if loss_scale is not None else loss).backward()
+                    if watch.forward is not None or watch.backward is not None:
+                        break
         if watch.forward is not None and watch.after:
             watch.forward = _with_feeds(watch.forward, watch.after)
         return watch.forward, watch.backward
     finally:
-        for p in model.parameters():
-            p.grad = None
+        for p, g in grads.items():
+            p.grad = g
         with torch.no_grad():
             for name, b in model.named_buffers():
                 if name in buffers:
@@ -256,3 +271,49 @@ def _with_feeds(site: Site, after: list[str]) -> Site:
     from dataclasses import replace
 
     return replace(site, feeds=list(after))
+
+
+class _LiveWatch(_Watch):
+    """:class:`_Watch` over a step mpaudit does not run itself: the phase is backward while autograd's engine runs
+    a node, forward otherwise (so micro-batches that alternate forward and backward are told apart)."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.phase = "backward" if torch._C._current_autograd_node() is not None else "forward"
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+class StepLocator:
+    """Checks every op of one live training step (:func:`mpaudit.watch`), for the first forward and first backward
+    origin of non-finite values: enter it before the step's forward (from the model's forward pre-hook), leave it
+    once the step's backwards are done, then read :meth:`sites`.
+
+    Entered from inside the root module's forward pre-hook (``inside_root``), the root is put on the module stack by
+    hand (the global hooks that keep the stack are registered too late for its own call). Costs a host sync per op while
+    entered, like :func:`locate`; the watch enters it only on a few steps after an anomaly.
+    """
+
+    def __init__(self, model: nn.Module, step: int, inside_root: bool = False) -> None:
+        self.model = model
+        self.inside_root = inside_root
+        """Entered from the root module's forward pre-hook (its forward is starting): put it on the stack by hand."""
+        self._stack = contextlib.ExitStack()
+        self._watch = _LiveWatch([], step)
+
+    def __enter__(self) -> StepLocator:
+        stack = self._stack.enter_context(_module_stack(self.model))
+        if self.inside_root:
+            stack.append((ROOT_MODULE, type(self.model).__name__))
+        self._watch.stack = stack
+        self._stack.enter_context(torch.autograd.set_detect_anomaly(True, check_nan=False))
+        self._stack.enter_context(self._watch)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def sites(self) -> tuple[Site | None, Site | None]:
+        """The first forward and the first backward origin seen while entered (None where there was none)."""
+        forward = self._watch.forward
+        if forward is not None and self._watch.after:
+            forward = _with_feeds(forward, self._watch.after)
+        return forward, self._watch.backward
