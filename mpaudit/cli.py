@@ -143,6 +143,7 @@ def run(
     plotlyjs: Annotated[str, typer.Option(help="inline (self-contained, works offline) or cdn (small file).")] = "inline",
     min_severity: Annotated[str, typer.Option(help="The least severe flags summary.md lists: error, warning or info (the rest are counted).")] = "warning",
     junit: Annotated[Path | None, typer.Option(help="Also write each gate check as a JUnit test case to this XML file.", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the audit whose partial report.json is in --out: keep its finished arms (same task file, options and initial weights) and run only the rest.")] = False,
     nproc: Annotated[int | None, typer.Option(help="Run on this many processes of this machine: launches torchrun --standalone --nproc-per-node N for you (one per GPU; gloo processes on a CPU).", show_default=False)] = None,
     parallel: Annotated[str, typer.Option(help="Under torchrun: ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard); auto is ddp with several processes.")] = "auto",
     dist_timeout: Annotated[float, typer.Option(help="Seconds a collective may wait for a rank that neither answers nor fails, before the job stops.")] = DEFAULT_DIST_TIMEOUT_S,
@@ -159,6 +160,7 @@ def run(
     from mpaudit.run.audit import AuditConfig, audit
     from mpaudit.run.distributed import Parallel
     from mpaudit.run.env import resolve_device
+    from mpaudit.run.interrupt import Interrupted, interruptible, shielded
     from mpaudit.run.progress import RichProgress, progress_enabled
     from mpaudit.run.settings import parse_thresholds, pyproject_thresholds
     from mpaudit.run.task import load_task
@@ -190,11 +192,28 @@ def run(
         command = [*job.launcher_command(), "-m", "mpaudit", *sys.argv[1:]]
     job.on_sigterm()
     quiet = quiet or not job.is_main  # other ranks print nothing but errors
-    if progress_enabled(quiet):
-        with RichProgress() as progress:
-            result = audit(loaded, config, progress=progress, command=command, parallel=job)
-    else:
-        result = audit(loaded, config, command=command, parallel=job)
+    saved = _resumable(target) if resume else None
+
+    def keep(partial: Any) -> None:  # on disk as the audit goes
+        write_report(partial, target, plotlyjs=plotlyjs, min_severity=min_severity)
+
+    # in one process Ctrl-C and SIGTERM keep the finished arms; under torchrun SIGTERM means a rank failed
+    guard = interruptible() if not job.active else contextlib.nullcontext()
+    try:
+        with guard:
+            if progress_enabled(quiet):
+                with RichProgress() as progress:
+                    result = audit(loaded, config, progress=progress, command=command, parallel=job,
+                                   on_update=keep, resume=saved)
+            else:
+                result = audit(loaded, config, command=command, parallel=job, on_update=keep, resume=saved)
+    except Interrupted as stop:
+        with shielded():  # a second Ctrl-C while writing changes nothing: the writes are atomic anyway
+            if stop.result is not None:
+                paths = write_report(stop.result, target, plotlyjs=plotlyjs, min_severity=min_severity)
+                err.print(f"interrupted: the audit so far is in {paths['json']} (complete: false); run the same "
+                          "command with --resume to continue it.", markup=False)
+        raise typer.Exit(stop.exit_code) from None
     job.ignore_sigterm()  # the results are in: write them even while torchrun stops the job
     failure = result.distributed.failure if result.distributed is not None else None
     if failure is not None:
@@ -367,6 +386,16 @@ def schema(
     from mpaudit.results.model import AuditResult
 
     out.print(json.dumps(AuditResult.json_schema(), indent=1), markup=False)
+
+
+def _resumable(out_dir: Path) -> Any:
+    """The partial result ``--resume`` continues: ``report.json`` in ``--out``; UsageError when there is none."""
+    from mpaudit.results.io import load_result
+
+    path = out_dir / "report.json"
+    if not path.is_file():
+        raise UsageError(f"--resume: there is no {path} to continue; run without --resume (or give its --out).")
+    return load_result(path)
 
 
 def _read_result(path: Path) -> Any:

@@ -117,6 +117,10 @@ class ArmResult:
     trace: TraceSummary | None = None
     sites: list[Site] = field(default_factory=list)
     """Where the arm's first non-finite values came from (forward and/or backward), when a step failed."""
+    recipe: str = ""
+    """The arm's recipe in words (its keep-list and loss scale included), how a resumed audit recognises it."""
+    resumed: bool = False
+    """True when this run was kept from a saved result (``--resume``) instead of trained again."""
     observed: bool = False
     """True for a run mpaudit watched (:func:`mpaudit.watch`, the Trainer and Lightning callbacks) rather than
     trained itself: the user's own loop, one precision, no matched fp32 arm to compare with."""
@@ -342,6 +346,9 @@ class AuditResult:
     """Set when the audit ran on several ranks (``torchrun``): world size, backend, per-rank figures."""
     created: str = ""
     mpaudit_version: str = ""
+    complete: bool = True
+    """False while the audit is still running or was interrupted (a result written as it goes); a result without
+    the key (older mpaudit) reads as complete."""
 
     @model_validator(mode="before")
     @classmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,9 @@ from mpaudit.results.model import (
 from mpaudit.results.perf import MemoryResult, SpeedResult, Speedup
 from mpaudit.run.distributed import DEFAULT_DIST_TIMEOUT_S, Parallel, RankFailed, check_options
 from mpaudit.run.env import collect_env, resolve_device, tf32_setting
+from mpaudit.run.interrupt import Interrupted
 from mpaudit.run.prepare import RunContext
+from mpaudit.run.resume import Resumable
 from mpaudit.run.step import Recipe
 from mpaudit.run.task import Task, load_task, preflight
 from mpaudit.run.train import Progress, TrainSpec, train_arm
@@ -143,6 +145,8 @@ def audit(
     progress: Progress | None = None,
     command: Sequence[str] | None = None,
     parallel: Parallel | None = None,
+    on_update: Callable[[AuditResult], None] | None = None,
+    resume: AuditResult | None = None,
     **overrides: Any,
 ) -> AuditResult:
     """Train ``task`` once per arm from identical weights on identical batches, and return the result.
@@ -154,10 +158,17 @@ def audit(
         command: the command line recorded for reproduction (defaults to ``sys.argv``).
         parallel: the distributed job; by default read from torchrun's environment (a single process
             without it). Every rank calls ``audit`` and gets the same result; only rank 0 should write it.
+        on_update: called with the result so far (``complete`` false) after every arm, seed replicate,
+            measurement and verification run, so a caller can keep it on disk as the audit goes.
+        resume: a partial (or complete) earlier result of the same task and options: its finished runs
+            whose initial fingerprints still match are kept (``resumed``) instead of trained again, and only
+            missing speed and memory figures are measured (:mod:`mpaudit.run.resume`).
 
     Raises:
         TaskError: the task file breaks the contract (checked before any arm trains).
-        UsageError: the options contradict each other.
+        UsageError: the options contradict each other, or ``resume`` does not match them.
+        Interrupted: SIGINT or SIGTERM arrived (under :func:`mpaudit.run.interrupt.interruptible`); its
+            ``result`` holds the audit so far, the arm in flight ``interrupted`` with its steps.
     """
     base = config or AuditConfig()
     if overrides:
@@ -170,7 +181,6 @@ def audit(
         parallel = Parallel.from_env(cfg.parallel, cfg.dist_timeout, device.type)
     device = parallel.device(device)
     arms = parse_arms(cfg.arms)
-    failure: RankFailed | None = None
 
     if task.has_custom_step and (cfg.clip_grad_norm is not None or cfg.grad_accumulation is not None):
         given = "--clip-grad-norm" if cfg.clip_grad_norm is not None else "--grad-accumulation"
@@ -188,11 +198,10 @@ def audit(
             select_modules(task.build_model(), cfg.trace, cfg.trace_depth)  # a wrong module path fails now
         run = RunContext(task=task, device=device, fp16_cpu=cfg.fp16_cpu, autocast_policy=cfg.autocast_policy,
                          parallel=parallel, clip_grad_norm=cfg.clip_grad_norm, grad_accumulation=cfg.grad_accumulation)
-        results: dict[str, ArmResult] = {}
-        layer_errors: dict[str, list[LayerError]] = {}
-        shadow_notes: list[str] = []
-        replicates: dict[str, list[ArmResult]] = {}
-        perf = _Perf()
+        config_dict = _config_dict(cfg, run.recipe, found.get("scheduler"))
+        saved = Resumable.check(resume, task, config_dict) if resume is not None else None
+        state = _State(task=task, cfg=cfg, env=env, config=config_dict, parallel=parallel,
+                       metric_names=metric_names, declared=declared, on_update=on_update)
         try:
             for i, seed in enumerate(cfg.seed_list):
                 spec = TrainSpec(seed=seed, steps=cfg.steps, epochs=cfg.epochs, data_seed=cfg.seed,
@@ -201,61 +210,120 @@ def audit(
                 for arm in arms:
                     label = arm.name if i == 0 else f"{arm.name} s{seed}"
                     keep_model = i == 0 and arm.name == BASELINE and cfg.verify
+                    kept = saved.run(arm.name, i, run, spec) if saved is not None else None
+                    needs_model = keep_model and (saved is None or not saved.layer_errors)  # for the attribution
+                    if kept is not None and saved is not None and not (needs_model and kept.status == OK):
+                        if progress is not None:
+                            progress.arm_resumed(label, kept)
+                        state.add_run(arm.name, i, kept)
+                        if keep_model:
+                            state.layer_errors = saved.layer_errors
+                        continue
                     try:
                         trained = train_arm(run, arm, spec, progress, label=label, keep_model=keep_model)
-                    except RankFailed as exc:  # keep the failed arm's partial result, then stop
+                    except (RankFailed, Interrupted) as exc:  # keep the arm's partial result, then stop
                         if exc.result is not None and i == 0:
-                            results[arm.name] = exc.result
+                            state.results[arm.name] = exc.result
                         raise
                     if trained.model is not None:  # attribute errors on the trained weights, then let them go
-                        layer_errors, note = _shadow(run, trained.model, arms, cfg)
-                        shadow_notes += [note] if note else []
+                        state.layer_errors, note = _shadow(run, trained.model, arms, cfg)
+                        state.shadow_notes += [note] if note else []
                         trained.model = None
-                    if i == 0:
-                        results[arm.name] = trained.result
-                    else:
-                        replicates.setdefault(arm.name, []).append(trained.result)
+                    state.add_run(arm.name, i, trained.result)
             if cfg.bench:
-                perf = _measure(run, arms, cfg, results, progress)
+                state.perf = _measure(run, arms, cfg, state.results, progress, saved)
+                state.update()
         except RankFailed as exc:  # the job cannot go on: keep what finished and say who failed
-            failure = exc
+            state.failure = exc
+        except Interrupted as exc:
+            exc.result = state.assemble(complete=False)
+            raise
 
-    returned = [*metric_names, *(m for r in results.values() for m in r.metrics)]
-    directions = directions_for(returned, declared)
-    gate = evaluate_gate(results, cfg.max_drop, cfg.max_loss_gap, replicates, cfg.noise_k, directions)
-    flags = _flags(results, replicates, cfg, directions)
-    recommendations: list[Recommendation] = []
-    verification: dict[str, ArmResult] = {}
-    if cfg.verify and failure is None:
+    directions = state.directions()
+    flags = state.flags()
+    if cfg.verify and state.failure is None:
         try:
             with tf32_setting(cfg.tf32):
-                recommendations, verification = _verify(run, arms, cfg, results, replicates, flags, progress,
-                                                        layer_errors, directions)
+                state.recommendations, state.verification = _verify(
+                    run, arms, cfg, state.results, state.replicates, flags, progress, state.layer_errors, directions,
+                    saved, state)
         except RankFailed as exc:
-            failure = exc
-    from mpaudit import __version__
+            state.failure = exc
+        except Interrupted as exc:
+            exc.result = state.assemble(complete=False)
+            raise
+    return state.assemble(complete=True)
 
-    return AuditResult(
-        task=task.name,
-        env=env,
-        config=_config_dict(cfg, run.recipe, found.get("scheduler")),
-        arms=results,
-        gate=gate,
-        flags=flags,
-        metric_directions=directions,
-        replicates=replicates,
-        speedups=perf.speedups,
-        compiled=perf.compiled,
-        max_batch=perf.max_batch,
-        perf_notes=[*perf.notes, *shadow_notes],
-        warnings=_warnings(results, replicates),
-        recommendations=recommendations,
-        verification=verification,
-        layer_errors=layer_errors,
-        distributed=_distributed_info(parallel, perf, results, failure) if parallel.active else None,
-        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        mpaudit_version=__version__,
-    )
+
+@dataclass
+class _State:
+    """What an audit has found so far, and how to turn it into a result at any moment."""
+
+    task: Task
+    cfg: AuditConfig
+    env: dict[str, Any]
+    config: dict[str, Any]
+    parallel: Parallel
+    metric_names: list[str]
+    declared: dict[str, str]
+    on_update: Callable[[AuditResult], None] | None = None
+    results: dict[str, ArmResult] = field(default_factory=dict)
+    replicates: dict[str, list[ArmResult]] = field(default_factory=dict)
+    layer_errors: dict[str, list[LayerError]] = field(default_factory=dict)
+    shadow_notes: list[str] = field(default_factory=list)
+    perf: _Perf = field(default_factory=lambda: _Perf())
+    recommendations: list[Recommendation] = field(default_factory=list)
+    verification: dict[str, ArmResult] = field(default_factory=dict)
+    failure: RankFailed | None = None
+
+    def add_run(self, arm: str, seed_index: int, result: ArmResult) -> None:
+        if seed_index == 0:
+            self.results[arm] = result
+        else:
+            self.replicates.setdefault(arm, []).append(result)
+        self.update()
+
+    def update(self) -> None:
+        """Hand the result so far to ``on_update`` (the CLI writes it to disk)."""
+        if self.on_update is not None and self.parallel.is_main:
+            self.on_update(self.assemble(complete=False))
+
+    def directions(self) -> dict[str, MetricDirection]:
+        returned = [*self.metric_names, *(m for r in self.results.values() for m in r.metrics)]
+        return directions_for(returned, self.declared)
+
+    def flags(self) -> list[Flag]:
+        return _flags(self.results, self.replicates, self.cfg, self.directions())
+
+    def assemble(self, complete: bool) -> AuditResult:
+        """The result of what has run so far; ``complete`` says whether every phase asked for has finished."""
+        from mpaudit import __version__
+
+        cfg, perf, directions = self.cfg, self.perf, self.directions()
+        gate = evaluate_gate(self.results, cfg.max_drop, cfg.max_loss_gap, self.replicates, cfg.noise_k, directions)
+        return AuditResult(
+            task=self.task.name,
+            env=self.env,
+            config=self.config,
+            arms=dict(self.results),
+            gate=gate,
+            flags=self.flags(),
+            metric_directions=directions,
+            replicates={k: list(v) for k, v in self.replicates.items()},
+            speedups=perf.speedups,
+            compiled=perf.compiled,
+            max_batch=perf.max_batch,
+            perf_notes=[*perf.notes, *self.shadow_notes],
+            warnings=_warnings(self.results, self.replicates),
+            recommendations=list(self.recommendations),
+            verification=dict(self.verification),
+            layer_errors=self.layer_errors,
+            distributed=(_distributed_info(self.parallel, perf, self.results, self.failure)
+                         if self.parallel.active else None),
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            mpaudit_version=__version__,
+            complete=complete,
+        )
 
 
 @dataclass
@@ -271,6 +339,7 @@ class _Perf:
 
 def _measure(
     run: RunContext, arms: list[Arm], cfg: AuditConfig, results: dict[str, ArmResult], progress: Progress | None,
+    saved: Resumable | None = None,
 ) -> _Perf:
     """The speed and memory phase: fresh models, no tracing, arms interleaved. Never loses the training results.
 
@@ -278,11 +347,7 @@ def _measure(
     timings and the largest rank's memory are reported, with every rank's figures beside them. A failure
     there ends the job (:class:`RankFailed`): a rank cannot skip a measurement its peers are stepping through.
     """
-    from mpaudit.perf.memory import max_batch_for_budget, measure_memory
-    from mpaudit.perf.speed import measure_speed
-
     perf = _Perf()
-    parallel = run.parallel
     ran = [a for a in arms if results[a.name].status != FAILED]
     if not ran:
         return perf
@@ -290,7 +355,29 @@ def _measure(
     if progress is not None:
         progress.arm_started("bench", None)
     try:
-        speed, speedups = measure_speed(run, ran, cfg.seed, budget_s=cfg.bench_seconds, compile=cfg.compile)
+        return _measure_into(perf, run, ran, cfg, results, saved)
+    except Interrupted:
+        perf.notes.append("The audit was interrupted during the speed and memory phase: the figures missing here "
+                          "were not measured (run again with --resume to measure only them).")
+        raise
+
+
+def _measure_into(
+    perf: _Perf, run: RunContext, ran: list[Arm], cfg: AuditConfig, results: dict[str, ArmResult],
+    saved: Resumable | None,
+) -> _Perf:
+    """Measure speed, then memory, into ``perf`` and ``results`` (kept from ``saved`` where they can be)."""
+    from mpaudit.perf.memory import max_batch_for_budget, measure_memory
+    from mpaudit.perf.speed import measure_speed
+
+    parallel = run.parallel
+    try:
+        if saved is not None and saved.speed(ran, cfg.compile):
+            speed = {a.name: sr for a in ran if (sr := saved.saved.arms[a.name].speed) is not None}
+            speed.update(saved.saved.compiled)
+            speedups = dict(saved.saved.speedups)
+        else:
+            speed, speedups = measure_speed(run, ran, cfg.seed, budget_s=cfg.bench_seconds, compile=cfg.compile)
         if parallel.active:
             speed, speedups = _slowest_rank(parallel, speed, speedups, perf)
         perf.speedups = speedups
@@ -308,7 +395,9 @@ def _measure(
                           "full parameters gathered for forward and backward count as other (as activations where "
                           "autograd saves them).")
     try:
-        memory = measure_memory(run, ran, cfg.seed)
+        kept = {a.name: saved.memory(a.name) for a in ran} if saved is not None else {}
+        memory = {name: mr for name, mr in kept.items() if mr is not None}
+        memory.update(measure_memory(run, [a for a in ran if a.name not in memory], cfg.seed))
         if parallel.active:
             memory = _largest_rank(parallel, memory, perf)
         for key, mr in memory.items():
@@ -369,6 +458,7 @@ def _verify(
     run: RunContext, arms: list[Arm], cfg: AuditConfig, results: dict[str, ArmResult],
     replicates: dict[str, list[ArmResult]], flags: list[Flag], progress: Progress | None,
     layer_errors: dict[str, list[LayerError]], directions: dict[str, MetricDirection],
+    saved: Resumable | None = None, state: _State | None = None,
 ) -> tuple[list[Recommendation], dict[str, ArmResult]]:
     """The verification phase: each recommendation trained as an extra arm (main seed, same batches, no
     tracing), at most ``verify_budget`` runs in all."""
@@ -383,7 +473,19 @@ def _verify(
                         directions=directions)
 
     def train(arm: Arm) -> ArmResult:
-        return train_arm(run, arm, spec, progress).result
+        done = saved.verification_run(arm) if saved is not None else None
+        if done is not None:
+            if progress is not None:
+                progress.arm_resumed(arm.name, done)
+        else:
+            done = train_arm(run, arm, spec, progress).result
+        if state is not None:  # on disk as it goes, each trial under its own name
+            key = arm.name
+            while key in state.verification and state.verification[key].recipe != arm.description:
+                key += "'"
+            state.verification[key] = done
+            state.update()
+        return done
 
     sqnr = {arm: {e.layer: e.sqnr_db for e in errors} for arm, errors in layer_errors.items()}
     return recommend(arms, results, flags, criteria, train, budget=cfg.verify_budget, layer_error_db=sqnr)

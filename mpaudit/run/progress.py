@@ -50,6 +50,11 @@ class RichProgress:
             self.console.print(f"[red]{arm}: {result.status}[/red] {result.error or ''}", markup=True)
 
 
+
+    def arm_resumed(self, arm: str, result: ArmResult) -> None:
+        self.console.print(f"{arm}: resumed from the saved result ({result.status}, {result.steps} steps)")
+
+
 def progress_enabled(quiet: bool) -> bool:
     """Progress is shown unless ``--quiet`` or stderr is not a terminal (CI logs stay clean)."""
     return not quiet and sys.stderr.isatty()

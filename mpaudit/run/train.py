@@ -20,11 +20,12 @@ from mpaudit.numerics.layerstats import TraceSummary
 from mpaudit.results.model import ArmResult, Fingerprints, LossScale, Site
 from mpaudit.run.batches import move_to_device
 from mpaudit.run.distributed import RankFailed
+from mpaudit.run.interrupt import Interrupted
 from mpaudit.run.prepare import PreparedArm, RunContext, prepare_arm, release
-from mpaudit.run.seeding import BatchFingerprint, seed_everything
+from mpaudit.run.seeding import FINGERPRINT_BATCHES, BatchFingerprint, fingerprint_model, seed_everything
 from mpaudit.trace.sites import RngState, locate
 from mpaudit.trace.tracer import Tracer, TraceSchedule
-from mpaudit.vocab import DIVERGED, FAILED, OK, Status
+from mpaudit.vocab import DIVERGED, FAILED, INTERRUPTED, OK, Status
 
 DIVERGE_PATIENCE = 25
 """An fp16 arm is called diverged after this many consecutive non-finite losses (GradScaler skips each
@@ -40,6 +41,7 @@ class Progress(Protocol):
     def arm_started(self, arm: str, total: int | None) -> None: ...
     def step(self, arm: str, step: int, loss: float) -> None: ...
     def arm_finished(self, arm: str, result: ArmResult) -> None: ...
+    def arm_resumed(self, arm: str, result: ArmResult) -> None: ...
 
 
 class NoProgress:
@@ -52,6 +54,9 @@ class NoProgress:
         pass
 
     def arm_finished(self, arm: str, result: ArmResult) -> None:
+        pass
+
+    def arm_resumed(self, arm: str, result: ArmResult) -> None:
         pass
 
 
@@ -169,6 +174,8 @@ def train_arm(
     trace: TraceSummary | None = None
     failure: RankFailed | None = None
     kept: torch.nn.Module | None = None
+    batch_fp: BatchFingerprint | None = None
+    stopped: Interrupted | None = None
     try:
         prepared = prepare_arm(run, arm, spec.seed)
         seed_everything(spec.loader_seed)
@@ -202,6 +209,12 @@ def train_arm(
             error = str(failure)
         if tracer is not None and tracer.summary().steps:
             trace = tracer.summary()  # what was traced before the failure is evidence too
+    except Interrupted as exc:  # stopped from outside: keep the steps so far, then let the audit stop
+        status, error, stopped = INTERRUPTED, f"{exc} after {len(losses)} steps", exc
+        if prepared is not None and batch_fp is not None:
+            fingerprints = Fingerprints(weights=prepared.weights_fingerprint, batches=batch_fp.hexdigest())
+        if tracer is not None and tracer.summary().steps:
+            trace = tracer.summary()
     finally:
         if prepared is not None and prepared.keep is not None and kept is None:
             prepared.keep.remove()
@@ -221,6 +234,7 @@ def train_arm(
         train_step_s=_loop_step_s(step_times),
         fp16_mode=run.fp16_mode(arm),
         autocast_policy=run.autocast_policy_of(arm),
+        recipe=arm.description,
         trace=trace,
         sites=sites,
         notes=notes,
@@ -229,7 +243,24 @@ def train_arm(
     if failure is not None:
         failure.result = result
         raise failure
+    if stopped is not None:
+        stopped.result = result
+        raise stopped
     return TrainedArm(result, kept)
+
+
+def initial_fingerprints(run: RunContext, spec: TrainSpec) -> Fingerprints:
+    """The fingerprints an arm trained with ``spec`` starts from: its initial weights and first batches, computed
+    exactly as :func:`train_arm` computes them (to check a saved run still matches, see :mod:`mpaudit.run.resume`)."""
+    seed_everything(spec.seed)
+    weights = fingerprint_model(run.task.build_model())
+    seed_everything(spec.loader_seed)
+    batches = BatchFingerprint()
+    for i, batch in enumerate(_epoch_batches(run, run.task.train_loader(), spec)):
+        if i >= FINGERPRINT_BATCHES:
+            break
+        batches.add(batch)
+    return Fingerprints(weights=weights, batches=batches.hexdigest())
 
 
 def _loop(
