@@ -249,6 +249,11 @@ def _dtypes(value: Any) -> list[torch.dtype]:
     return [t.dtype for t in _floats(value)]
 
 
+def _float_dtypes(args: Any, kwargs: dict[str, Any]) -> tuple[torch.dtype, ...]:
+    """The dtypes of an op call's floating tensor arguments."""
+    return tuple(a.dtype for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.is_floating_point())
+
+
 @contextlib.contextmanager
 def emulated(dtype: torch.dtype) -> Iterator[None]:
     """What a CPU arm's forward runs in under the CUDA policy."""
@@ -474,6 +479,69 @@ def test_every_case_picks_the_dtypes_cuda_autocasts_own_kernels_pick(dtype: torc
     assert not mismatches, "\n".join(mismatches)
 
 
+class _OpSequence(TorchDispatchMode):
+    """Records (op, dtypes of its floating tensor arguments) of every aten op with a floating input.
+
+    CUDA's ``softmax``/``log_softmax`` with ``dtype=float32`` on a half input call ``_softmax(x, half_to_float=True)``
+    (read half, compute and write fp32); the CPU kernels have no such flag and convert first. Both compute the same
+    numbers, so the fused form is recorded as the conversion followed by the fp32 op.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, tuple[torch.dtype, ...]]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        dtypes = _float_dtypes(args, kwargs)
+        if func in (A._softmax.default, A._log_softmax.default) and args[2]:
+            self.ops += [("aten::_to_copy", dtypes), (func.name(), (torch.float32,))]
+        elif dtypes and func.name() != "prim::device":
+            self.ops.append((func.name(), dtypes))
+        return func(*args, **kwargs)
+
+
+def _small_model_inputs(m: Make) -> tuple[list[torch.Tensor], torch.Tensor]:
+    return [m.x(3, 4, 8), m.x(8, 8), m.x(8), m.x(8), m.x(8), m.x(5, 8), m.x(5), m.x(2, 3, 8, 8), m.x(4, 3, 3, 3)], \
+        m.zeros_long(12)
+
+
+def _small_model_loss(tensors: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    """A forward with the issue's hand-rolled softmax, LayerNorm, pow, norm, einsum, conv + GroupNorm, losses."""
+    x, w, b, gamma, beta, w_head, b_head, image, kernel = tensors
+    h = F.linear(x, w, b)
+    e = torch.exp(h @ h.transpose(-1, -2))
+    attn = e / e.sum(-1, keepdim=True)
+    h = F.layer_norm(attn @ h, (8,), gamma, beta) + torch.pow(h, 2).mean() + h.norm()
+    logits = F.linear(F.gelu(h), w_head, b_head)
+    c = F.softmax(F.group_norm(F.conv2d(image, kernel, padding="same"), 2).flatten(1), -1).sum()
+    z = torch.einsum("bij,jk->bik", h, w)
+    return (F.cross_entropy(logits.flatten(0, 1), target) + c + F.mse_loss(z, h) + torch.cumsum(z, 1).mean()
+            + F.log_softmax(z, -1).mean())
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_a_small_models_forward_runs_the_ops_cuda_autocast_runs_in_the_same_dtypes(dtype: torch.dtype) -> None:
+    """Op by op, the whole forward (casts included) against CUDA autocast's kernels on fake CUDA tensors. (Forward
+    only: autograd on fake CUDA tensors needs a CUDA build.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    make = Make(torch.float32)
+    tensors, target = _small_model_inputs(make)
+    with _OpSequence() as emulated_ops, emulated(dtype):
+        _small_model_loss(tensors, target)
+    with FakeTensorMode():
+        tensors, target = _small_model_inputs(replace(make, device="cuda", fake=True))
+        with _OpSequence() as cuda_ops, cuda_autocast_state(dtype):
+            _small_model_loss(tensors, target)
+    assert emulated_ops.ops == cuda_ops.ops
+    assert ("aten::exp", (torch.float32,)) in cuda_ops.ops
+    assert ("aten::_log_softmax", (dtype,)) in cuda_ops.ops  # cross_entropy asks for log_softmax in its input's dtype
+    with _OpSequence() as cpu_ops, torch.autocast("cpu", dtype=dtype):
+        _small_model_loss(*_small_model_inputs(make))
+    assert ("aten::exp", (dtype,)) in cpu_ops.ops  # what CPU autocast does instead
+
+
 VALUE_TOLERANCE = {
     torch.float32: {"rtol": 1e-4, "atol": 1e-5},
     torch.float16: {"rtol": 2e-3, "atol": 1e-3},
@@ -587,9 +655,7 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        dtypes = tuple(a.dtype for a in (*args, *kwargs.values())
-                       if isinstance(a, torch.Tensor) and a.is_floating_point())
-        self.calls.append((func.name(), dtypes))
+        self.calls.append((func.name(), _float_dtypes(args, kwargs)))
         return func(*args, **kwargs)
 
     def dtypes_of(self, name: str) -> list[tuple[torch.dtype, ...]]:
