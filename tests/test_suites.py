@@ -27,6 +27,7 @@ EXPECTED_METRICS = {
     "dlrm_synthetic": ["auc", "accuracy", "eval_loss"],
     "fp16_overflow": ["accuracy", "eval_loss"],
     "fp16_underflow": ["perplexity", "eval_loss"],
+    "handrolled_softmax": ["accuracy", "eval_loss"],
 }
 """Every workload and the metrics its ``evaluate`` returns, primary first."""
 
