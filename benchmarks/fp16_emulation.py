@@ -45,7 +45,7 @@ EMULATED_GOAL = 1.3
 """Emulated fp16 should cost at most this many fp32 steps on the MLP."""
 SEED = 0
 
-TRANSFORMER = {"batch": 32, "tokens": 64, "width": 256, "heads": 4, "classes": 10}
+TRANSFORMER = {"batch": 32, "tokens": 128, "width": 256, "heads": 4, "classes": 10}
 """The transformer-block workload of part 2."""
 
 
