@@ -11,9 +11,9 @@ CUDA autocast runs in fp32 matter: under CPU's op policy ``layer_norm``, ``softm
 kernels; under CUDA's they run in fp32, as on a GPU. Prints the fp16/fp32 and bf16/fp32 step ratios under
 ``--autocast-policy cpu`` and ``cuda`` side by side.
 
-Steps are interleaved after warm-up and medians are compared, so a busy neighbour on the CPU slows every arm
-alike; the load average is printed. Run: ``python benchmarks/fp16_emulation.py`` (about 3 minutes on 2 idle
-cores; the native steps dominate).
+Steps are interleaved after warm-up and each ratio is the median over rounds of the arm's step time over fp32's
+in the same round, so a busy neighbour on the CPU slows every arm alike; the load average is printed. Run:
+``python benchmarks/fp16_emulation.py`` (about 4 minutes on 2 idle cores; the native steps dominate).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import copy
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -37,7 +37,7 @@ from workload import BATCH, WIDTHS, mlp, mlp_task
 
 WARMUP_STEPS = 2
 """Untimed steps per fast arm (allocator and oneDNN warm-up)."""
-TIMED_ROUNDS = 7
+TIMED_ROUNDS = 9
 """Interleaved rounds of one step of every fast arm."""
 NATIVE_ROUNDS = (1, 4)
 """Rounds after which one native fp16 step is timed (each is slow, so only a couple)."""
@@ -93,10 +93,17 @@ def _interleave(runners: Sequence[_Runner], task: Task, batch: tuple[torch.Tenso
         print(f"  round {round_ + 1}/{TIMED_ROUNDS} done", flush=True)
 
 
-def _report(runner: _Runner, fp32: float) -> str:
-    median = runner.median()
-    return (f"{runner.label:>22}: median {median * 1e3:8.1f} ms over {len(runner.times)} steps, "
-            f"/fp32 = {median / fp32:6.2f}")
+def _ratio(runner: _Runner, fp32: _Runner) -> float:
+    """The median over rounds of this runner's step time over the fp32 step time of the same round (paired, so a
+    load change on a shared machine between rounds cancels); the ratio of medians for a runner timed less often."""
+    if len(runner.times) != len(fp32.times):
+        return runner.median() / fp32.median()
+    return statistics.median(t / f for t, f in zip(runner.times, fp32.times, strict=True))
+
+
+def _report(runner: _Runner, fp32: _Runner) -> str:
+    return (f"{runner.label:>22}: median {runner.median() * 1e3:8.1f} ms over {len(runner.times)} steps, "
+            f"/fp32 = {_ratio(runner, fp32):6.2f}")
 
 
 def _load() -> str:
@@ -123,10 +130,9 @@ def mlp_benchmark() -> None:
     print(f"MLP {'->'.join(map(str, WIDTHS))}, batch {BATCH}, AdamW, {torch.get_num_threads()} threads; "
           f"load average {_load()}")
     _interleave([fp32, emulated, emulated_cpu], task, batch, slow=native)
-    base = fp32.median()
     for r in (fp32, emulated, emulated_cpu, native):
-        print(_report(r, base))
-    ratio = emulated.median() / base
+        print(_report(r, fp32))
+    ratio = _ratio(emulated, fp32)
     verdict = "meets" if ratio <= EMULATED_GOAL else "misses"
     print(f"emulated/fp32 = {ratio:.2f} ({verdict} the goal of <= {EMULATED_GOAL})")
     print("emulated op calls in the last step:", dict(emulated.emulated_calls))
@@ -184,13 +190,12 @@ def transformer_benchmark() -> None:
     print(f"\nTransformer block: batch {cfg['batch']}, {cfg['tokens']} tokens, width {cfg['width']}, "
           f"{cfg['heads']} heads, AdamW, {torch.get_num_threads()} threads; load average {_load()}")
     _interleave([fp32, *runners.values()], task, batch)
-    base = fp32.median()
     for r in (fp32, *runners.values()):
-        print(_report(r, base))
-    ratio: Callable[[str, str], float] = lambda arm, policy: runners[(arm, policy)].median() / base  # noqa: E731
+        print(_report(r, fp32))
     print(f"{'arm':>6} | {'/fp32, --autocast-policy cpu':>28} | {'/fp32, --autocast-policy cuda':>29}")
     for arm in ("fp16", "bf16"):
-        print(f"{arm:>6} | {ratio(arm, 'cpu'):28.2f} | {ratio(arm, 'cuda'):29.2f}")
+        cpu, cuda = _ratio(runners[(arm, "cpu")], fp32), _ratio(runners[(arm, "cuda")], fp32)
+        print(f"{arm:>6} | {cpu:28.2f} | {cuda:29.2f}")
     print(f"load average after: {_load()}")
 
 
