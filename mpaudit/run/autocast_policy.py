@@ -264,11 +264,14 @@ class _Slots:
 def _kernel(op: OpOverload, cuda: CastPolicy | None, cpu: CastPolicy | None) -> Callable[..., Any]:
     """The ``AutocastCPU`` kernel of ``op``: CUDA's rule under the policy, CPU's otherwise."""
     slots = _Slots.of(op)
-    cuda_rule = _rule(op, cuda, slots, cache=True, gpu_half_kernel=True)
-    cpu_rule = _rule(op, cpu, slots, cache=False, gpu_half_kernel=False)
+    rules = (
+        _rule(op, cpu, slots, cache=False, gpu_half_kernel=False),  # _STATE.cuda False
+        _rule(op, cuda, slots, cache=True, gpu_half_kernel=True),  # _STATE.cuda True
+    )
+    state = _STATE
 
     def kernel(keyset: DispatchKeySet, *args: Any, **kwargs: Any) -> Any:
-        return (cuda_rule if _STATE.cuda else cpu_rule)(keyset, args, kwargs)
+        return rules[state.cuda](keyset, args, kwargs)
 
     kernel.__name__ = f"autocast_policy_{op.name().replace('::', '_').replace('.', '_')}"
     return kernel
@@ -283,21 +286,24 @@ def _rule(op: OpOverload, policy: CastPolicy | None, slots: _Slots, cache: bool,
     op, left alone, has no CPU kernel for its half-precision inputs (CPU autocast lists it as fp32 for that reason,
     e.g. ``avg_pool3d``), compute it as a GPU's half kernel does: in fp32, the result rounded to the input dtype.
     """
+    call = op._op  # the C++ entry point: what ``op(...)`` calls, without its Python frame
+    redispatch = op._handle.redispatch_boxed
+    exclude = torch._C._ExcludeDispatchKeyGuard
     if policy is None:
         # Fallthrough: the op runs in its inputs' dtype; the ops a composite op calls still see autocast.
         def fallthrough(keyset: DispatchKeySet, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             below = keyset.remove(DispatchKey.AutocastCPU)
             if not gpu_half_kernel:
-                return op.redispatch(below, *args, **kwargs)
+                return redispatch(below, *args, **kwargs)
             try:
-                return op.redispatch(below, *args, **kwargs)
+                return redispatch(below, *args, **kwargs)
             except NotImplementedError:  # "... not implemented for 'Half'": the CPU lacks the kernel a GPU has
                 half = _common_half_dtype(slots, args, kwargs)
                 if half is None:
                     raise
-            with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_CPU):
-                args, kwargs = _cast_all(slots, args, kwargs, _FP32, half, cache=False)
-                return _round_floats(op(*args, **kwargs), half)
+            with exclude(_AUTOCAST_CPU):
+                args, kwargs = _cast_all(slots, args, kwargs, _FP32, None)
+                return _round_floats(call(*args, **kwargs), half)
 
         return fallthrough
     if policy == "banned":
@@ -310,27 +316,27 @@ def _rule(op: OpOverload, policy: CastPolicy | None, slots: _Slots, cache: bool,
     if policy == "lower_precision_fp":
 
         def lower(keyset: DispatchKeySet, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_CPU):
+            with exclude(_AUTOCAST_CPU):
                 lower_dtype = torch.get_autocast_dtype("cpu")
-                args, kwargs = _cast_all(slots, args, kwargs, lower_dtype, lower_dtype, cache)
-                return op(*args, **kwargs)
+                args, kwargs = _cast_all(slots, args, kwargs, lower_dtype, _cache_for(cache))
+                return call(*args, **kwargs)
 
         return lower
     if policy == "fp32":
 
         def fp32(keyset: DispatchKeySet, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_CPU):
-                args, kwargs = _cast_all(slots, args, kwargs, _FP32, torch.get_autocast_dtype("cpu"), cache)
-                return op(*args, **kwargs)
+            with exclude(_AUTOCAST_CPU):
+                args, kwargs = _cast_all(slots, args, kwargs, _FP32, None)  # only half casts are cached
+                return call(*args, **kwargs)
 
         return fp32
     if policy == "fp32_set_opt_dtype":
 
         def set_opt_dtype(keyset: DispatchKeySet, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_CPU):
+            with exclude(_AUTOCAST_CPU):
                 if args and _eligible(args[0]):
                     args, kwargs = _fill_dtypes(slots, args, kwargs)
-                return op(*args, **kwargs)
+                return call(*args, **kwargs)
 
         return set_opt_dtype
     if policy == "fp32_append_dtype":
@@ -340,7 +346,7 @@ def _rule(op: OpOverload, policy: CastPolicy | None, slots: _Slots, cache: bool,
         defaults = _defaults(op)
 
         def append_dtype(keyset: DispatchKeySet, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_CPU):
+            with exclude(_AUTOCAST_CPU):
                 first = args[0]
                 out_type = _FP32 if _eligible(first) else first.dtype
                 full = _with_defaults(args, kwargs, defaults)
@@ -350,11 +356,12 @@ def _rule(op: OpOverload, policy: CastPolicy | None, slots: _Slots, cache: bool,
     if policy == "promote":
 
         def promote(keyset: DispatchKeySet, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_CPU):
+            with exclude(_AUTOCAST_CPU):
                 lower_dtype = torch.get_autocast_dtype("cpu")
                 to_type = _promote_type(slots, args, kwargs, lower_dtype)
-                args, kwargs = _cast_all(slots, args, kwargs, to_type, lower_dtype, cache)
-                return op(*args, **kwargs)
+                store = _cache_for(cache) if to_type == lower_dtype else None
+                args, kwargs = _cast_all(slots, args, kwargs, to_type, store)
+                return call(*args, **kwargs)
 
         return promote
     raise ValueError(f"unknown cast policy {policy!r} for {op.name()}")
@@ -394,34 +401,46 @@ def _get(args: tuple[Any, ...], kwargs: Mapping[str, Any], slot: tuple[int, str]
     return args[position] if position < len(args) else kwargs.get(name)
 
 
+def _cache_for(cache: bool) -> dict[int, tuple[weakref.ref[torch.Tensor], torch.Tensor]] | None:
+    """The cast cache a lower-precision cast may use: the current forward's, when caching applies."""
+    return _STATE.cache if cache and torch.is_autocast_cache_enabled() else None
+
+
 def _cast_all(
-    slots: _Slots, args: tuple[Any, ...], kwargs: dict[str, Any], dtype: torch.dtype, lower_dtype: torch.dtype,
-    cache: bool,
+    slots: _Slots, args: tuple[Any, ...], kwargs: dict[str, Any], dtype: torch.dtype,
+    store: dict[int, tuple[weakref.ref[torch.Tensor], torch.Tensor]] | None,
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``args`` and ``kwargs`` with every eligible tensor (and tensor-list element) cast to ``dtype``."""
-    store = _STATE.cache if cache and dtype == lower_dtype and torch.is_autocast_cache_enabled() else None
-    new_args = list(args)
-    new_kwargs = dict(kwargs)
+    """``args`` and ``kwargs`` with every eligible tensor (and tensor-list element) cast to ``dtype``, the casts of
+    weights from and to ``store`` when given. Returns the inputs themselves when nothing needed a cast."""
+    new_args: list[Any] | None = None
+    new_kwargs: dict[str, Any] | None = None
+    n_args = len(args)
     for slots_of_kind, is_list in ((slots.tensors, False), (slots.lists, True)):
         for position, name in slots_of_kind:
-            in_args = position < len(args)
-            if not in_args and name not in kwargs:
+            if position < n_args:
+                value = args[position]
+            elif name in kwargs:
+                value = kwargs[name]
+            else:
                 continue
-            value = args[position] if in_args else kwargs[name]
             if is_list:
                 cast = [_cast(t, dtype, store) for t in value]
-                if not any(c is not t for c, t in zip(cast, value, strict=True)):
+                if all(c is t for c, t in zip(cast, value, strict=True)):
                     continue
                 new = type(value)(cast) if isinstance(value, tuple) else cast
             else:
                 new = _cast(value, dtype, store)
                 if new is value:
                     continue
-            if in_args:
+            if position < n_args:
+                if new_args is None:
+                    new_args = list(args)
                 new_args[position] = new
             else:
+                if new_kwargs is None:
+                    new_kwargs = dict(kwargs)
                 new_kwargs[name] = new
-    return tuple(new_args), new_kwargs
+    return (args if new_args is None else tuple(new_args)), (kwargs if new_kwargs is None else new_kwargs)
 
 
 def _cast(
