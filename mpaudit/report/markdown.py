@@ -199,6 +199,20 @@ def _noise_line(result: AuditResult, metric: str) -> str:
             f"(range {fmt(floor.min)}..{fmt(floor.max)}){auto}.")
 
 
+def _policy_lines(result: AuditResult) -> list[str]:
+    """Which autocast op lists a CPU run's arms followed (on a GPU, CUDA autocast's own, nothing to say)."""
+    if not str(result.env.get("device", "")).startswith("cpu"):
+        return []
+    by_policy: dict[str, list[str]] = {}
+    for arm in result.arms.values():
+        if arm.autocast_policy:
+            by_policy.setdefault(arm.autocast_policy, []).append(arm.name)
+    what = {"cuda": "CUDA autocast's op lists, each op in the dtype a GPU gives it",
+            "cpu": "CPU autocast's op lists (exp, softmax, sum, layer_norm, pow, norm in half precision, unlike a GPU)"}
+    return [f"**Op policy:** {md_escape(', '.join(names))} followed {what.get(policy, md_escape(policy))} "
+            f"(`--autocast-policy {md_escape(policy)}`)." for policy, names in by_policy.items()]
+
+
 def _flag_lines(flags: Sequence[Flag], max_flags: int, min_severity: str) -> list[str]:
     """The root-cause flags at least ``min_severity`` severe, worst first, each with the count of what follows
     from it; the rest are counted."""
@@ -284,6 +298,9 @@ def summary_markdown(result: AuditResult, max_flags: int = DEFAULT_MAX_FLAGS,
     out += [*lines, "", md_table(headers, rows), "", *_gate_lines(result), ""]
     if not result.observed:
         out += [_noise_line(result, metric), ""]
+    policy = _policy_lines(result)
+    if policy:
+        out += [*policy, ""]
     flags = _flag_lines(result.flags, max_flags, min_severity)
     if flags:
         out += [*flags, ""]

@@ -58,8 +58,9 @@ class RunContext:
         return "cuda" if self.device.type == "cuda" else self.autocast_policy  # type: ignore[return-value]
 
     def step_context(self, arm: Arm) -> contextlib.AbstractContextManager[Any]:
-        """The context a whole step of ``arm`` runs in (fp16 emulation on a CPU); enter it outermost."""
-        return step_context(arm, self.device.type, self.fp16_cpu)
+        """The context a whole step of ``arm`` runs in (on a CPU: fp16 emulation, CUDA's autocast op policy); enter
+        it outermost."""
+        return step_context(arm, self.device.type, self.fp16_cpu, self.autocast_policy)
 
 
 @dataclass
