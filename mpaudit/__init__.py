@@ -6,8 +6,10 @@ Public API::
     result = mpaudit.audit("model.py", steps=100)   # -> AuditResult
     mpaudit.write_report(result, "reports/model")   # report.json + report.html
     with mpaudit.keep_fp32(model, ["amp"]): ...      # a verified keep-list, in your own loop
+    optimizer = mpaudit.bf16_optimizer(model, build_optimizer, rounding="stochastic")  # bf16 weights, no lost updates
 
-The names that run a model (``audit``, ``AuditConfig``, ``keep_fp32``, ``KeepFp32``) are imported on first use,
+The names that run a model (``audit``, ``AuditConfig``, ``keep_fp32``, ``KeepFp32``, ``bf16_optimizer``,
+``Bf16Updates``) are imported on first use,
 so reading, gating and comparing results (``mpaudit gate``, ``compare``, ``report``) never imports torch.
 """
 
@@ -36,6 +38,8 @@ _LAZY = {
     "AuditConfig": "mpaudit.run.audit",
     "keep_fp32": "mpaudit.run.keep",
     "KeepFp32": "mpaudit.run.keep",
+    "bf16_optimizer": "mpaudit.run.half_weights",
+    "Bf16Updates": "mpaudit.run.half_weights",
     "write_report": "mpaudit.report",
 }
 """Public names whose modules are imported when first used: the torch side, and the renderers (plotly, jinja2)."""
@@ -43,6 +47,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from mpaudit.report import write_report
     from mpaudit.run.audit import AuditConfig, audit
+    from mpaudit.run.half_weights import Bf16Updates, bf16_optimizer
     from mpaudit.run.keep import KeepFp32, keep_fp32
 
 
@@ -64,6 +69,7 @@ __all__ = [
     "ArmResult",
     "AuditConfig",
     "AuditResult",
+    "Bf16Updates",
     "Flag",
     "Gate",
     "GateCheck",
@@ -77,6 +83,7 @@ __all__ = [
     "UsageError",
     "__version__",
     "audit",
+    "bf16_optimizer",
     "keep_fp32",
     "write_report",
 ]

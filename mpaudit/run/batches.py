@@ -30,6 +30,24 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def cast_floating(batch: Any, dtype: torch.dtype) -> Any:
+    """Return ``batch`` with every floating tensor in it cast to ``dtype`` (integer and boolean tensors, such as
+    labels, token ids and masks, untouched), keeping the container types."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(dtype) if batch.is_floating_point() and batch.dtype != dtype else batch
+    if isinstance(batch, Mapping):
+        cast = {k: cast_floating(v, dtype) for k, v in batch.items()}
+        try:
+            return type(batch)(cast)  # type: ignore[call-arg]
+        except TypeError:
+            return cast
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(cast_floating(v, dtype) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(cast_floating(v, dtype) for v in batch)
+    return batch
+
+
 def iter_leaves(batch: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """Yield ``(path, leaf)`` for every leaf of a nested batch, in a stable order."""
     if isinstance(batch, Mapping):

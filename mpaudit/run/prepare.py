@@ -1,9 +1,13 @@
 """One arm set-up for every phase: training, speed, memory and verification all get their model here.
 
 :func:`prepare_arm` seeds, builds the model, fingerprints its initial weights *before* any conversion (later
-recipes swap modules or cast weights), moves it to the device, applies the recipe's keep-list, wraps it for the
-distributed job and builds the optimizer and GradScaler. What is timed and measured is therefore exactly the
-recipe that was trained, keep-lists and loss scales included.
+recipes swap modules or cast weights), moves it to the device, casts it to the recipe's weight dtype (``bf16-pure``:
+weights and buffers in bf16), applies the recipe's keep-list, wraps it for the distributed job and builds the
+optimizer (on the cast parameters, so its state follows their dtype; with the recipe's fp32 master copies or update
+rounding attached, :mod:`mpaudit.run.half_weights`) and GradScaler. What is timed and measured is therefore exactly
+the recipe that was trained, keep-lists, loss scales and update rounding included. A half-weight arm's batches have
+their floating tensors cast to the weight dtype in :meth:`PreparedArm.step` (a bf16 model without autocast rejects
+fp32 inputs); integer tensors are untouched.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import torch
 from torch import nn
 
 from mpaudit.arms import Arm
+from mpaudit.run.batches import cast_floating
 from mpaudit.run.distributed import SINGLE, Parallel
+from mpaudit.run.half_weights import Bf16Updates, attach_for_arm
 from mpaudit.run.keep import KeepFp32, keep_fp32
 from mpaudit.run.precision import autocast, fp16_mode, make_scaler, step_context
 from mpaudit.run.seeding import fingerprint_model, seed_everything
@@ -66,6 +72,8 @@ class PreparedArm:
     weights_fingerprint: str
     """Hash of the initial weights, taken before the model was moved or converted."""
     keep: KeepFp32 | None = None
+    updates: Bf16Updates | None = None
+    """The step hooks of a half-weight recipe's fp32 master copies or update rounding (None: plain rounding)."""
 
     def context(self) -> contextlib.AbstractContextManager[Any]:
         """The context every step of this arm runs in (enter it outermost, around forward, backward and step)."""
@@ -76,6 +84,7 @@ class PreparedArm:
     ) -> torch.Tensor:
         """One real optimizer step on ``batch`` (call it inside :meth:`context`); the detached loss, no host sync
         (see :func:`~mpaudit.run.step.train_step` for ``hold_nonfinite``)."""
+        batch = self.cast_batch(batch)
         return train_step(self.run.task, self.arm, self.trained, self.optimizer, self.scaler, batch,
                           self.run.device.type, after_backward=after_backward, after_step=after_step,
                           hold_nonfinite=hold_nonfinite)
@@ -83,6 +92,18 @@ class PreparedArm:
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         """The arm's autocast on this device (for forward passes outside :meth:`step`)."""
         return autocast(self.arm, self.run.device.type)
+
+    def cast_batch(self, batch: Any) -> Any:
+        """``batch`` as the arm's model takes it: floating tensors in the weight dtype for a half-weight arm."""
+        if self.arm.weights_dtype is None:
+            return batch
+        return cast_floating(batch, getattr(torch, self.arm.weights_dtype))
+
+    def for_evaluation(self) -> None:
+        """Widen a half-weight arm's trained weights (and buffers) to fp32, exactly, so ``evaluate`` runs in fp32
+        like every other arm's: the metrics judge the weights bf16 training reached, not a bf16 forward."""
+        if self.arm.weights_dtype is not None:
+            self.model.float()
 
 
 def prepare_arm(run: RunContext, arm: Arm, seed: int) -> PreparedArm:
@@ -94,13 +115,16 @@ def prepare_arm(run: RunContext, arm: Arm, seed: int) -> PreparedArm:
     model = run.task.build_model()
     weights = fingerprint_model(model)
     model.to(run.device)
+    if arm.weights_dtype is not None:  # after the fingerprint: every arm starts from the same fp32 weights
+        model.to(dtype=getattr(torch, arm.weights_dtype))
     model.train()
     keep = keep_fp32(model, arm.keep_fp32) if arm.keep_fp32 else None
     trained = run.parallel.wrap(model, run.device)
     optimizer = run.task.build_optimizer(model)
+    updates = attach_for_arm(optimizer, model, arm)
     scaler = make_scaler(arm, run.device.type, run.parallel.scaler_cls)
     return PreparedArm(arm=arm, run=run, model=model, trained=trained, optimizer=optimizer, scaler=scaler,
-                       weights_fingerprint=weights, keep=keep)
+                       weights_fingerprint=weights, keep=keep, updates=updates)
 
 
 def release(arm: Arm, run: RunContext) -> None:

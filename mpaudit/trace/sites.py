@@ -222,6 +222,7 @@ def locate(
     optimizer and GradScaler are not touched. Errors in the replay are the caller's to catch.
     """
     model = prepared.model
+    batch = prepared.cast_batch(batch)
     after_state = RngState()
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     was_training = model.training
