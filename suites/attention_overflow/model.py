@@ -2,11 +2,11 @@
 
 Model: a digit classifier that reads each 8x8 image as a sequence of 8 row tokens: ``embed`` (Linear 8 -> 64)
 -> ``block`` (``block.attn``: single-head self-attention, then ``block.mlp``, each with a residual) -> the 8
-tokens side by side -> ``head`` (10 logits). ``block.attn`` projects tokens to queries and keys with ``q``/``k`` (Linear 64 ->
-64) and computes its scores as ``q @ k.transpose(-2, -1)`` in its own ``forward``, *without* the usual division
-by sqrt(d) and with large query/key weights (an initialisation that keeps the attention sharp from the start).
-The scores reach a few hundred thousand: fine in fp32 and bf16 (softmax subtracts the row maximum), beyond
-fp16's 65504.
+tokens side by side -> ``head`` (10 logits). ``block.attn`` projects tokens to queries and keys with ``q``/``k``
+(Linear 64 -> 64) and computes its scores as ``q @ k.transpose(-2, -1)`` in its own ``forward``, *without* the
+usual division by sqrt(d) and with large query/key weights (an initialisation that keeps the attention sharp from
+the start). The scores reach a few hundred thousand: fine in fp32 and bf16 (softmax subtracts the row maximum),
+beyond fp16's 65504.
 
 Data: scikit-learn's bundled 8x8 handwritten digits (1,797 images, no download), pixels scaled to [0, 1], a
 fixed stratified 80/20 split; ``evaluate`` returns ``accuracy`` (primary) and ``eval_loss``.
@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from digits_data import loaders  # noqa: E402
+from digits_data import loaders
 
 WIDTH = 128
 QK_INIT_STD = 5.0
