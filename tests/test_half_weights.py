@@ -201,10 +201,12 @@ def test_prepare_casts_after_the_fingerprint_and_evaluates_in_fp32(tiny_task: Pa
     with pure.context():
         loss = pure.step((x, y))  # an fp32 batch, as the loader yields it
     assert torch.isfinite(loss)
+    assert pure.model(x.float()).dtype == torch.bfloat16  # what loss_fn hands the model is cast too
     assert all(s["exp_avg"].dtype == torch.bfloat16 for s in pure.optimizer.state.values())
     weights = [p.detach().clone() for p in pure.model.parameters()]
     pure.for_evaluation()
     assert all(p.dtype == torch.float32 for p in pure.model.parameters())
+    assert pure.model(x).dtype == torch.float32  # evaluated in fp32, like every arm
     assert all(torch.equal(p, w.float()) for p, w in zip(pure.model.parameters(), weights, strict=True))
     sr = prepare_arm(run, ARMS["bf16-pure"].with_changes(update_rounding="stochastic"), 0)
     assert sr.updates is not None and set(sr.updates.modes.values()) == {"stochastic"}

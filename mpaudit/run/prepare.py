@@ -7,7 +7,8 @@ optimizer (on the cast parameters, so its state follows their dtype; with the re
 rounding attached, :mod:`mpaudit.run.half_weights`) and GradScaler. What is timed and measured is therefore exactly
 the recipe that was trained, keep-lists, loss scales and update rounding included. A half-weight arm's batches have
 their floating tensors cast to the weight dtype in :meth:`PreparedArm.step` (a bf16 model without autocast rejects
-fp32 inputs); integer tensors are untouched.
+fp32 inputs), and so has whatever ``loss_fn`` passes to the model (a forward pre-hook on its root: ``model(x.float())``
+works too); integer tensors are untouched.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from mpaudit.arms import Arm
 from mpaudit.run.batches import cast_floating
@@ -74,6 +76,8 @@ class PreparedArm:
     keep: KeepFp32 | None = None
     updates: Bf16Updates | None = None
     """The step hooks of a half-weight recipe's fp32 master copies or update rounding (None: plain rounding)."""
+    input_cast: RemovableHandle | None = None
+    """A half-weight arm's forward pre-hook casting the model's floating inputs to the weight dtype."""
 
     def context(self) -> contextlib.AbstractContextManager[Any]:
         """The context every step of this arm runs in (enter it outermost, around forward, backward and step)."""
@@ -103,6 +107,9 @@ class PreparedArm:
         """Widen a half-weight arm's trained weights (and buffers) to fp32, exactly, so ``evaluate`` runs in fp32
         like every other arm's: the metrics judge the weights bf16 training reached, not a bf16 forward."""
         if self.arm.weights_dtype is not None:
+            if self.input_cast is not None:
+                self.input_cast.remove()
+                self.input_cast = None
             self.model.float()
 
 
@@ -115,8 +122,11 @@ def prepare_arm(run: RunContext, arm: Arm, seed: int) -> PreparedArm:
     model = run.task.build_model()
     weights = fingerprint_model(model)
     model.to(run.device)
+    input_cast = None
     if arm.weights_dtype is not None:  # after the fingerprint: every arm starts from the same fp32 weights
-        model.to(dtype=getattr(torch, arm.weights_dtype))
+        dtype = getattr(torch, arm.weights_dtype)
+        model.to(dtype=dtype)
+        input_cast = model.register_forward_pre_hook(_cast_inputs(dtype), with_kwargs=True)
     model.train()
     keep = keep_fp32(model, arm.keep_fp32) if arm.keep_fp32 else None
     trained = run.parallel.wrap(model, run.device)
@@ -124,7 +134,14 @@ def prepare_arm(run: RunContext, arm: Arm, seed: int) -> PreparedArm:
     updates = attach_for_arm(optimizer, model, arm)
     scaler = make_scaler(arm, run.device.type, run.parallel.scaler_cls)
     return PreparedArm(arm=arm, run=run, model=model, trained=trained, optimizer=optimizer, scaler=scaler,
-                       weights_fingerprint=weights, keep=keep, updates=updates)
+                       weights_fingerprint=weights, keep=keep, updates=updates, input_cast=input_cast)
+
+
+def _cast_inputs(dtype: torch.dtype) -> Any:
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        return cast_floating(args, dtype), cast_floating(kwargs, dtype)
+
+    return hook
 
 
 def release(arm: Arm, run: RunContext) -> None:
