@@ -48,6 +48,16 @@ def cast_floating(batch: Any, dtype: torch.dtype) -> Any:
     return batch
 
 
+def casting_pre_hook(dtype: torch.dtype) -> Any:
+    """A forward pre-hook (``register_forward_pre_hook(..., with_kwargs=True)``) that casts a module's floating
+    inputs to ``dtype``: a bf16 model without autocast then takes what its caller hands it in fp32."""
+
+    def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        return cast_floating(args, dtype), cast_floating(kwargs, dtype)
+
+    return hook
+
+
 def iter_leaves(batch: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """Yield ``(path, leaf)`` for every leaf of a nested batch, in a stable order."""
     if isinstance(batch, Mapping):

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from mpaudit.arms import Arm
-from mpaudit.run.batches import cast_floating
+from mpaudit.run.batches import cast_floating, casting_pre_hook
 from mpaudit.run.distributed import SINGLE, Parallel
 from mpaudit.run.half_weights import Bf16Updates, attach_for_arm
 from mpaudit.run.keep import KeepFp32, keep_fp32
@@ -126,7 +126,7 @@ def prepare_arm(run: RunContext, arm: Arm, seed: int) -> PreparedArm:
     if arm.weights_dtype is not None:  # after the fingerprint: every arm starts from the same fp32 weights
         dtype = getattr(torch, arm.weights_dtype)
         model.to(dtype=dtype)
-        input_cast = model.register_forward_pre_hook(_cast_inputs(dtype), with_kwargs=True)
+        input_cast = model.register_forward_pre_hook(casting_pre_hook(dtype), with_kwargs=True)
     model.train()
     keep = keep_fp32(model, arm.keep_fp32) if arm.keep_fp32 else None
     trained = run.parallel.wrap(model, run.device)
@@ -135,13 +135,6 @@ def prepare_arm(run: RunContext, arm: Arm, seed: int) -> PreparedArm:
     scaler = make_scaler(arm, run.device.type, run.parallel.scaler_cls)
     return PreparedArm(arm=arm, run=run, model=model, trained=trained, optimizer=optimizer, scaler=scaler,
                        weights_fingerprint=weights, keep=keep, updates=updates, input_cast=input_cast)
-
-
-def _cast_inputs(dtype: torch.dtype) -> Any:
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
-        return cast_floating(args, dtype), cast_floating(kwargs, dtype)
-
-    return hook
 
 
 def release(arm: Arm, run: RunContext) -> None:

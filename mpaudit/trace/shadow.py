@@ -29,7 +29,7 @@ from torch import nn
 
 from mpaudit.arms import Arm
 from mpaudit.results.model import LayerError
-from mpaudit.run.batches import cast_floating, move_to_device
+from mpaudit.run.batches import cast_floating, casting_pre_hook, move_to_device
 from mpaudit.run.precision import autocast
 from mpaudit.run.prepare import RunContext
 from mpaudit.run.task import Task
@@ -147,7 +147,9 @@ def layer_errors(
                 ref = _recorded_loss(run.task, model, paths, batch)
                 for arm in targets:
                     arm_model = models[arm.name]
-                    arm_batch = batch if arm.weights_dtype is None else cast_floating(batch, arm_model.dtype_)
+                    if arm_model is None:
+                        continue
+                    arm_batch = batch if arm.weights_dtype is None else cast_floating(batch, arm_model.dtype)
                     _compare_arm(run, arm_model.module, dict(arm_model.module.named_modules()), arm, arm_batch, ref,
                                  paths, local[arm.name], drift[arm.name])
     finally:
@@ -167,14 +169,21 @@ class _ArmModel:
     """The model an arm's forward runs: the trained fp32 model itself, or a copy in the arm's weight dtype."""
 
     module: nn.Module
-    dtype_: torch.dtype
+    dtype: torch.dtype
 
 
-def _arm_model(model: nn.Module, arm: Arm) -> _ArmModel:
+def _arm_model(model: nn.Module, arm: Arm) -> _ArmModel | None:
+    """The fp32 model for an autocast arm; for a half-weight arm a copy cast to its weight dtype, taking its inputs in
+    that dtype as it trained (None when the model cannot be copied: that arm is left out of the table)."""
     if arm.weights_dtype is None:
         return _ArmModel(model, torch.float32)
     dtype = getattr(torch, arm.weights_dtype)
-    return _ArmModel(copy.deepcopy(model).to(dtype=dtype), dtype)
+    try:
+        copied = copy.deepcopy(model).to(dtype=dtype)
+    except Exception:
+        return None
+    copied.register_forward_pre_hook(casting_pre_hook(dtype), with_kwargs=True)
+    return _ArmModel(copied, dtype)
 
 
 def _recorded_loss(task: Task, model: nn.Module, paths: Sequence[str], batch: Any) -> _Record:
