@@ -24,6 +24,7 @@ from mpaudit.run.half_weights import Bf16Updates, bf16_optimizer, stochastic_rou
 from mpaudit.run.prepare import RunContext, prepare_arm
 from mpaudit.run.seeding import fingerprint_model
 from mpaudit.run.task import load_task
+from mpaudit.run.train import TrainSpec, train_arm
 from mpaudit.vocab import SAFE
 
 # ---------------------------------------------------------------------------------------------- the arm as data
@@ -210,6 +211,19 @@ def test_prepare_casts_after_the_fingerprint_and_evaluates_in_fp32(tiny_task: Pa
     assert all(torch.equal(p, w.float()) for p, w in zip(pure.model.parameters(), weights, strict=True))
     sr = prepare_arm(run, ARMS["bf16-pure"].with_changes(update_rounding="stochastic"), 0)
     assert sr.updates is not None and set(sr.updates.modes.values()) == {"stochastic"}
+
+
+def test_every_fix_trains_as_an_arm_and_records_its_recipe(tiny_task: Path) -> None:
+    run = RunContext(task=load_task(tiny_task), device=torch.device("cpu"))
+    spec = TrainSpec(seed=0, steps=4, epochs=None, trace_every=1)
+    pure = ARMS["bf16-pure"]
+    for arm in (pure, pure.with_changes(update_rounding="kahan"), pure.with_changes(fp32_master=["0"])):
+        result = train_arm(run, arm, spec).result
+        assert result.status == "ok", result.error
+        assert result.weights_dtype == "bfloat16" and result.fp32_master == list(arm.fp32_master)
+        assert result.update_rounding == arm.update_rounding and result.metrics["accuracy"] > 0
+        assert result.trace is not None and result.trace.get("0", "update:weight") is not None
+        assert "bfloat16" in (result.trace.get("0", "activation") or result.trace.get("0", "grad:weight")).dtype
 
 
 # ---------------------------------------------------------------------------------------------- the audit
