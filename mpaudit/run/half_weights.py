@@ -25,6 +25,10 @@ bf16 tensors back in:
   carries about 16: measured on ``suites/digits_finetune`` (AdamW, lr 2e-5), as good as fp32 compensation (see the
   README).
 
+During the step the affected parameters' weights, gradients and optimizer state are held in fp32 all at once (the
+optimizer steps them together, whatever it is), so the step's transient peak is an fp32 optimizer step's; between
+steps only the bf16 tensors, the masters and the compensations remain.
+
 Parameters that are not bf16 (a module kept in fp32 by the user) are left alone. Random numbers for stochastic
 rounding come from a private generator seeded with ``seed``, so a run is reproducible and the user's random
 state (dropout, data order) is untouched. The post-hook restores the bf16 weight before anything after
