@@ -7,10 +7,11 @@ Public API::
     mpaudit.write_report(result, "reports/model")   # report.json + report.html
     with mpaudit.keep_fp32(model, ["amp"]): ...      # a verified keep-list, in your own loop
     with mpaudit.watch(model, optimizer, scaler): ...  # observe your own loop, report when it ends
+    optimizer = mpaudit.bf16_optimizer(model, build_optimizer, rounding="stochastic")  # bf16 weights, no lost updates
 
-The names that run a model (``audit``, ``AuditConfig``, ``keep_fp32``, ``KeepFp32``, ``watch``, ``Watch``) are
-imported on first use, so reading, gating and comparing results (``mpaudit gate``, ``compare``, ``report``) never
-imports torch.
+The names that run a model (``audit``, ``AuditConfig``, ``keep_fp32``, ``KeepFp32``, ``watch``, ``Watch``,
+``bf16_optimizer``, ``Bf16Updates``) are imported on first use, so reading, gating and comparing results
+(``mpaudit gate``, ``compare``, ``report``) never imports torch.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ _LAZY = {
     "AuditConfig": "mpaudit.run.audit",
     "keep_fp32": "mpaudit.run.keep",
     "KeepFp32": "mpaudit.run.keep",
+    "bf16_optimizer": "mpaudit.run.half_weights",
+    "Bf16Updates": "mpaudit.run.half_weights",
     "write_report": "mpaudit.report",
     "watch": "mpaudit.run.watch",
     "Watch": "mpaudit.run.watch",
@@ -47,6 +50,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from mpaudit.report import write_report
     from mpaudit.run.audit import AuditConfig, audit
+    from mpaudit.run.half_weights import Bf16Updates, bf16_optimizer
     from mpaudit.run.keep import KeepFp32, keep_fp32
     from mpaudit.run.watch import Watch, watch
 
@@ -69,6 +73,7 @@ __all__ = [
     "ArmResult",
     "AuditConfig",
     "AuditResult",
+    "Bf16Updates",
     "Flag",
     "Gate",
     "GateCheck",
@@ -83,6 +88,7 @@ __all__ = [
     "Watch",
     "__version__",
     "audit",
+    "bf16_optimizer",
     "keep_fp32",
     "watch",
     "write_report",

@@ -114,7 +114,7 @@ def _record_exit_code(code: int) -> None:
 @_exits()
 def run(
     task: Annotated[Path, typer.Argument(help="The task file (model.py) to audit.", show_default=False)],
-    arms: Annotated[str, typer.Option(help="Comma-separated arms to train, in order: fp32, bf16, fp16.")] = ",".join(DEFAULT_ARMS),
+    arms: Annotated[str, typer.Option(help="Comma-separated arms to train, in order: fp32, bf16, fp16, bf16-pure (weights and optimizer state in bf16, no fp32 master copy; not a default).")] = ",".join(DEFAULT_ARMS),
     steps: Annotated[int | None, typer.Option(help=f"Optimizer steps per arm (default {DEFAULT_STEPS} unless --epochs).", show_default=False)] = None,
     epochs: Annotated[int | None, typer.Option(help="Passes over train_loader() per arm, instead of --steps.", show_default=False)] = None,
     clip_grad_norm: Annotated[float | None, typer.Option(help="Clip the gradient norm to this before every optimizer step (after GradScaler.unscale_ in fp16); overrides the task's clip_grad_norm.", show_default=False)] = None,

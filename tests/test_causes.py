@@ -76,6 +76,19 @@ def test_precision_loss_on_a_matching_arm_is_information_and_advice_is_folded() 
     assert settle(flags[-1:], matching=set(), layer_order={}, arm_order=["fp16"])[0].severity == "warning"
 
 
+def test_lost_updates_are_their_own_root_and_a_warning_on_an_arm_that_matches_fp32() -> None:
+    lost = [Flag(layer=f"fc{i}", arm="bf16-pure", kind="update_underflow", severity="error",
+                 evidence={"measured_lost_fraction": 0.9}, recommendation=f"`fc{i}` loses 9{i}% of its updates")
+            for i in range(3)]
+    linked = link(lost, {"bf16-pure": make_arm("bf16-pure")})
+    assert all(f.caused_by is None and f.severity == "error" for f in linked)
+    order = {"bf16-pure": ["fc0", "fc1", "fc2"]}
+    failing = settle(linked, matching=set(), layer_order=order, arm_order=["bf16-pure"])
+    assert [(f.layer, f.severity) for f in failing] == [("fc0", "error"), ("fc1", "error"), ("fc2", "error")]
+    matching = settle(linked, matching={"bf16-pure"}, layer_order=order, arm_order=["bf16-pure"])
+    assert {f.severity for f in matching} == {"warning"}
+
+
 def test_flags_sort_by_severity_roots_first_then_forward_order() -> None:
     flags = [_flag("b", "gradient_underflow", "warning"), _flag("a", "nonfinite", "error"),
              _flag("container", "forward_overflow", "error", ), _flag("b", "precision_loss", "info")]

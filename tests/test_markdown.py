@@ -90,6 +90,23 @@ def test_the_verified_fix_and_the_root_cause_lead_the_arm_line() -> None:
     assert len(flag_rows) == 1 and flag_rows[0][-1] == "1"  # the consequence is counted under its cause
 
 
+def test_a_half_weight_fix_is_named_in_the_arm_line() -> None:
+    lost = Flag(layer="fc1", arm="bf16-pure", kind="update_underflow", severity="error",
+                evidence={"measured_lost_fraction": 0.95}, recommendation="round its updates stochastically")
+    fixes = [Recommendation(arm="bf16-pure", update_rounding="stochastic", verified_arm="bf16-pure+sr", passed=True,
+                            metrics={"accuracy": 0.69}, runs_used=1),
+             Recommendation(arm="bf16-pure", fp32_master=["fc1", "fc2"], update_rounding=None, passed=True,
+                            verified_arm="bf16-pure+master", metrics={"accuracy": 0.7}, runs_used=2)]
+    res = replace(result(arm("fp32", accuracy=0.7), arm("bf16-pure", accuracy=0.3), flags=[lost]),
+                  recommendations=fixes[:1])
+    line = next(x for x in summary_markdown(res).splitlines() if x.startswith("- **bf16-pure"))
+    assert r"root cause: update\_underflow at fc1" in line
+    assert line.endswith(r"**verified fix:** stochastic rounding of bf16 updates (accuracy 0.69 in \`bf16-pure+sr\`)")
+    line = next(x for x in summary_markdown(replace(res, recommendations=fixes[1:])).splitlines()
+                if x.startswith("- **bf16-pure"))
+    assert r"**verified fix:** fp32 master weights for \`fc1\`, \`fc2\`" in line
+
+
 def test_benchmark_speedup_is_shown_with_its_interval() -> None:
     base = result(arm("fp32", accuracy=0.9), arm("bf16", accuracy=0.9))
     speedup = Speedup(arm="bf16", baseline="fp32", ratio=1.8, ci_low=1.7, ci_high=1.9, rounds=10)

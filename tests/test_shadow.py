@@ -48,6 +48,17 @@ def test_bf16_rounding_is_coarser_than_fp16_but_keeps_the_range(tiny_task: Path)
     assert bf16["2"].drift_sqnr_db <= bf16["2"].sqnr_db + 3  # error accumulates, it does not vanish
 
 
+def test_a_half_weight_arm_runs_a_bf16_copy_and_leaves_the_fp32_model_alone(tiny_task: Path) -> None:
+    pure, bf16 = _errors(tiny_task, "bf16-pure"), _errors(tiny_task, "bf16")
+    for layer in ("0", "2"):  # a Linear in bf16 weights and inputs computes what bf16 autocast computes
+        assert 30 < pure[layer].sqnr_db < 70 and math.isfinite(pure[layer].drift_sqnr_db)
+        assert pure[layer].sqnr_db == bf16[layer].sqnr_db
+    task = load_task(tiny_task)
+    model = task.build_model()
+    layer_errors(RunContext(task, CPU), model, [ARMS["fp32"], ARMS["bf16-pure"]], select_modules(model))
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the trained fp32 weights are not cast
+
+
 def test_layers_the_attribution_blames_rank_first_for_the_keep_list(overflow_task: Path) -> None:
     errors = _errors(overflow_task, "fp16")
     ranked = rank_layers("fp16", [], None, None, {e.layer: e.sqnr_db for e in errors.values()})

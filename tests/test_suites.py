@@ -25,6 +25,7 @@ EXPECTED_METRICS = {
     "attention_overflow": ["accuracy", "eval_loss"],
     "digits_mlp": ["accuracy", "eval_loss"],
     "digits_cnn": ["accuracy", "eval_loss"],
+    "digits_finetune": ["accuracy", "eval_loss"],
     "resnet_digits": ["accuracy", "eval_loss"],
     "char_transformer": ["perplexity", "eval_loss"],
     "hf_gpt2_tiny": ["perplexity", "eval_loss"],
@@ -179,3 +180,25 @@ def test_regression_recipe_mixed_precision_arms_stay_within_003_of_fp32_and_clip
     assert r2["fp16"] > wrong + 0.5
     # and the recipe is needed: without the schedule the same loop does far worse
     assert m.train_plain(schedule=False)["r2"] < r2["fp32"] - 0.2
+
+
+def _unchanged_after_one_step(m: ModuleType, dtype: torch.dtype) -> float:
+    """Share of the fine-tuning model's weights one AdamW step at the task's learning rate leaves unchanged."""
+    torch.manual_seed(0)
+    model = m.build_model().to(dtype)
+    optimizer = m.build_optimizer(model)
+    x, y = next(iter(m.train_loader()))
+    m.loss_fn(model, (x.to(dtype), y)).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.step()
+    same = sum(int((p.detach() == b).sum()) for p, b in zip(model.parameters(), before, strict=True))
+    return same / sum(b.numel() for b in before)
+
+
+def test_digits_finetune_bf16_weights_lose_adamws_steps_and_fp32_weights_do_not() -> None:
+    m = _module("digits_finetune")
+    assert "bf16-pure" in (m.__doc__ or "") and m.FINETUNE_LR < 2.0**-12  # below half a bf16 ulp of 0.1's binade
+    weights = torch.cat([p.detach().abs().flatten() for p in m.build_model().parameters()])
+    assert 0.05 < float(weights.mean()) < 0.2  # weights of order 0.1 after pretraining
+    assert _unchanged_after_one_step(m, torch.float32) < 0.01
+    assert _unchanged_after_one_step(m, torch.bfloat16) > 0.8

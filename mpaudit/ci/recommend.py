@@ -1,13 +1,20 @@
 """Recommendations that are proven before they are given: each is trained as an extra arm and checked.
 
 For every mixed-precision arm that does not pass (the user's gate, or without one: status ok and the primary
-metric within :data:`~mpaudit.ci.gaps.UNGATED_RELATIVE_DROP` of fp32), two changes are tried:
+metric within :data:`~mpaudit.ci.gaps.UNGATED_RELATIVE_DROP` of fp32), two changes are tried on an autocast arm:
 
 * a loss scale: the ``init_scale`` 2^k the rules computed from fp32's gradient histograms (a root ``loss_scale``
   flag's ``recommended_log2``; a loss-scale flag that only follows from an overflow is not a cause to fix);
 * the smallest keep-list: modules ranked by evidence (:func:`rank_layers`), added one at a time until the arm
   passes, then each dropped again while it still passes. "Minimal" is claimed only when every single removal
   from the final list was trained and failed; otherwise the list is "sufficient" and says how many were tried.
+
+On an arm that stores its weights in bf16 and rounds updates to nearest (``bf16-pure``), the changes keep its
+small updates instead (:mod:`mpaudit.run.half_weights`), cheapest first:
+
+* ``update_rounding="stochastic"``, then ``"kahan"``: one run each, the whole model, no fp32 weights kept;
+* the smallest ``fp32_master`` list: modules ranked by the share of their updates the arm measured lost
+  (:func:`rank_lost_updates`), searched like a keep-list, with the same honest minimal/sufficient claim.
 
 Every try is a full training run (same seed, same batches, same evaluation), bounded by one budget shared by
 the arms, spent on the worst first: arms that diverged, failed or carry a root error flag, then arms failing
@@ -20,12 +27,13 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from mpaudit.arms import Arm
+from mpaudit.arms import UPDATE_ROUNDINGS, Arm, UpdateRounding
 from mpaudit.ci.gaps import fp32_noise_of_runs, gap_within_noise, judged_metric, ungated_drop
 from mpaudit.ci.gate import Limit, evaluate_gate
 from mpaudit.defaults import DEFAULT_VERIFY_BUDGET
 from mpaudit.numerics.formats import FP16, what_if
 from mpaudit.numerics.layerstats import ACTIVATION, ROOT_LAYER, TraceSummary
+from mpaudit.numerics.rules import update_losses
 from mpaudit.results.model import ArmResult, Flag, Recommendation
 from mpaudit.vocab import BASELINE, ERROR, OK, severity_rank
 
@@ -132,6 +140,18 @@ def rank_layers(
     return sorted(score, key=lambda layer: score[layer])[:MAX_KEEP_CANDIDATES]
 
 
+def rank_lost_updates(trace: TraceSummary | None, reference: TraceSummary | None) -> list[str]:
+    """Modules of a half-weight arm to give an fp32 master copy, most lost updates first (the share of their
+    sampled updates the arm measured lost, :func:`~mpaudit.numerics.rules.update_losses`), then in forward order;
+    modules that lost none are left out, and so is the root (its own parameters have no module path to name)."""
+    if trace is None:
+        return []
+    losses = update_losses(trace, reference)
+    order = {layer: i for i, layer in enumerate(losses)}
+    ranked = [layer for layer, loss in losses.items() if loss.measured > 0 and layer not in UNKEEPABLE]
+    return sorted(ranked, key=lambda layer: (-losses[layer].measured, order[layer]))[:MAX_KEEP_CANDIDATES]
+
+
 def half_is_fp16(arm: str) -> bool:
     """True for fp16 arms (the only format whose range fp32 values can overflow)."""
     return arm.startswith("fp16")
@@ -146,6 +166,15 @@ def recommended_init_scale(arm: str, flags: Sequence[Flag]) -> float | None:
     return None
 
 
+_Key = tuple[tuple[str, ...], float | None, tuple[str, ...], str | None]
+"""A change tried: (keep_fp32, init_scale, fp32_master, update_rounding)."""
+
+
+def _key(keep: Sequence[str] = (), init_scale: float | None = None, master: Sequence[str] = (),
+         rounding: str | None = None) -> _Key:
+    return (tuple(keep), init_scale, tuple(master), rounding)
+
+
 @dataclass
 class _Search:
     """One arm's search: every try costs a run from the shared budget; results are cached by change."""
@@ -155,39 +184,47 @@ class _Search:
     train: Trainer
     budget: list[int]  # one shared counter, [runs left], across arms
     runs_used: int = 0
-    tried: dict[tuple[tuple[str, ...], float | None], ArmResult] = field(default_factory=dict)
+    tried: dict[_Key, ArmResult] = field(default_factory=dict)
 
-    def run(self, keep: Sequence[str], init_scale: float | None) -> ArmResult | None:
-        key = (tuple(keep), init_scale)
+    def run(self, keep: Sequence[str], init_scale: float | None, master: Sequence[str] = (),
+            rounding: UpdateRounding | None = None) -> ArmResult | None:
+        key = _key(keep, init_scale, master, rounding)
         if key not in self.tried:
             if self.budget[0] <= 0:
                 return None
             self.budget[0] -= 1
             self.runs_used += 1
-            self.tried[key] = self.train(self.arm.with_changes(keep, init_scale))
+            self.tried[key] = self.train(self.arm.with_changes(keep, init_scale, fp32_master=master,
+                                                               update_rounding=rounding))
         return self.tried[key]
 
-    def passes(self, keep: Sequence[str], init_scale: float | None) -> bool | None:
-        if not keep and init_scale is None:
+    def passes(self, keep: Sequence[str], init_scale: float | None, master: Sequence[str] = (),
+               rounding: UpdateRounding | None = None) -> bool | None:
+        if not keep and init_scale is None and not master and rounding is None:
             return False  # the arm as it is: it is searched because it does not pass
-        run = self.run(keep, init_scale)
+        run = self.run(keep, init_scale, master, rounding)
         return None if run is None else self.criteria.passes(run)
 
-    def known(self, keep: Sequence[str]) -> bool | None:
-        """Whether ``keep`` was trained (or is the arm as it is) and passed; None when it was never trained."""
+    def known(self, keep: Sequence[str], master: bool = False) -> bool | None:
+        """Whether the list ``keep`` (a keep-list, or with ``master`` an fp32-master list) was trained (or is the arm
+        as it is) and passed; None when it was never trained."""
         if not keep:
             return False
-        run = self.tried.get((tuple(keep), None))
+        run = self.tried.get(_key(master=keep) if master else _key(keep))
         return None if run is None else self.criteria.passes(run)
 
-    def smallest_keep_list(self, ranked: Sequence[str]) -> _KeepSearch:
+    def _list_passes(self, modules: Sequence[str], master: bool) -> bool | None:
+        return self.passes((), None, master=modules) if master else self.passes(modules, None)
+
+    def smallest_keep_list(self, ranked: Sequence[str], master: bool = False) -> _KeepSearch:
         """Add ranked modules until the arm passes, drop each one it still passes without, then train the
-        removals from the final list not tried yet while the budget lasts."""
+        removals from the final list not tried yet while the budget lasts. With ``master`` the list names the
+        modules that keep an fp32 master copy of their weights instead of the modules kept in fp32 under autocast."""
         keep: list[str] = []
         found = _KeepSearch(keep=[], passed=False, exhausted=False, ranked=list(ranked))
         for layer in ranked:
             keep.append(layer)
-            ok = self.passes(keep, None)
+            ok = self._list_passes(keep, master)
             if ok is None:
                 keep.pop()
                 found.exhausted = True
@@ -202,7 +239,7 @@ class _Search:
             if len(keep) == 1:
                 break
             trial = [x for x in keep if x != layer]
-            ok = self.passes(trial, None)
+            ok = self._list_passes(trial, master)
             if ok is None:
                 found.exhausted = True
                 break
@@ -210,13 +247,13 @@ class _Search:
                 keep = trial
         found.keep = list(keep)
         for layer in keep:  # every single removal from the final list, trained: only then is it minimal
-            if self.known([x for x in keep if x != layer]) is None and self.passes(
-                    [x for x in keep if x != layer], None) is None:
+            without = [x for x in keep if x != layer]
+            if self.known(without, master) is None and self._list_passes(without, master) is None:
                 found.exhausted = True
                 break
-        found.removals_tried = sum(self.known([x for x in keep if x != layer]) is not None for layer in keep)
+        found.removals_tried = sum(self.known([x for x in keep if x != layer], master) is not None for layer in keep)
         found.minimal = found.removals_tried == len(keep) and not any(
-            self.known([x for x in keep if x != layer]) for layer in keep)
+            self.known([x for x in keep if x != layer], master) for layer in keep)
         return found
 
 
@@ -280,13 +317,16 @@ def recommend(
     for _, _, arm in sorted(failing, key=lambda t: t[:2]):
         result = results[arm.name]
         search = _Search(arm, criteria, train, left)
+        if arm.rounds_updates_to_nearest:
+            _half_weight_fixes(search, arm, result, reference, recs, verification)
+            continue
         scale = recommended_init_scale(arm.name, flags) if arm.grad_scaler else None
         if scale is not None:
             ok = search.passes((), scale)
             rec = _record(search, arm, [], scale, ok)
             recs.append(rec)
             if rec.verified_arm is not None:
-                verification[rec.verified_arm] = search.tried[((), scale)]
+                verification[rec.verified_arm] = search.tried[_key((), scale)]
             if ok:
                 continue
         ranked = rank_layers(arm.name, flags, result.trace, reference, (layer_error_db or {}).get(arm.name))
@@ -303,34 +343,70 @@ def recommend(
         rec = _record(search, arm, found.keep, None, found.passed, runs=search.runs_used - before, found=found)
         recs.append(rec)
         if rec.verified_arm is not None:
-            verification[rec.verified_arm] = search.tried[(tuple(found.keep), None)]
+            verification[rec.verified_arm] = search.tried[_key(found.keep)]
     return recs, verification
+
+
+def _half_weight_fixes(
+    search: _Search, arm: Arm, result: ArmResult, reference: TraceSummary | None, recs: list[Recommendation],
+    verification: dict[str, ArmResult],
+) -> None:
+    """A half-weight arm's fixes, cheapest first, until one passes: stochastic rounding, Kahan-compensated
+    rounding (whole model, one run each), then the smallest fp32-master list over modules ranked by lost updates."""
+    for rounding in UPDATE_ROUNDINGS:
+        before = search.runs_used
+        ok = search.passes((), None, rounding=rounding)
+        rec = _record(search, arm, [], None, ok, runs=search.runs_used - before, rounding=rounding)
+        recs.append(rec)
+        if rec.verified_arm is not None:
+            verification[rec.verified_arm] = search.tried[_key(rounding=rounding)]
+        if ok or ok is None:
+            return
+    ranked = rank_lost_updates(result.trace, reference)
+    if not ranked:
+        recs.append(Recommendation(arm=arm.name, reason=(
+            "no module measured lost updates to keep an fp32 master copy of (trace the arm: --trace-every)")))
+        return
+    before = search.runs_used
+    found = search.smallest_keep_list(ranked, master=True)
+    if not found.keep:
+        recs.append(Recommendation(arm=arm.name, runs_used=search.runs_used - before, reason=(
+            f"--verify-budget ran out before an fp32 master list could be tried (ranked: {', '.join(ranked)})")))
+        return
+    rec = _record(search, arm, [], None, found.passed, runs=search.runs_used - before, found=found,
+                  master=found.keep)
+    recs.append(rec)
+    if rec.verified_arm is not None:
+        verification[rec.verified_arm] = search.tried[_key(master=found.keep)]
 
 
 def _record(
     search: _Search, arm: Arm, keep: list[str], scale: float | None, passed: bool | None, runs: int | None = None,
-    found: _KeepSearch | None = None,
+    found: _KeepSearch | None = None, master: Sequence[str] = (), rounding: UpdateRounding | None = None,
 ) -> Recommendation:
-    run = search.tried.get((tuple(keep), scale))
-    change = _describe(keep, scale)
+    run = search.tried.get(_key(keep, scale, master, rounding))
+    change = _describe(keep, scale, master, rounding)
+    listed = list(master) or keep
     if run is None:
-        return Recommendation(arm=arm.name, keep_fp32=keep, init_scale=scale, passed=False, runs_used=runs or 0,
+        return Recommendation(arm=arm.name, keep_fp32=keep, init_scale=scale, fp32_master=list(master),
+                              update_rounding=rounding, passed=False, runs_used=runs or 0,
                               reason=f"{change}: --verify-budget ran out before it was trained")
     outcome = "trains as well as fp32" if passed else f"still does not pass ({_outcome(run)})"
     reason = f"{change}: {arm.name} {outcome}"
     if found is not None and passed:
         if found.minimal:
-            reason += ("; minimal: removing any one of them fails, each removal trained" if len(keep) > 1
+            reason += ("; minimal: removing any one of them fails, each removal trained" if len(listed) > 1
                        else "; minimal: the arm without it fails")
         else:
-            reason += (f"; sufficient, not shown minimal: {found.removals_tried} of {len(keep)} removals trained"
+            reason += (f"; sufficient, not shown minimal: {found.removals_tried} of {len(listed)} removals trained"
                        + ("; --verify-budget ran out" if found.exhausted else ""))
     elif found is not None:
         reason += "; --verify-budget ran out" if found.exhausted else " with every ranked module tried"
         reason += f" (ranked: {', '.join(found.ranked)})"
     return Recommendation(
-        arm=arm.name, keep_fp32=list(keep), init_scale=scale, verified_arm=run.name, passed=bool(passed),
-        metrics=dict(run.metrics), runs_used=search.runs_used if runs is None else runs, reason=reason,
+        arm=arm.name, keep_fp32=list(keep), init_scale=scale, fp32_master=list(master), update_rounding=rounding,
+        verified_arm=run.name, passed=bool(passed), metrics=dict(run.metrics),
+        runs_used=search.runs_used if runs is None else runs, reason=reason,
     )
 
 
@@ -341,13 +417,20 @@ def _outcome(run: ArmResult) -> str:
     return f"{metric} {run.metrics[metric]:.4g}" if metric is not None else f"final loss {run.final_loss:.4g}"
 
 
-def _describe(keep: Sequence[str], scale: float | None) -> str:
+def _describe(keep: Sequence[str], scale: float | None, master: Sequence[str] = (),
+              rounding: str | None = None) -> str:
     parts = []
     if keep:
         parts.append("keeping " + ", ".join(f"`{p}`" for p in keep) + " in fp32")
     if scale is not None:
         parts.append(f"GradScaler init_scale 2^{math.log2(scale):g}")
+    if master:
+        parts.append("an fp32 master copy of " + ", ".join(f"`{p}`" for p in master))
+    if rounding == "stochastic":
+        parts.append("stochastically rounded bf16 updates")
+    elif rounding == "kahan":
+        parts.append("Kahan-compensated bf16 updates")
     return " and ".join(parts)
 
 
-__all__ = ["Criteria", "rank_layers", "recommend", "recommended_init_scale", "ungated_ok"]
+__all__ = ["Criteria", "rank_layers", "rank_lost_updates", "recommend", "recommended_init_scale", "ungated_ok"]

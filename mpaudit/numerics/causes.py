@@ -12,7 +12,11 @@ marks every flag that follows from it with ``caused_by`` (and no recommendation 
   skipped-steps ``loss_scale`` flag causes the gradient flags of an arm whose GradScaler lowered its scale: its
   underflow, loss-scale advice and non-finite gradients. The root takes the severity of its worst consequence.
 
-:func:`settle` then tells harm from noise (``precision_loss`` on an arm that matches fp32 is information), folds
+``update_underflow`` (updates lost to a half-precision weight) follows from nothing but the recipe: it is a root
+cause of its own unless a forward root makes the whole arm's numbers its consequence.
+
+:func:`settle` then tells harm from noise (``precision_loss`` on an arm that matches fp32 is information, lost updates
+there a warning), folds
 identical advice over many layers into one model-level flag, and orders flags by severity and forward order.
 """
 
@@ -24,7 +28,7 @@ from dataclasses import replace
 from mpaudit.numerics.formats import FP16
 from mpaudit.numerics.layerstats import ROOT_LAYER
 from mpaudit.results.model import ArmResult, Cause, Flag
-from mpaudit.vocab import FLAG_KINDS, INFO, SEVERITIES, WARNING, severity_rank
+from mpaudit.vocab import ERROR, FLAG_KINDS, INFO, SEVERITIES, WARNING, severity_rank
 
 DEFAULT_LOSS_SCALE = 2.0**16
 """GradScaler's default initial scale: below it, the scale was lowered by skipped steps."""
@@ -111,10 +115,14 @@ def settle(flags: Sequence[Flag], matching: Collection[str], layer_order: Mappin
     """Harm over noise and one flag per piece of advice, most severe first, then in forward order.
 
     ``matching`` names the arms that train as well as fp32 (the gate, or within 2% without one): their
-    ``precision_loss`` warnings become information. ``layer_order`` gives each arm's layers in forward order.
+    ``precision_loss`` warnings become information, and their ``update_underflow`` errors warnings (the lost
+    updates did not cost this run, but a lower learning rate or a longer run may stall). ``layer_order`` gives
+    each arm's layers in forward order.
     """
     calmed = [replace(f, severity=INFO) if f.kind == "precision_loss" and f.arm in matching
               and f.severity == WARNING else f for f in flags]
+    calmed = [replace(f, severity=WARNING) if f.kind == "update_underflow" and f.arm in matching
+              and f.severity == ERROR else f for f in calmed]
     folded = _fold(calmed)
 
     def where(f: Flag) -> int:

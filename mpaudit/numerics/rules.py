@@ -14,6 +14,11 @@ exact arithmetic may flush harmlessly). Gradient values at the rounding-noise le
 count for nothing at all. An observation alone never fires, because arms drift apart during training and
 zero fractions move a little for unrelated reasons. bf16 has fp32's exponent range, so the underflow and
 overflow rules apply to fp16 arms only.
+
+One rule measures the harm itself: ``update_underflow``, for arms that store their weights in half precision and
+round updates to nearest (``bf16-pure``). Their sampled updates that left a weight unchanged are the updates that
+were lost (beyond those that were zero in fp32 too); fp32's update histograms give the prediction beside it. Arms
+with fp32 master weights (``bf16``, ``fp16``) cannot lose updates this way and never get the flag.
 """
 
 from __future__ import annotations
@@ -81,12 +86,17 @@ class Thresholds:
     """Fraction of steps GradScaler skipped (after its initial calibration run) worth a warning."""
     skip_fraction_error: float = 0.25
     """Fraction of skipped steps that is an error: a quarter of the training is thrown away."""
-    update_lost_warning: float = 0.9
-    """Fraction of a layer's nonzero optimizer updates that weights stored in fp16/bf16 would not register,
-    worth a warning: the layer would all but stop learning. (mpaudit's arms keep fp32 master weights, so
-    this is about recipes that store weights in half precision.)"""
-    update_lost_info: float = 0.1
-    """Fraction of lost updates recorded as info (LayerNorm gains and embeddings often sit near 50% in bf16)."""
+    update_lost_error: float = 0.5
+    """Measured share of a layer's sampled updates that left its half-precision weights unchanged (beyond the
+    share fp32's updates left unchanged) that is an error: in an arm that stores its weights in bf16
+    (``bf16-pure``), half the layer's steps round away, so the layer learns at a fraction of its rate (on the
+    suites' fine-tuning workload at lr 2e-5: 95-100%, and the arm stalls). Arms with fp32 master weights never get
+    this flag: their updates cannot round away."""
+    update_lost_warning: float = 0.1
+    """Measured lost share worth a warning: a tenth of the layer's steps round away (a lower learning rate, the tail
+    of a cosine schedule or more steps make it worse)."""
+    update_lost_info: float = 0.01
+    """Measured lost share recorded as info."""
     significant_quantile: float = 0.01
     """The smallest *significant* gradient magnitude is this quantile (1st percentile) of the fp32 arm's
     nonzero gradient magnitudes over the whole model: the recommended loss scale lifts it to fp16's min
@@ -116,6 +126,52 @@ class Thresholds:
             except (TypeError, ValueError):
                 raise UsageError(f"Threshold {name!r} must be a number, not {value!r}.") from None
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class UpdateLoss:
+    """How many of one layer's updates a half-weight arm lost: measured in the arm, predicted from fp32's updates.
+
+    ``measured`` is the share of the arm's sampled updates that left the stored weight unchanged, beyond the share
+    of fp32's updates that were exactly zero (an update that is zero in fp32 too, such as a parameter with no
+    gradient under plain SGD, is not lost): ``(z_arm - z_fp32) / (1 - z_fp32)`` with ``z`` the zero fraction of the
+    layer's ``update:*`` records. ``unchanged`` is the arm's raw zero fraction. ``predicted`` is
+    :func:`~mpaudit.numerics.formats.update_lost` on fp32's update histograms in the arm's format (None without a
+    traced fp32 arm): the share of fp32's updates below half an ulp of their weight.
+    """
+
+    layer: str
+    measured: float
+    unchanged: float
+    predicted: float | None
+    sampled: int
+
+
+def update_losses(summary: TraceSummary, reference: TraceSummary | None, fmt: Format = BF16) -> dict[str, UpdateLoss]:
+    """Per layer (forward order) with sampled updates in ``summary``: the :class:`UpdateLoss` of a half-weight arm,
+    measured from its own update records, predicted from ``reference`` (the fp32 arm's trace)."""
+    own: dict[str, list[TensorStats]] = {}
+    for layer, role, stats in summary.items():
+        if is_update(role) and stats.count:
+            own.setdefault(layer, []).append(stats)
+    out: dict[str, UpdateLoss] = {}
+    for layer, records in own.items():
+        count = sum(r.count for r in records)
+        unchanged = sum(r.zeros for r in records) / count
+        refs: list[TensorStats] = []
+        for role in summary.roles(layer) if reference is not None else ():
+            ref = reference.get(layer, role) if reference is not None and is_update(role) else None
+            if ref is not None and ref.count:
+                refs.append(ref)
+        measured, predicted = unchanged, None
+        if refs:
+            z_ref = sum(r.zeros for r in refs) / sum(r.count for r in refs)
+            measured = max(0.0, (unchanged - z_ref) / (1 - z_ref)) if z_ref < 1 else 0.0
+            nonzero = sum(r.finite_nonzero for r in refs)
+            predicted = sum(update_lost(r.hist, fmt) * r.finite_nonzero for r in refs) / nonzero if nonzero else 0.0
+        out[layer] = UpdateLoss(layer=layer, measured=measured, unchanged=unchanged, predicted=predicted,
+                                sampled=count)
+    return out
 
 
 def half_format(arm: str) -> Format | None:
@@ -174,7 +230,8 @@ class _Flagger:
     arms: dict[str, ArmResult]
     t: Thresholds
     half_weights: frozenset[str] = frozenset()
-    """Arms whose recipe stores the weights in half precision: only they can lose updates to rounding."""
+    """Arms whose recipe stores the weights in half precision and rounds updates to nearest (``bf16-pure``): only
+    they can lose updates to rounding, so only they get ``update_underflow`` flags, from their measured updates."""
 
     def __post_init__(self) -> None:
         self.flags: dict[tuple[str, str, str], Flag] = {}
@@ -559,19 +616,14 @@ class _Flagger:
             )
 
     def update_underflow(self, arm: str, summary: TraceSummary, fmt: Format) -> None:
-        """Optimizer updates below half an ulp of the weight: lost if the weights were stored in ``fmt``."""
-        per_layer: dict[str, list[TensorStats]] = {}
-        for layer, role, own in summary.items():
-            if is_update(role):
-                per_layer.setdefault(layer, []).append(own)
-        for layer, records in per_layer.items():
-            nonzero = sum(r.finite_nonzero for r in records)
-            if not nonzero:
+        """Updates that left a half-precision weight unchanged, measured in an arm that stores its weights in
+        ``fmt`` (its update records' zeros beyond fp32's), with fp32's prediction beside them in the evidence."""
+        for layer, loss in update_losses(summary, self.reference, fmt).items():
+            if loss.measured < self.t.update_lost_info:
                 continue
-            lost = sum(update_lost(r.hist, fmt) * r.finite_nonzero for r in records) / nonzero
-            if lost < self.t.update_lost_info:
-                continue
-            severity: Severity = WARNING if lost >= self.t.update_lost_warning else INFO
+            severity: Severity = (ERROR if loss.measured >= self.t.update_lost_error
+                                  else WARNING if loss.measured >= self.t.update_lost_warning else INFO)
+            predicted = "" if loss.predicted is None else f"; fp32's updates predict {loss.predicted:.0%}"
             self.add(
                 Flag(
                     layer=layer,
@@ -579,17 +631,22 @@ class _Flagger:
                     kind="update_underflow",
                     severity=severity,
                     evidence={
-                        "lost_fraction": lost,
+                        "measured_lost_fraction": loss.measured,
+                        "unchanged_fraction": loss.unchanged,
+                        "predicted_lost_fraction": loss.predicted,
                         "format": fmt.name,
-                        "nonzero_updates_sampled": nonzero,
+                        "updates_sampled": loss.sampled,
+                        "error_at": self.t.update_lost_error,
                         "warning_at": self.t.update_lost_warning,
                         "info_at": self.t.update_lost_info,
                     },
                     recommendation=(
-                        f"keep fp32 weights for the optimizer (mpaudit's arms do): with `{layer}` stored in "
-                        f"{fmt.name}, {lost:.0%} of its updates would be rounded away"
+                        f"{loss.measured:.0%} of `{layer}`'s sampled updates left its {fmt.name} weights unchanged"
+                        f"{predicted}: round its updates stochastically or with Kahan compensation, or keep an fp32 "
+                        f"master copy of it (mpaudit.bf16_optimizer; --verify trains each)"
                     ),
-                    rule=f"update_underflow: |Δw| < half an ulp of w in {fmt.name} for >= update_lost_{severity}",
+                    rule=(f"update_underflow: measured share of updates below half an ulp of the {fmt.name} weight "
+                          f">= update_lost_{severity}"),
                 )
             )
 
@@ -747,7 +804,9 @@ def flag(
 
     ``summaries`` maps arm name to its trace (the fp32 arm's is the reference for predictions); ``arms``
     gives each arm's status, GradScaler history and the sites where non-finite values started;
-    ``half_weights`` names the arms whose recipe stores weights in half precision (the only ones whose
-    updates can be lost to rounding). Causes and consequences are linked by :func:`mpaudit.numerics.causes.link`.
+    ``half_weights`` names the arms whose recipe stores weights in half precision and rounds updates to nearest
+    (:attr:`mpaudit.arms.Arm.rounds_updates_to_nearest`: the only ones whose updates can be lost to rounding; their
+    ``update_underflow`` flags come from the updates they measured, fp32's prediction beside). Causes and
+    consequences are linked by :func:`mpaudit.numerics.causes.link`.
     """
     return _Flagger(dict(summaries), dict(arms), thresholds or Thresholds(), half_weights).run()

@@ -452,9 +452,10 @@ def _sanity_note(
     if base.step_s_median < LATENCY_BOUND_S:
         causes.append(
             f"the step is latency-bound ({base.step_s_median * 1e3:.2f} ms): per-op overhead dominates, "
-            "lower precision cannot shrink it, and autocast adds cast ops"
+            "lower precision cannot shrink it" + (", and autocast adds cast ops" if c.arm.autocast_dtype else "")
         )
-    if result.flops_per_step and c.params and result.flops_per_step / c.params < CAST_BOUND_FLOPS_PER_PARAM:
+    if (c.arm.autocast_dtype is not None and result.flops_per_step and c.params
+            and result.flops_per_step / c.params < CAST_BOUND_FLOPS_PER_PARAM):  # a half-weight arm casts no weight
         causes.append(
             f"casts dominate: only {result.flops_per_step / c.params:.0f} FLOPs per weight per step (a small "
             "batch), while autocast re-casts every weight to 16 bits each step"

@@ -12,11 +12,11 @@ from mpaudit.report import layers_view
 from mpaudit.results.model import AuditResult
 from mpaudit.vocab import BASELINE
 
-ARM_COLORS = {"fp32": "#1f77b4", "bf16": "#2ca02c", "fp16": "#d62728"}
-ARM_DASHES = {"fp32": "solid", "bf16": "dash", "fp16": "dot"}
+ARM_COLORS = {"fp32": "#1f77b4", "bf16": "#2ca02c", "fp16": "#d62728", "bf16-pure": "#9467bd"}
+ARM_DASHES = {"fp32": "solid", "bf16": "dash", "fp16": "dot", "bf16-pure": "dashdot"}
 """Each arm's line style, so curves that coincide stay visible: fp32 wide and solid underneath, the others dashed
 or dotted on top of it."""
-ARM_WIDTHS = {"fp32": 4.0, "bf16": 2.5, "fp16": 2.5}
+ARM_WIDTHS = {"fp32": 4.0, "bf16": 2.5, "fp16": 2.5, "bf16-pure": 2.5}
 
 
 def arm_line(name: str) -> dict[str, Any]:

@@ -8,9 +8,11 @@ from typing import Any
 import plotly.io
 import plotly.offline
 
+from mpaudit.arms import stores_half_weights
 from mpaudit.ci.gaps import result_direction
 from mpaudit.ci.verdict import verdicts
 from mpaudit.numerics.causes import group_by_cause
+from mpaudit.numerics.rules import Thresholds, update_losses
 from mpaudit.report import layers_view
 from mpaudit.report.charts import all_charts, arm_line
 from mpaudit.report.snippets import snippet
@@ -82,6 +84,26 @@ def _recommendation_rows(result: AuditResult) -> list[dict[str, Any]]:
     return rows
 
 
+def _lost_update_rows(result: AuditResult) -> list[dict[str, Any]]:
+    """Per traced layer of each half-weight arm (``bf16-pure``): the share of its sampled updates measured lost,
+    beside the share fp32's updates predict."""
+    base = result.arms.get(BASELINE)
+    reference = base.trace if base is not None else None
+    try:
+        error_at = Thresholds.from_mapping(result.config.get("thresholds") or {}).update_lost_error
+    except Exception:  # a result written with thresholds this mpaudit does not know
+        error_at = Thresholds().update_lost_error
+    rows = []
+    for name, arm in result.arms.items():
+        if not stores_half_weights(name) or arm.trace is None:
+            continue
+        for layer, loss in update_losses(arm.trace, reference).items():
+            rows.append({"arm": name, "layer": layer, "measured": loss.measured, "unchanged": loss.unchanged,
+                         "predicted": loss.predicted, "sampled": loss.sampled,
+                         "error": loss.measured >= error_at})
+    return rows
+
+
 def render_html(result: AuditResult, *, plotlyjs: str = "inline") -> str:
     """The report page. ``plotlyjs="inline"`` embeds plotly.js (works offline); ``"cdn"`` links it."""
     if plotlyjs not in ("inline", "cdn"):
@@ -96,6 +118,8 @@ def render_html(result: AuditResult, *, plotlyjs: str = "inline") -> str:
         r=result,
         rows=_rows(result),
         recommendation_rows=_recommendation_rows(result),
+        half_weight_arms=[name for name in result.arms if stores_half_weights(name)],
+        lost_update_rows=_lost_update_rows(result),
         poor_sqnr_db=POOR_SQNR_DB,
         metrics=metrics,
         fmt=fmt,

@@ -124,6 +124,10 @@ def _fix(result: AuditResult, name: str) -> str | None:
         parts.append("keep " + ", ".join(f"`{p}`" for p in rec.keep_fp32) + " in fp32")
     if rec.init_scale is not None:
         parts.append(f"GradScaler init_scale 2^{math.log2(rec.init_scale):g}")
+    if rec.fp32_master:
+        parts.append("fp32 master weights for " + ", ".join(f"`{p}`" for p in rec.fp32_master))
+    if rec.update_rounding is not None:
+        parts.append(f"{rec.update_rounding} rounding of bf16 updates")
     metric = next(iter(rec.metrics), None)
     reached = f" ({metric} {fmt(rec.metrics[metric])} in `{rec.verified_arm}`)" if metric is not None else ""
     return " and ".join(parts) + reached

@@ -50,7 +50,9 @@ def summary_lines(result: AuditResult) -> list[str]:
         lines.append(f"... and {len(groups) - MAX_ROOTS} more root-cause error flags (see the report)")
     for rec in result.recommendations:
         change = ", ".join(filter(None, [f"keep {', '.join(rec.keep_fp32)} in fp32" if rec.keep_fp32 else "",
-                                         f"init_scale={rec.init_scale:g}" if rec.init_scale else ""]))
+                                         f"init_scale={rec.init_scale:g}" if rec.init_scale else "",
+                                         f"fp32_master={', '.join(rec.fp32_master)}" if rec.fp32_master else "",
+                                         f"update_rounding={rec.update_rounding}" if rec.update_rounding else ""]))
         if rec.verified_arm is not None:
             how = f"{'verified' if rec.passed else 'not verified'} by training {rec.verified_arm}"
         else:

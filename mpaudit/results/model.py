@@ -124,6 +124,13 @@ class ArmResult:
     observed: bool = False
     """True for a run mpaudit watched (:func:`mpaudit.watch`, the Trainer and Lightning callbacks) rather than
     trained itself: the user's own loop, one precision, no matched fp32 arm to compare with."""
+    weights_dtype: str | None = None
+    """The dtype the arm stored its weights, gradients and optimizer state in (``bfloat16`` for ``bf16-pure``); None
+    for arms with fp32 (master) weights and older results."""
+    fp32_master: list[str] = field(default_factory=list)
+    """Modules of a half-weight arm whose parameters kept an fp32 master copy (a recommendation under test)."""
+    update_rounding: str | None = None
+    """How a half-weight arm rounded updates into its bf16 weights: ``stochastic``, ``kahan``, or None (to nearest)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -179,11 +186,16 @@ class Flag:
 @dataclass(frozen=True, config=RESULT_CONFIG)
 class Recommendation:
     """A change to one arm's recipe, tried by training it: the modules to keep in fp32 and/or the
-    GradScaler's initial scale, the extra arm that tested it, whether it passed, and why."""
+    GradScaler's initial scale (autocast arms), or the modules that keep an fp32 master copy and/or how updates are
+    rounded into bf16 weights (half-weight arms), the extra arm that tested it, whether it passed, and why."""
 
     arm: str
     keep_fp32: list[str] = field(default_factory=list)
     init_scale: JsonFloat | None = None
+    fp32_master: list[str] = field(default_factory=list)
+    """Modules whose parameters keep a persistent fp32 master copy the optimizer steps (``mpaudit.bf16_optimizer``)."""
+    update_rounding: str | None = None
+    """``stochastic`` or ``kahan``: how the other bf16 parameters' updates are rounded (``mpaudit.bf16_optimizer``)."""
     verified_arm: str | None = None
     passed: bool = False
     metrics: dict[str, JsonFloat] = field(default_factory=dict)

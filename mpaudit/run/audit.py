@@ -515,7 +515,8 @@ def _flags(results: dict[str, ArmResult], replicates: dict[str, list[ArmResult]]
     from mpaudit.ci.recommend import Criteria
 
     traces = {name: r.trace for name, r in results.items() if r.trace is not None}
-    flags = link(flag(traces, results, Thresholds.from_mapping(cfg.thresholds)), results)
+    half_weights = frozenset(a.name for a in parse_arms(cfg.arms) if a.rounds_updates_to_nearest)
+    flags = link(flag(traces, results, Thresholds.from_mapping(cfg.thresholds), half_weights), results)
     baseline = results.get(BASELINE)
     matching: set[str] = set()
     if baseline is not None and baseline.status == OK:

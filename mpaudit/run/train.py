@@ -196,6 +196,7 @@ def train_arm(
             raise RuntimeError("train_loader() yielded no batch for this arm")
         fingerprints = Fingerprints(weights=prepared.weights_fingerprint, batches=batch_fp.hexdigest())
         if run.task.has_evaluate:
+            prepared.for_evaluation()  # a half-weight arm's bf16 weights, widened to fp32
             prepared.model.eval()
             seed_everything(spec.loader_seed)
             with torch.no_grad():  # every rank evaluates the whole eval set; rank 0's metrics are kept
@@ -238,6 +239,9 @@ def train_arm(
         trace=trace,
         sites=sites,
         notes=notes,
+        weights_dtype=arm.weights_dtype,
+        fp32_master=list(arm.fp32_master),
+        update_rounding=arm.update_rounding,
     )
     progress.arm_finished(label, result)
     if failure is not None:

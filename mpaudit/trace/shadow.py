@@ -9,12 +9,16 @@ On a few fixed batches, with the fp32 arm's weights at the end of training (eval
 * **drift** — the whole model runs under the arm's precision and every traced module's output is compared
   with the fp32 pass: the error accumulated up to that layer.
 
+A half-weight arm (``bf16-pure``) runs a bf16 copy of the trained weights with the batch's floating tensors in bf16
+and no autocast: every op in bf16, as it trained.
+
 Both are given as SQNR (signal-to-quantisation-noise ratio, dB: higher is better; fp16 rounding alone is
 about 70 dB, bf16's about 50 dB; ``-inf`` when the output is not finite) and relative error (‖y−ŷ‖/‖y‖).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +29,7 @@ from torch import nn
 
 from mpaudit.arms import Arm
 from mpaudit.results.model import LayerError
-from mpaudit.run.batches import move_to_device
+from mpaudit.run.batches import cast_floating, casting_pre_hook, move_to_device
 from mpaudit.run.precision import autocast
 from mpaudit.run.prepare import RunContext
 from mpaudit.run.task import Task
@@ -133,16 +137,21 @@ def layer_errors(
         return {}
     local = {a.name: {p: _Acc() for p in paths} for a in targets}
     drift = {a.name: {p: _Acc() for p in paths} for a in targets}
-    modules = dict(model.named_modules())
     was_training = model.training
     model.eval()
+    models = {a.name: _arm_model(model, a) for a in targets}
     try:
         with torch.no_grad():
             for batch in _batches(run.task, batches):
                 batch = move_to_device(batch, run.device)
                 ref = _recorded_loss(run.task, model, paths, batch)
                 for arm in targets:
-                    _compare_arm(run, model, modules, arm, batch, ref, paths, local[arm.name], drift[arm.name])
+                    arm_model = models[arm.name]
+                    if arm_model is None:
+                        continue
+                    arm_batch = batch if arm.weights_dtype is None else cast_floating(batch, arm_model.dtype)
+                    _compare_arm(run, arm_model.module, dict(arm_model.module.named_modules()), arm, arm_batch, ref,
+                                 paths, local[arm.name], drift[arm.name])
     finally:
         model.train(was_training)
     return {
@@ -153,6 +162,28 @@ def layer_errors(
         ]
         for arm in targets
     }
+
+
+@dataclass
+class _ArmModel:
+    """The model an arm's forward runs: the trained fp32 model itself, or a copy in the arm's weight dtype."""
+
+    module: nn.Module
+    dtype: torch.dtype
+
+
+def _arm_model(model: nn.Module, arm: Arm) -> _ArmModel | None:
+    """The fp32 model for an autocast arm; for a half-weight arm a copy cast to its weight dtype, taking its inputs in
+    that dtype as it trained (None when the model cannot be copied: that arm is left out of the table)."""
+    if arm.weights_dtype is None:
+        return _ArmModel(model, torch.float32)
+    dtype = getattr(torch, arm.weights_dtype)
+    try:
+        copied = copy.deepcopy(model).to(dtype=dtype)
+    except Exception:
+        return None
+    copied.register_forward_pre_hook(casting_pre_hook(dtype), with_kwargs=True)
+    return _ArmModel(copied, dtype)
 
 
 def _recorded_loss(task: Task, model: nn.Module, paths: Sequence[str], batch: Any) -> _Record:

@@ -227,7 +227,7 @@ def locate(
     optimizer and GradScaler are not touched. Errors in the replay are the caller's to catch.
     """
     model = prepared.model
-    group = list(group) if group is not None else [batch]
+    group = [prepared.cast_batch(b) for b in group] if group is not None else [prepared.cast_batch(batch)]
     after_state = RngState()
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     grads = {p: p.grad for p in model.parameters()}  # a custom step may be accumulating across calls
