@@ -351,6 +351,7 @@ def suite(
     max_drop: Annotated[list[str] | None, typer.Option("--max-drop", help="Gate every workload: METRIC=DELTA (repeatable).", show_default=False)] = None,
     bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Measure speed and memory in every workload.")] = True,
     run_arg: Annotated[list[str] | None, typer.Option("--run-arg", help="Any other option for each mpaudit run, e.g. --run-arg=--seeds=3 (repeatable).", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip workloads whose report.json in --out is complete; continue those with a partial one (mpaudit run --resume).")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
 ) -> None:
     """Audit every workload in a folder, each in its own process; write index.html and index.json. Exit 1 if a gate failed, 2 if a workload errored."""
@@ -370,7 +371,8 @@ def suite(
     def done(run: Any) -> None:
         err.print(f"{run.name}: {run.status} ({run.seconds:.0f} s){' - ' + run.error if run.error else ''}")
 
-    result = run_suite(suite_dir, out_dir, pattern=pattern, jobs=jobs, run_args=args, timeout_s=timeout, on_done=done)
+    result = run_suite(suite_dir, out_dir, pattern=pattern, jobs=jobs, run_args=args, timeout_s=timeout, on_done=done,
+                       resume=resume)
     out.print(f"index: {result.index_html}\nindex: {result.index_json}")
     raise typer.Exit(result.exit_code)
 

@@ -72,12 +72,15 @@ def run_suite(
     run_args: Sequence[str] = (),
     timeout_s: float | None = None,
     on_done: Callable[[WorkloadRun], None] | None = None,
+    resume: bool = False,
 ) -> SuiteResult:
     """Audit every workload under ``suite_dir`` (each in its own ``mpaudit run`` subprocess, ``jobs`` at a
     time, ``run_args`` passed to each), then write ``out_dir/index.json`` and ``out_dir/index.html``.
 
     A failing, crashing or hanging workload never stops the others; it is listed with its exit code and
-    the tail of its stderr. ``on_done`` is called as each workload finishes (for progress output).
+    the tail of its stderr. ``on_done`` is called as each workload finishes (for progress output). With
+    ``resume``, a workload whose ``report.json`` is complete is not run again, and one with a partial report is
+    continued (``mpaudit run --resume``).
 
     Raises:
         UsageError: no workload to run, or ``jobs`` / ``timeout_s`` out of range.
@@ -94,7 +97,11 @@ def run_suite(
     env = _child_env(jobs)
 
     def one(task: Path) -> WorkloadRun:
-        run = _run_workload(task, out / task.parent.name, list(run_args), timeout_s, env)
+        report_dir = out / task.parent.name
+        run = _kept(task, report_dir, list(run_args)) if resume else None
+        if run is None:
+            partial = resume and (report_dir / "report.json").is_file()
+            run = _run_workload(task, report_dir, [*run_args, *(["--resume"] if partial else [])], timeout_s, env)
         if on_done is not None:
             on_done(run)
         return run
@@ -118,12 +125,26 @@ def _child_env(jobs: int) -> dict[str, str]:
     return env
 
 
+def _kept(task: Path, report_dir: Path, run_args: list[str]) -> WorkloadRun | None:
+    """The workload's complete saved result (``--resume``), as if it had just run; None when there is none."""
+    try:
+        result = AuditResult.from_json((report_dir / "report.json").read_text(encoding="utf-8"))
+    except (FileNotFoundError, ResultError):
+        return None
+    if not result.complete:
+        return None
+    code = EXIT_GATE_FAILED if result.gate.given and not result.gate.passed else EXIT_OK
+    return WorkloadRun(name=task.parent.name, task=task, report_dir=report_dir, exit_code=code, seconds=0.0,
+                       stderr_tail="", result=result, error=None)
+
+
 def _run_workload(task: Path, report_dir: Path, run_args: list[str], timeout_s: float | None,
                   env: dict[str, str]) -> WorkloadRun:
     """Run ``mpaudit run`` on one task in a subprocess and read back the report it wrote."""
     name = task.parent.name
-    for stale in ("report.json", "report.html"):  # a failed run must not show last time's report
-        (report_dir / stale).unlink(missing_ok=True)
+    if "--resume" not in run_args:
+        for stale in ("report.json", "report.html"):  # a failed run must not show last time's report
+            (report_dir / stale).unlink(missing_ok=True)
     command = [sys.executable, "-m", "mpaudit", "run", str(task.resolve()), "--out", str(report_dir.resolve()),
                "-q", *run_args]
     start = time.perf_counter()
