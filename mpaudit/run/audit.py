@@ -25,6 +25,7 @@ from mpaudit.results.model import (
     AuditResult,
     DistributedInfo,
     Flag,
+    Gate,
     LayerError,
     RankFailure,
     Recommendation,
@@ -300,7 +301,13 @@ class _State:
         from mpaudit import __version__
 
         cfg, perf, directions = self.cfg, self.perf, self.directions()
-        gate = evaluate_gate(self.results, cfg.max_drop, cfg.max_loss_gap, self.replicates, cfg.noise_k, directions)
+        try:
+            gate = evaluate_gate(self.results, cfg.max_drop, cfg.max_loss_gap, self.replicates, cfg.noise_k,
+                                 directions)
+        except UsageError:
+            if complete:
+                raise
+            gate = Gate(max_drop=dict(cfg.max_drop), max_loss_gap=cfg.max_loss_gap)  # e.g. auto before the seeds ran
         return AuditResult(
             task=self.task.name,
             env=self.env,
@@ -523,7 +530,10 @@ def _flags(results: dict[str, ArmResult], replicates: dict[str, list[ArmResult]]
         criteria = Criteria(baseline=baseline, max_drop=cfg.max_drop, max_loss_gap=cfg.max_loss_gap,
                             baseline_replicates=replicates.get(BASELINE, []), noise_k=cfg.noise_k,
                             directions=directions)
-        matching = {name for name, run in results.items() if name != BASELINE and criteria.passes(run)}
+        try:
+            matching = {name for name, run in results.items() if name != BASELINE and criteria.passes(run)}
+        except UsageError:  # a partial result: `auto` before fp32's seed replicates have run
+            matching = set()
     order = {name: trace.layers for name, trace in traces.items()}
     return settle(flags, matching, order, list(results))
 
