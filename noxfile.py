@@ -11,7 +11,7 @@ import nox
 nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
 TORCH = "torch==2.13.0"
-BENCHMARKS = ("speed.py", "fp16_emulation.py", "trace_overhead.py")
+BENCHMARKS = ("speed.py", "fp16_emulation.py", "trace_overhead.py", "watch_overhead.py")
 """The benchmark scripts (``benchmarks/workload.py`` is the MLP they share, not a benchmark)."""
 
 

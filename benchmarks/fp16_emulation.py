@@ -1,57 +1,73 @@
-"""Step time of the fp16 arm on a CPU: native fp16 autocast vs emulated fp16 vs the fp32 arm.
+"""Step time of the half-precision arms on a CPU against fp32: emulated fp16 (both op policies), native fp16, bf16.
 
-Builds an MLP 1024 -> 4096 -> 4096 -> 10 (batch 256, AdamW) and times ``mpaudit.run.train.train_step`` for
-the fp32 arm, the fp16 arm inside :func:`mpaudit.run.fp16_emulation.emulated_fp16`, and the fp16 arm run
-natively (only a couple of steps: each takes tens of seconds). Steps are interleaved after warm-up and
-medians are compared, so a busy neighbour on the CPU slows every arm alike. Prints the ratios
-``emulated/fp32`` (goal: at most ``EMULATED_GOAL``) and ``native/fp32``. Run:
-``python benchmarks/fp16_emulation.py`` (about 2 minutes on 2 idle cores; the native steps dominate).
+Part 1, the benchmark MLP 1024 -> 4096 -> 4096 -> 10 (batch 256, AdamW): times ``mpaudit.run.step.train_step``
+for the fp32 arm, the fp16 arm emulated (:func:`mpaudit.run.precision.step_context`: fp16 tensor-core numerics)
+under CUDA's op policy (the default) and under CPU's (``--autocast-policy cpu``), and the fp16 arm run natively
+(only a couple of steps: each takes tens of seconds). Prints the ratios ``emulated/fp32`` (goal: at most
+``EMULATED_GOAL``) and ``native/fp32``.
+
+Part 2, a pre-LayerNorm transformer block (``TRANSFORMER``: LayerNorm, softmax attention, GELU MLP), where the ops
+CUDA autocast runs in fp32 matter: under CPU's op policy ``layer_norm``, ``softmax`` and the reductions hit CPU half
+kernels; under CUDA's they run in fp32, as on a GPU. Prints the fp16/fp32 and bf16/fp32 step ratios under
+``--autocast-policy cpu`` and ``cuda`` side by side.
+
+Steps are interleaved after warm-up and each ratio is the median over rounds of the arm's step time over fp32's
+in the same round, so a busy neighbour on the CPU slows every arm alike; the load average is printed. Run:
+``python benchmarks/fp16_emulation.py`` (about 4 minutes on 2 idle cores; the native steps dominate).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import statistics
 import time
 from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
 
 from mpaudit.arms import ARMS
-from mpaudit.run.fp16_emulation import emulated_fp16
+from mpaudit.run.precision import make_scaler, step_context
+from mpaudit.run.step import train_step
 from mpaudit.run.task import Task
-from mpaudit.run.train import train_step
 from workload import BATCH, WIDTHS, mlp, mlp_task
 
 WARMUP_STEPS = 2
 """Untimed steps per fast arm (allocator and oneDNN warm-up)."""
-TIMED_ROUNDS = 7
-"""Interleaved rounds of one fp32 and one emulated step each."""
+TIMED_ROUNDS = 9
+"""Interleaved rounds of one step of every fast arm."""
 NATIVE_ROUNDS = (1, 4)
 """Rounds after which one native fp16 step is timed (each is slow, so only a couple)."""
 EMULATED_GOAL = 1.3
-"""Emulated fp16 should cost at most this many fp32 steps."""
+"""Emulated fp16 should cost at most this many fp32 steps on the MLP."""
 SEED = 0
+
+TRANSFORMER = {"batch": 32, "tokens": 128, "width": 256, "heads": 4, "classes": 10}
+"""The transformer-block workload of part 2."""
 
 
 class _Runner:
-    """One arm's model, optimizer and scaler, and the context (emulation or none) around its step."""
+    """One arm's model, optimizer and scaler, and the step context it runs in (fp16 emulation, op policy)."""
 
-    def __init__(self, arm_name: str, model: nn.Module, emulate: bool) -> None:
+    def __init__(self, label: str, arm_name: str, model: nn.Module, fp16_cpu: str = "emulate",
+                 policy: str = "cuda") -> None:
+        self.label = label
         self.arm = ARMS[arm_name]
         self.model = copy.deepcopy(model)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
-        self.scaler = self.arm.make_scaler("cpu")
-        self.emulate = emulate
+        self.scaler = make_scaler(self.arm, "cpu")
+        self.fp16_cpu = fp16_cpu
+        self.policy = policy
         self.emulated_calls: Counter[str] = Counter()
         self.times: list[float] = []
 
     def step(self, task: Task, batch: tuple[torch.Tensor, torch.Tensor], timed: bool = True) -> None:
         t0 = time.perf_counter()
-        # A fresh mode per step, as the training loop does; its fp32 buffers persist across steps.
-        with emulated_fp16() if self.emulate else contextlib.nullcontext() as mode:
+        # A fresh context per step, as the training loop does; the emulation's fp32 buffers persist across steps.
+        with step_context(self.arm, "cpu", self.fp16_cpu, self.policy) as mode:
             loss = train_step(task, self.arm, self.model, self.optimizer, self.scaler, batch, "cpu")
         if mode is not None:
             self.emulated_calls = mode.calls
@@ -59,41 +75,134 @@ class _Runner:
         if timed:
             self.times.append(time.perf_counter() - t0)
 
-
-def _report(name: str, times: list[float], fp32: float) -> str:
-    median = statistics.median(times)
-    return f"{name:>9}: median {median * 1e3:8.1f} ms over {len(times)} steps, {name}/fp32 = {median / fp32:6.2f}"
+    def median(self) -> float:
+        return statistics.median(self.times)
 
 
-def main() -> None:
-    """Run the interleaved benchmark and print medians and ratios."""
+def _interleave(runners: Sequence[_Runner], task: Task, batch: tuple[torch.Tensor, torch.Tensor],
+                slow: _Runner | None = None) -> None:
+    """Warm up, then time ``TIMED_ROUNDS`` rounds of one step per runner (``slow`` only after ``NATIVE_ROUNDS``)."""
+    for _ in range(WARMUP_STEPS):
+        for r in runners:
+            r.step(task, batch, timed=False)
+    for round_ in range(TIMED_ROUNDS):
+        for r in runners:
+            r.step(task, batch)
+        if slow is not None and round_ in NATIVE_ROUNDS:
+            slow.step(task, batch)
+        print(f"  round {round_ + 1}/{TIMED_ROUNDS} done", flush=True)
+
+
+def _ratio(runner: _Runner, fp32: _Runner) -> float:
+    """The median over rounds of this runner's step time over the fp32 step time of the same round (paired, so a
+    load change on a shared machine between rounds cancels); the ratio of medians for a runner timed less often."""
+    if len(runner.times) != len(fp32.times):
+        return runner.median() / fp32.median()
+    return statistics.median(t / f for t, f in zip(runner.times, fp32.times, strict=True))
+
+
+def _report(runner: _Runner, fp32: _Runner) -> str:
+    return (f"{runner.label:>22}: median {runner.median() * 1e3:8.1f} ms over {len(runner.times)} steps, "
+            f"/fp32 = {_ratio(runner, fp32):6.2f}")
+
+
+def _load() -> str:
+    """The 1, 5 and 15 minute load averages (other work on the machine slows every arm alike)."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+# ------------------------------------------------------------------------------------------------ part 1
+
+
+def mlp_benchmark() -> None:
+    """fp32 vs emulated fp16 (cuda and cpu op policies) vs native fp16 on the benchmark MLP."""
     torch.manual_seed(SEED)
     model = mlp()
     batch = (torch.randn(BATCH, WIDTHS[0]), torch.randint(WIDTHS[-1], (BATCH,)))
     task = mlp_task("fp16_emulation_bench")
-    fp32 = _Runner("fp32", model, emulate=False)
-    emulated = _Runner("fp16", model, emulate=True)
-    native = _Runner("fp16", model, emulate=False)
-
-    for _ in range(WARMUP_STEPS):
-        fp32.step(task, batch, timed=False)
-        emulated.step(task, batch, timed=False)
-    for round_ in range(TIMED_ROUNDS):
-        fp32.step(task, batch)
-        emulated.step(task, batch)
-        if round_ in NATIVE_ROUNDS:
-            native.step(task, batch)
-        print(f"round {round_ + 1}/{TIMED_ROUNDS} done", flush=True)
-
-    base = statistics.median(fp32.times)
-    print(f"MLP {'->'.join(map(str, WIDTHS))}, batch {BATCH}, AdamW, {torch.get_num_threads()} threads")
-    print(_report("fp32", fp32.times, base))
-    print(_report("emulated", emulated.times, base))
-    print(_report("native", native.times, base))
-    ratio = statistics.median(emulated.times) / base
+    fp32 = _Runner("fp32", "fp32", model)
+    emulated = _Runner("fp16 emulated, cuda ops", "fp16", model, policy="cuda")
+    emulated_cpu = _Runner("fp16 emulated, cpu ops", "fp16", model, policy="cpu")
+    native = _Runner("fp16 native, cpu ops", "fp16", model, fp16_cpu="native", policy="cpu")
+    print(f"MLP {'->'.join(map(str, WIDTHS))}, batch {BATCH}, AdamW, {torch.get_num_threads()} threads; "
+          f"load average {_load()}")
+    _interleave([fp32, emulated, emulated_cpu], task, batch, slow=native)
+    for r in (fp32, emulated, emulated_cpu, native):
+        print(_report(r, fp32))
+    ratio = _ratio(emulated, fp32)
     verdict = "meets" if ratio <= EMULATED_GOAL else "misses"
     print(f"emulated/fp32 = {ratio:.2f} ({verdict} the goal of <= {EMULATED_GOAL})")
     print("emulated op calls in the last step:", dict(emulated.emulated_calls))
+
+
+# ------------------------------------------------------------------------------------------------ part 2
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block (LayerNorm, multi-head attention with an explicit softmax, GELU MLP) and a linear head
+    on the mean token: LayerNorm, softmax and the reductions are ops CUDA autocast runs in fp32."""
+
+    def __init__(self, width: int, heads: int, classes: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        weights = torch.softmax(q @ k.transpose(-1, -2) / (c // self.heads) ** 0.5, dim=-1)
+        x = x + self.proj((weights @ v).transpose(1, 2).reshape(b, t, c))
+        x = x + self.mlp(self.ln2(x))
+        return self.head(x.mean(1))
+
+
+def _transformer_task() -> tuple[nn.Module, Task, tuple[torch.Tensor, torch.Tensor]]:
+    cfg = TRANSFORMER
+    torch.manual_seed(SEED)
+    model = TransformerBlock(cfg["width"], cfg["heads"], cfg["classes"])
+    batch = (torch.randn(cfg["batch"], cfg["tokens"], cfg["width"]), torch.randint(cfg["classes"], (cfg["batch"],)))
+    module = ModuleType("transformer_block_bench")
+
+    def loss_fn(m: nn.Module, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(b[0]), b[1])
+
+    module.loss_fn = loss_fn  # type: ignore[attr-defined]
+    return model, Task(path=Path("transformer_block_bench.py"), sha256="", module=module), batch
+
+
+def transformer_benchmark() -> None:
+    """fp16 (emulated) and bf16 against fp32 on the transformer block, under each op policy."""
+    model, task, batch = _transformer_task()
+    fp32 = _Runner("fp32", "fp32", model)
+    runners: dict[tuple[str, str], _Runner] = {
+        (arm, policy): _Runner(f"{arm} {policy} ops", arm, model, policy=policy)
+        for arm in ("fp16", "bf16") for policy in ("cpu", "cuda")
+    }
+    cfg = TRANSFORMER
+    print(f"\nTransformer block: batch {cfg['batch']}, {cfg['tokens']} tokens, width {cfg['width']}, "
+          f"{cfg['heads']} heads, AdamW, {torch.get_num_threads()} threads; load average {_load()}")
+    _interleave([fp32, *runners.values()], task, batch)
+    for r in (fp32, *runners.values()):
+        print(_report(r, fp32))
+    print(f"{'arm':>6} | {'/fp32, --autocast-policy cpu':>28} | {'/fp32, --autocast-policy cuda':>29}")
+    for arm in ("fp16", "bf16"):
+        cpu, cuda = _ratio(runners[(arm, "cpu")], fp32), _ratio(runners[(arm, "cuda")], fp32)
+        print(f"{arm:>6} | {cpu:28.2f} | {cuda:29.2f}")
+    print(f"load average after: {_load()}")
+
+
+def main() -> None:
+    """Run both parts and print medians and ratios."""
+    mlp_benchmark()
+    transformer_benchmark()
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ from torch.utils import benchmark
 from mpaudit.arms import ARMS
 from mpaudit.perf.speed import measure_speed
 from mpaudit.results.perf import SpeedResult, Speedup
+from mpaudit.run.prepare import RunContext
+from mpaudit.run.step import train_step
 from mpaudit.run.task import Task
-from mpaudit.run.train import train_step
 from workload import BATCH, WIDTHS, mlp_task
 
 SEED = 0
@@ -69,7 +70,7 @@ def main() -> None:
     agreements: list[float] = []
     for run in range(REPEATS):
         before = _timer_median(task)
-        speed, sp = measure_speed(task, arms, torch.device("cpu"), SEED, budget_s=BUDGET_S)
+        speed, sp = measure_speed(RunContext(task, torch.device("cpu")), arms, SEED, budget_s=BUDGET_S)
         after = _timer_median(task)
         bf16 = sp["bf16"]
         speedups.append(bf16)

@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from mpaudit.arms import ARMS
+from mpaudit.run.step import train_step
 from mpaudit.run.task import Task
-from mpaudit.run.train import train_step
 from mpaudit.trace.tracer import DEFAULT_TRACE_EVERY, Tracer, TraceSchedule
 from workload import (
     BATCH,

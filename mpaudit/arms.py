@@ -1,65 +1,103 @@
-"""The arms: one precision recipe each, trained from the same seed on the same batches.
+"""The arms as plain data: one precision recipe each, trained from the same seed on the same batches.
 
-| arm    | forward/backward                       | weights & optimizer | loss scaling            |
-| ------ | -------------------------------------- | ------------------- | ----------------------- |
-| fp32   | fp32 (TF32 off unless asked)           | fp32                | none                    |
-| bf16   | ``torch.autocast(dtype=torch.bfloat16)`` | fp32 master weights | none                    |
-| fp16   | ``torch.autocast(dtype=torch.float16)``  | fp32 master weights | ``torch.amp.GradScaler`` |
+| arm       | forward/backward                         | weights & optimizer             | loss scaling             |
+| --------- | ---------------------------------------- | ------------------------------- | ------------------------ |
+| fp32      | fp32 (TF32 off unless asked)             | fp32                            | none                     |
+| bf16      | ``torch.autocast(dtype=torch.bfloat16)`` | fp32 master weights             | none                     |
+| fp16      | ``torch.autocast(dtype=torch.float16)``  | fp32 master weights             | ``torch.amp.GradScaler`` |
+| bf16-pure | bf16 (the model cast, no autocast)       | bf16 weights, grads, opt. state | none                     |
+
+``bf16-pure`` keeps no fp32 master copy: an update smaller than half a bf16 ulp of its weight (2^-9 of the weight's
+binade) rounds away. Its recommended variants change how updates reach the bf16 weights: ``fp32_master`` (named
+modules keep a persistent fp32 copy the optimizer steps) and ``update_rounding`` (``stochastic``: updates
+computed in fp32 and rounded stochastically to bf16, exact in expectation; ``kahan``: a compensation buffer carries
+what rounding lost into the next step). ``bf16-pure`` is not a default arm.
+
+No torch here: the readers of results (gate, compare, renderers) use the names and recipes too. What a recipe
+means for torch (autocast, GradScaler, fp16 emulation) lives in :mod:`mpaudit.run.precision`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
-
-import torch
+from typing import Literal
 
 from mpaudit.errors import UsageError
+from mpaudit.vocab import BASELINE
+
+HalfDtype = Literal["bfloat16", "float16"]
+"""The autocast dtypes of mixed-precision arms, by their ``torch`` attribute names."""
+
+HALF_FORMAT: dict[str, str] = {"bfloat16": "bf16", "float16": "fp16"}
+"""The format name (as in :mod:`mpaudit.numerics.formats`) of each autocast dtype."""
+
+UpdateRounding = Literal["stochastic", "kahan"]
+"""How a half-weight recipe rounds the optimizer's fp32 update into the bf16 weights (default: to nearest):
+``stochastic`` (up with probability proportional to the remainder: exact in expectation) or ``kahan`` (a
+compensation buffer keeps what rounding lost and adds it back at the next step)."""
+UPDATE_ROUNDINGS: tuple[UpdateRounding, ...] = ("stochastic", "kahan")
+ROUNDING_SUFFIX: dict[str, str] = {"stochastic": "sr", "kahan": "kahan"}
+"""Arm-name suffix of each update rounding (``bf16-pure+sr``)."""
 
 
 @dataclass(frozen=True)
 class Arm:
-    """A precision recipe: the autocast dtype (None for fp32) and whether a GradScaler scales the loss."""
+    """A precision recipe: the autocast dtype (None for fp32), whether a GradScaler scales the loss, and the dtype
+    the weights are stored in (None: fp32, the master weights of every autocast arm)."""
 
     name: str
-    autocast_dtype: torch.dtype | None
+    autocast_dtype: HalfDtype | None
     grad_scaler: bool
     description: str
     keep_fp32: tuple[str, ...] = ()
-    """Module paths run in fp32 inside autocast (:func:`mpaudit.run.keep.keep_fp32`): a recommendation under test."""
+    """Module paths run in fp32 inside autocast (:func:`mpaudit.keep_fp32`): a recommendation under test."""
     init_scale: float | None = None
     """The GradScaler's initial loss scale; None keeps PyTorch's default (2^16)."""
+    weights_dtype: HalfDtype | None = None
+    """The dtype the model's weights, gradients and optimizer state are stored in (the model is cast to it after the
+    initial-weight fingerprint); None keeps them fp32."""
+    fp32_master: tuple[str, ...] = ()
+    """Module paths whose parameters keep a persistent fp32 master copy the optimizer steps (half-weight arms only):
+    a recommendation under test (:func:`mpaudit.bf16_optimizer`)."""
+    update_rounding: UpdateRounding | None = None
+    """How updates are rounded into the half-precision weights of the other parameters (half-weight arms only);
+    None rounds to nearest, as the optimizer does by itself."""
 
     @property
     def is_baseline(self) -> bool:
-        return self.autocast_dtype is None
+        return self.autocast_dtype is None and self.weights_dtype is None
 
-    @contextlib.contextmanager
-    def autocast(self, device_type: str) -> Iterator[None]:
-        """The forward context of this arm: autocast to its dtype, or plain fp32."""
-        if self.autocast_dtype is None:
-            yield
-            return
-        with torch.autocast(device_type=device_type, dtype=self.autocast_dtype):
-            yield
+    @property
+    def half_weights(self) -> bool:
+        """True when the recipe stores the weights in half precision (no fp32 master copy, unless ``fp32_master``)."""
+        return self.weights_dtype is not None
 
-    def make_scaler(
-        self, device_type: str, cls: type[torch.amp.GradScaler] = torch.amp.GradScaler
-    ) -> torch.amp.GradScaler | None:
-        """A fresh GradScaler (``cls``) for fp16 arms, PyTorch's defaults unless ``init_scale`` is set; None
-        for arms without loss scaling."""
-        if not self.grad_scaler:
-            return None
-        if self.init_scale is None:
-            return cls(device_type)
-        return cls(device_type, init_scale=self.init_scale)
+    @property
+    def rounds_updates_to_nearest(self) -> bool:
+        """True when small updates can round away: half-precision weights, updated by the optimizer alone (no
+        fp32 master copy, no stochastic or compensated rounding). Only such arms get ``update_underflow`` flags."""
+        return self.weights_dtype is not None and self.update_rounding is None and not self.fp32_master
 
-    def with_changes(self, keep_fp32: Sequence[str] = (), init_scale: float | None = None) -> Arm:
-        """This recipe plus a keep-list and/or an initial loss scale, named after the change
-        (``fp16+keep``, ``fp16+scale2^24``, ``fp16+keep+scale2^24``)."""
+    @property
+    def half_format(self) -> str | None:
+        """``"fp16"`` or ``"bf16"``: the 16-bit format this arm computes in; None for fp32."""
+        dtype = self.autocast_dtype or self.weights_dtype
+        return HALF_FORMAT[dtype] if dtype is not None else None
+
+    def with_changes(
+        self, keep_fp32: Sequence[str] = (), init_scale: float | None = None, *,
+        fp32_master: Sequence[str] = (), update_rounding: UpdateRounding | None = None,
+    ) -> Arm:
+        """This recipe plus a keep-list, an initial loss scale, fp32 master copies and/or an update rounding, named
+        after the change (``fp16+keep``, ``fp16+scale2^24``, ``fp16+keep+scale2^24``, ``bf16-pure+master``,
+        ``bf16-pure+sr``, ``bf16-pure+kahan``)."""
+        if (fp32_master or update_rounding is not None) and self.weights_dtype is None:
+            raise UsageError(f"Arm {self.name!r} keeps fp32 master weights already: fp32_master and update_rounding "
+                             "apply to half-weight arms (bf16-pure).")
+        if update_rounding is not None and update_rounding not in UPDATE_ROUNDINGS:
+            raise UsageError(f"Unknown update rounding {update_rounding!r}; pick from {', '.join(UPDATE_ROUNDINGS)}.")
         name = self.name
         parts = []
         if keep_fp32:
@@ -68,39 +106,47 @@ class Arm:
         if init_scale is not None:
             name += f"+scale2^{math.log2(init_scale):g}"
             parts.append(f"GradScaler init_scale {init_scale:g}")
+        if fp32_master:
+            name += "+master"
+            parts.append("fp32 master weights for " + ", ".join(fp32_master))
+        if update_rounding is not None:
+            name += "+" + ROUNDING_SUFFIX[update_rounding]
+            parts.append(f"{update_rounding} rounding of bf16 updates")
         return replace(self, name=name, keep_fp32=tuple(keep_fp32), init_scale=init_scale,
+                       fp32_master=tuple(fp32_master), update_rounding=update_rounding,
                        description=self.description + ("; " + "; ".join(parts) if parts else ""))
 
 
 ARMS: dict[str, Arm] = {
-    "fp32": Arm("fp32", None, False, "fp32 forward and backward, fp32 weights"),
-    "bf16": Arm("bf16", torch.bfloat16, False, "bf16 autocast, fp32 master weights"),
-    "fp16": Arm("fp16", torch.float16, True, "fp16 autocast, fp32 master weights, GradScaler"),
+    BASELINE: Arm(BASELINE, None, False, "fp32 forward and backward, fp32 weights"),
+    "bf16": Arm("bf16", "bfloat16", False, "bf16 autocast, fp32 master weights"),
+    "fp16": Arm("fp16", "float16", True, "fp16 autocast, fp32 master weights, GradScaler"),
+    "bf16-pure": Arm("bf16-pure", None, False, "model, gradients and optimizer state in bf16, no fp32 master "
+                     "weights, no autocast, no loss scaling", weights_dtype="bfloat16"),
 }
-DEFAULT_ARMS: tuple[str, ...] = ("fp32", "bf16", "fp16")
-BASELINE = "fp32"
+DEFAULT_ARMS: tuple[str, ...] = (BASELINE, "bf16", "fp16")
+"""The arms ``mpaudit run`` trains without ``--arms`` (``bf16-pure`` is asked for by name)."""
 
 
-FP16_CPU_MODES = ("emulate", "native")
-"""How fp16 arms run on a CPU: ``emulate`` (default) computes matmuls and convolutions from fp16 inputs with fp32
-accumulation and rounds to fp16, as a GPU tensor core does, at fp32 speed; ``native`` uses PyTorch's CPU half
-kernels (~100x slower where the CPU has no fp16 units). On CUDA fp16 is always real."""
+def base_arm(arm_name: str) -> Arm | None:
+    """The recipe an arm known only by name in a result started from (``bf16-pure+sr s1`` -> ``bf16-pure``)."""
+    return ARMS.get(arm_name.split("+", 1)[0].split(" ", 1)[0])
 
 
-def fp16_mode(arm: Arm, device_type: str, fp16_cpu: str) -> str | None:
-    """``"emulated"`` or ``"native"`` for an fp16 arm, None for other arms."""
-    if arm.autocast_dtype != torch.float16:
-        return None
-    return "emulated" if device_type == "cpu" and fp16_cpu == "emulate" else "native"
+def stores_half_weights(arm_name: str) -> bool:
+    """True for arms known by name whose recipe stores the weights in half precision (``bf16-pure`` and its
+    variants)."""
+    known = base_arm(arm_name)
+    return known is not None and known.half_weights
 
 
-def step_context(arm: Arm, device_type: str, fp16_cpu: str) -> contextlib.AbstractContextManager[Any]:
-    """The context a whole training step (forward, backward, optimizer) of ``arm`` runs in."""
-    if fp16_mode(arm, device_type, fp16_cpu) == "emulated":
-        from mpaudit.run.fp16_emulation import emulated_fp16
-
-        return emulated_fp16()
-    return contextlib.nullcontext()
+def half_format_of(arm_name: str) -> str | None:
+    """The 16-bit format of an arm known only by name in a result (``fp16+keep`` -> ``fp16``); None for fp32."""
+    base = arm_name.split("+", 1)[0].split(" ", 1)[0]
+    known = base_arm(arm_name)
+    if known is not None:
+        return known.half_format
+    return "fp16" if base.startswith("fp16") else "bf16" if base.startswith("bf16") else None
 
 
 def parse_arms(names: str | Sequence[str]) -> list[Arm]:

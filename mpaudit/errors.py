@@ -18,6 +18,10 @@ EXIT_RANK_FAILED = 4
 """A rank of a distributed audit failed: the report holds the arms finished before the failure."""
 
 
+EXIT_FILE_ENV = "MPAUDIT_EXIT_FILE"
+"""Set by ``mpaudit run --nproc``: the file rank 0 writes its exit code to (torchrun reports every failure as 1)."""
+
+
 class MpauditError(Exception):
     """Base class of every error mpaudit raises on purpose."""
 

@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+import mpaudit
+
 # A tiny, learnable 3-class problem. Widths are small because native fp16 on a CPU is slow.
 TINY_TASK = '''
 import torch
@@ -98,3 +100,12 @@ def tiny_task(write_task: Callable[..., Path]) -> Path:
 @pytest.fixture
 def overflow_task(write_task: Callable[..., Path]) -> Path:
     return write_task(OVERFLOW_TASK, name="overflow.py")
+
+
+@pytest.fixture(scope="session")
+def tiny_result(tmp_path_factory: pytest.TempPathFactory) -> mpaudit.AuditResult:
+    """One real audit of the tiny task (three arms, traced, speed and memory measured), shared by the tests that
+    only read a result."""
+    path = tmp_path_factory.mktemp("tiny") / "model.py"
+    path.write_text(textwrap.dedent(TINY_TASK))
+    return mpaudit.audit(path, steps=12, trace_every=5, bench_seconds=0.2)

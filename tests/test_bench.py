@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,19 +21,28 @@ from mpaudit.perf.speed import (
     measure_speed,
     theoretical_ratio,
 )
-from mpaudit.results.perf import STABLE_IQR_FRACTION
+from mpaudit.results.perf import STABLE_IQR_FRACTION, SpeedResult, Speedup
+from mpaudit.run.prepare import RunContext
 from mpaudit.run.task import Task, load_task
 
 CPU = torch.device("cpu")
 BATCH, D_IN, D_HIDDEN, D_OUT = 8, 16, 32, 4
 
 TASK = f"""
-import time
-
 import torch
 from torch import nn
 
-DELAY = {{}}  # extra seconds per step, by precision (a number, or a function returning one)
+class Clock:
+    \"\"\"A scripted clock: time passes only when a step says so (no sleeping, no load sensitivity).\"\"\"
+    now = 0.0
+
+    def __call__(self):
+        return self.now
+
+CLOCK = Clock()
+DELAY = {{}}  # scripted seconds per step, by precision (a number, or a function returning one)
+LOG = []  # the precision of every step, in order
+FAIL = set()  # precisions whose step raises
 
 def build_model():
     return nn.Sequential(nn.Linear({D_IN}, {D_HIDDEN}), nn.ReLU(), nn.Linear({D_HIDDEN}, {D_OUT}))
@@ -47,21 +55,14 @@ def loss_fn(model, batch):
     name = "fp32"
     if torch.is_autocast_enabled("cpu"):
         name = {{torch.bfloat16: "bf16", torch.float16: "fp16"}}[torch.get_autocast_dtype("cpu")]
-    delay = DELAY.get(name, 0.0)
-    time.sleep(delay() if callable(delay) else delay)
+    LOG.append(name)
+    if name in FAIL:
+        raise RuntimeError(f"no {{name}} here")
+    delay = DELAY.get(name, 0.001)
+    CLOCK.now += delay() if callable(delay) else delay
     x, y = batch
     return nn.functional.cross_entropy(model(x), y)
 """
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine two threads wait on each other for whole
-    scheduler slices, which would swamp the millisecond differences these tests create."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -75,15 +76,15 @@ def _arms(*names: str) -> list[Arm]:
     return [ARMS[n] for n in names]
 
 
+def speed(task: Task, names: tuple[str, ...], **kwargs: Any) -> tuple[dict[str, SpeedResult], dict[str, Speedup]]:
+    """``measure_speed`` on the CPU with the task's scripted clock."""
+    return measure_speed(RunContext(task, CPU), _arms(*names), 0, timer=task.module.CLOCK, **kwargs)
+
+
 def test_arms_take_turns_a_b_c_from_warm_up_to_the_last_round(task: Task) -> None:
-    log: list[str] = []
-
-    @contextlib.contextmanager
-    def logging(arm: Arm) -> Iterator[None]:
-        log.append(arm.name)
-        yield
-
-    results, _ = measure_speed(task, _arms("fp32", "bf16", "fp16"), CPU, 0, budget_s=0.05, step_context=logging)
+    task.module.DELAY.update(fp32=0.01, bf16=0.01, fp16=0.01)
+    results, _ = speed(task, ("fp32", "bf16", "fp16"), budget_s=0.3)
+    log = task.module.LOG
     rounds = len(log) // 3
     assert log == ["fp32", "bf16", "fp16"] * rounds
     assert rounds == WARMUP_ROUNDS + results["fp32"].steps_timed
@@ -91,20 +92,17 @@ def test_arms_take_turns_a_b_c_from_warm_up_to_the_last_round(task: Task) -> Non
 
 
 def test_an_exhausted_budget_still_times_the_floor_rounds(task: Task) -> None:
-    results, speedups = measure_speed(task, _arms("fp32", "bf16"), CPU, 0, budget_s=0.0)
+    task.module.DELAY.update(fp32=0.01, bf16=0.01)
+    results, speedups = speed(task, ("fp32", "bf16"), budget_s=0.0)
     assert [r.steps_timed for r in results.values()] == [FLOOR_ROUNDS, FLOOR_ROUNDS]
     assert speedups["bf16"].rounds == FLOOR_ROUNDS
 
 
 def test_stable_arms_stop_early(task: Task) -> None:
-    # A step dominated by a fixed sleep: even on a busy machine the compute's jitter is a few ms of 150.
     task.module.DELAY.update(fp32=0.15, bf16=0.15)
-    start = time.perf_counter()
-    budget = 30.0
-    steady, _ = measure_speed(task, _arms("fp32", "bf16"), CPU, 0, budget_s=budget, min_rounds=5)
-    assert time.perf_counter() - start < budget
+    steady, _ = speed(task, ("fp32", "bf16"), budget_s=30.0, min_rounds=5)
     for r in steady.values():
-        assert r.steps_timed >= 5
+        assert r.steps_timed == 5  # stable from the start: stops as soon as the rule may
         assert r.relative_iqr < STABLE_IQR_FRACTION
         assert r.stable and not r.notes
 
@@ -117,12 +115,10 @@ def _alternating(short: float, long: float) -> Callable[[], float]:
 
 def test_noisy_arms_run_until_the_budget_and_say_so(task: Task) -> None:
     task.module.DELAY.update(fp32=_alternating(0.001, 0.01), bf16=_alternating(0.001, 0.01))
-    start = time.perf_counter()
-    budget = 0.6
-    restless, _ = measure_speed(task, _arms("fp32", "bf16"), CPU, 0, budget_s=budget, min_rounds=5)
-    assert time.perf_counter() - start >= budget
+    restless, _ = speed(task, ("fp32", "bf16"), budget_s=0.6, min_rounds=5)
     for r in restless.values():
-        assert r.steps_timed > 5
+        # a round costs 0.001 + 0.01 s (the two arms alternate out of step): the 0.6 s budget lasts 56 rounds
+        assert r.steps_timed == 56
         assert not r.stable
         assert any("did not settle" in n for n in r.notes)
 
@@ -154,16 +150,16 @@ def test_bootstrap_rejects_unpaired_series() -> None:
 
 def test_a_faster_arm_is_called_faster_and_a_slower_one_slower_with_a_cause(task: Task) -> None:
     task.module.DELAY.update(fp32=0.006, bf16=0.003, fp16=0.012)
-    _, speedups = measure_speed(task, _arms("fp32", "bf16", "fp16"), CPU, 0, budget_s=1.0, min_rounds=8)
-    assert speedups["bf16"].verdict == "faster"
+    _, speedups = speed(task, ("fp32", "bf16", "fp16"), budget_s=1.0, min_rounds=8)
+    assert speedups["bf16"].ratio == pytest.approx(2.0) and speedups["bf16"].verdict == "faster"
     assert speedups["bf16"].note is None  # about 2x: within what the hardware allows
-    assert speedups["fp16"].verdict == "slower"
+    assert speedups["fp16"].ratio == pytest.approx(0.5) and speedups["fp16"].verdict == "slower"
     assert speedups["fp16"].note is not None and "Likely cause" in speedups["fp16"].note
 
 
 def test_a_speedup_beyond_the_hardware_gets_a_note(task: Task) -> None:
     task.module.DELAY.update(fp32=0.03, bf16=0.001)
-    _, speedups = measure_speed(task, _arms("fp32", "bf16"), CPU, 0, budget_s=1.0, min_rounds=5)
+    _, speedups = speed(task, ("fp32", "bf16"), budget_s=1.0, min_rounds=5)
     sp = speedups["bf16"]
     limit = theoretical_ratio(CPU, ARMS["bf16"])
     assert limit is not None and sp.ci_low > limit
@@ -171,7 +167,8 @@ def test_a_speedup_beyond_the_hardware_gets_a_note(task: Task) -> None:
 
 
 def test_flops_of_a_step_are_forward_2_and_backward_4_per_multiply_add(task: Task) -> None:
-    results, _ = measure_speed(task, _arms("fp32", "bf16"), CPU, 0, budget_s=0.0)
+    task.module.DELAY.update(fp32=0.01, bf16=0.01)
+    results, _ = speed(task, ("fp32", "bf16"), budget_s=0.0)
     # The first layer's input needs no gradient, so its backward computes only the weight gradient (2, not 4).
     expected = 4 * BATCH * D_IN * D_HIDDEN + 6 * BATCH * D_HIDDEN * D_OUT
     for r in results.values():
@@ -182,9 +179,7 @@ def test_flops_of_a_step_are_forward_2_and_backward_4_per_multiply_add(task: Tas
 
 
 def test_compiled_arms_are_timed_beside_eager_ones(task: Task) -> None:
-    results, speedups = measure_speed(
-        task, _arms("fp32", "bf16"), CPU, 0, budget_s=0.0, compile=True, compile_backend="eager"
-    )
+    results, speedups = speed(task, ("fp32", "bf16"), budget_s=0.0, compile=True, compile_backend="eager")
     assert set(results) == {"fp32", "bf16", "fp32+compile", "bf16+compile"}
     assert results["bf16+compile"].compiled and results["bf16+compile"].error is None
     assert results["bf16+compile"].flops_per_step == results["bf16"].flops_per_step
@@ -193,9 +188,8 @@ def test_compiled_arms_are_timed_beside_eager_ones(task: Task) -> None:
 
 
 def test_a_failing_compile_is_recorded_not_raised(task: Task) -> None:
-    results, speedups = measure_speed(
-        task, _arms("fp32", "bf16"), CPU, 0, budget_s=0.0, compile=True, compile_backend="no-such-backend"
-    )
+    results, speedups = speed(task, ("fp32", "bf16"), budget_s=0.0, compile=True,
+                              compile_backend="no-such-backend")
     for key in ("fp32+compile", "bf16+compile"):
         assert (results[key].error or "").startswith("torch.compile failed")
         assert results[key].steps_timed == 0
@@ -204,15 +198,8 @@ def test_a_failing_compile_is_recorded_not_raised(task: Task) -> None:
 
 
 def test_an_arm_that_raises_is_recorded_and_the_others_still_run(task: Task) -> None:
-    @contextlib.contextmanager
-    def broken_fp16(arm: Arm) -> Iterator[None]:
-        if arm.name == "fp16":
-            raise RuntimeError("no fp16 here")
-        yield
-
-    results, speedups = measure_speed(
-        task, _arms("fp32", "bf16", "fp16"), CPU, 0, budget_s=0.0, step_context=broken_fp16
-    )
+    task.module.FAIL.add("fp16")
+    results, speedups = speed(task, ("fp32", "bf16", "fp16"), budget_s=0.0)
     assert results["fp16"].error == "RuntimeError: no fp16 here"
     assert "fp16" not in speedups
     assert results["bf16"].steps_timed == FLOOR_ROUNDS

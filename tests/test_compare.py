@@ -12,28 +12,20 @@ import pytest
 
 import mpaudit
 from conftest import OVERFLOW_TASK, TINY_TASK
-from mpaudit.ci.compare import compare, load_result, result_from_json, to_dict, to_markdown, to_text
-from mpaudit.ci.gate import evaluate_gate
+from factories import make_arm, make_result
+from mpaudit.ci.compare import compare, to_dict
 from mpaudit.errors import ResultError, UsageError
+from mpaudit.report.compare_view import to_markdown, to_text
+from mpaudit.results.io import load_result
 from mpaudit.results.model import ArmResult, AuditResult, Flag
 from mpaudit.results.perf import MemoryResult, Speedup
 
-
-def arm(name: str, status: str = "ok", loss: float = 0.5, error: str | None = None, **metrics: float) -> ArmResult:
-    return ArmResult(name=name, status=status, loss=[1.0, loss], metrics=dict(metrics), steps=2, train_s=0.1,
-                     error=error)
+arm = make_arm
 
 
 def result(*arms: ArmResult, replicates: dict[str, list[ArmResult]] | None = None, flags: Sequence[Flag] = (),
            sha: str = "a" * 64, **env: Any) -> AuditResult:
-    by_name = {a.name: a for a in arms}
-    reps = replicates or {}
-    seeds = list(range(1 + max((len(v) for v in reps.values()), default=0)))
-    return AuditResult(
-        task="model", env={"task_sha256": sha, "device": "cpu", "device_name": "cpu0", **env},
-        config={"steps": 2, "seeds": seeds}, arms=by_name, gate=evaluate_gate(by_name, {}, None, reps),
-        flags=list(flags), replicates=reps,
-    )
+    return make_result(*arms, replicates=replicates, flags=flags, env={"task_sha256": sha, **env})
 
 
 def accuracy_pair(fp32: float, bf16: float, **env: Any) -> AuditResult:
@@ -284,6 +276,6 @@ def test_replicates_without_names_are_read() -> None:
     for runs in data["replicates"].values():
         for run in runs:
             del run["name"]
-    back = result_from_json(json.dumps(data))
+    back = AuditResult.from_json(json.dumps(data))
     assert back.replicates["bf16"][0].name == "bf16"
     assert replace(back, created="") == replace(AuditResult.from_json(seeded.to_json()), created="")

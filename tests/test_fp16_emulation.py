@@ -18,8 +18,9 @@ from torch import nn
 
 from mpaudit.arms import ARMS
 from mpaudit.run.fp16_emulation import INTERCEPTED_OPS, EmulatedFp16, emulated_fp16, release_buffers
+from mpaudit.run.precision import make_scaler
+from mpaudit.run.step import train_step
 from mpaudit.run.task import Task
-from mpaudit.run.train import train_step
 
 aten = torch.ops.aten
 
@@ -343,7 +344,7 @@ def test_fp16_arm_step_with_grad_scaler_runs_inside_the_mode() -> None:
 
     def run(emulate: bool) -> tuple[nn.Module, float]:
         m = copy.deepcopy(model)
-        optimizer, scaler = torch.optim.AdamW(m.parameters(), lr=1e-3), arm.make_scaler("cpu")
+        optimizer, scaler = torch.optim.AdamW(m.parameters(), lr=1e-3), make_scaler(arm, "cpu")
         assert scaler is not None
         for _ in range(3):
             with emulated_fp16() if emulate else contextlib.nullcontext():

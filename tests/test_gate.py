@@ -6,13 +6,13 @@ import math
 
 import pytest
 
-from mpaudit.ci.gate import evaluate_gate, lower_is_better, parse_max_drop, t_interval
+from factories import make_arm
+from mpaudit.ci.gaps import lower_is_better, t_interval
+from mpaudit.ci.gate import evaluate_gate, parse_max_drop
 from mpaudit.errors import UsageError
 from mpaudit.results.model import ArmResult
 
-
-def arm(name: str, status: str = "ok", loss: float = 0.5, **metrics: float) -> ArmResult:
-    return ArmResult(name=name, status=status, loss=[1.0, loss], metrics=dict(metrics), steps=2, train_s=0.1)
+arm = make_arm
 
 
 def test_parse_max_drop() -> None:

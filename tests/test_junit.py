@@ -6,21 +6,16 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import mpaudit
+from factories import make_arm, make_result
 from mpaudit.ci.compare import compare
-from mpaudit.ci.gate import evaluate_gate
 from mpaudit.report.junit import junit_xml, junit_xml_for_comparison
 from mpaudit.results.model import ArmResult, AuditResult
 
-
-def arm(name: str, status: str = "ok", error: str | None = None, **metrics: float) -> ArmResult:
-    return ArmResult(name=name, status=status, loss=[1.0, 0.5], metrics=dict(metrics), steps=2, train_s=0.25,
-                     error=error)
+arm = make_arm
 
 
 def result(*arms: ArmResult, task: str = "model", **max_drop: float) -> AuditResult:
-    by_name = {a.name: a for a in arms}
-    return AuditResult(task=task, env={"device": "cpu"}, config={"steps": 2}, arms=by_name,
-                       gate=evaluate_gate(by_name, max_drop, None))
+    return make_result(*arms, task=task, max_drop=max_drop)
 
 
 def cases(root: ET.Element) -> dict[tuple[str, str], ET.Element]:

@@ -11,7 +11,9 @@ from torch import nn
 
 import mpaudit
 from conftest import Scale
-from mpaudit.arms import ARMS, step_context
+from mpaudit.arms import ARMS
+from mpaudit.run.precision import autocast, step_context
+from mpaudit.run.prepare import RunContext
 from mpaudit.run.task import load_task
 from mpaudit.run.train import TrainSpec, train_arm
 
@@ -27,7 +29,7 @@ def overflow_model() -> nn.Module:
 
 def fp16_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     arm = ARMS["fp16"]
-    with step_context(arm, "cpu", "emulate"), arm.autocast("cpu"):
+    with step_context(arm, "cpu", "emulate"), autocast(arm, "cpu"):
         return model(x)
 
 
@@ -124,10 +126,10 @@ def test_an_unknown_module_path_is_a_usage_error() -> None:
 
 def test_fp16_arm_with_the_keep_list_trains_like_fp32(overflow_task: Path) -> None:
     task = load_task(overflow_task)
-    spec = TrainSpec(device=torch.device("cpu"), seed=0, steps=20, epochs=None, trace_every=0)
-    fp32 = train_arm(task, ARMS["fp32"], spec)
-    plain = train_arm(task, ARMS["fp16"], spec)
-    kept = train_arm(task, ARMS["fp16"].with_changes(["amp", "fc2"]), spec)
+    run, spec = RunContext(task, torch.device("cpu")), TrainSpec(seed=0, steps=20, epochs=None, trace_every=0)
+    fp32 = train_arm(run, ARMS["fp32"], spec).result
+    plain = train_arm(run, ARMS["fp16"], spec).result
+    kept = train_arm(run, ARMS["fp16"].with_changes(["amp", "fc2"]), spec).result
     assert plain.loss_scale is not None and plain.loss_scale.skipped == 20  # every step overflows
     assert plain.metrics["accuracy"] < fp32.metrics["accuracy"] - 0.2
     assert kept.name == "fp16+keep" and kept.status == "ok"

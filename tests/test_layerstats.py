@@ -10,7 +10,6 @@ import pytest
 
 from mpaudit.numerics.formats import FORMATS, HIST_MIN_EXP, update_lost, what_if
 from mpaudit.numerics.layerstats import NonfiniteSite, TensorStats, TraceSummary
-from mpaudit.results.model import to_jsonable
 
 RNG = np.random.default_rng(0)
 
@@ -101,7 +100,7 @@ def test_summary_merge_keeps_steps_order_and_first_sites() -> None:
 
 def test_json_round_trip_through_the_result_writer() -> None:
     s = _summary()
-    text = json.dumps(to_jsonable(s.to_dict()), allow_nan=False)
+    text = json.dumps(s.to_dict(), allow_nan=False)
     back = TraceSummary.from_dict(json.loads(text))
     assert back == s
     # histograms are stored trimmed to their nonzero span

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from mpaudit.arms import ARMS, Arm
+from mpaudit.arms import ARMS
 from mpaudit.errors import UsageError
 from mpaudit.perf.memory import max_batch_for_budget, measure_memory, parse_bytes
 from mpaudit.results.perf import BREAKDOWN_KEYS, MemoryResult, activation_savings
+from mpaudit.run.prepare import RunContext
 from mpaudit.run.task import Task, load_task
 
 CPU = torch.device("cpu")
@@ -31,8 +30,12 @@ def train_loader():
     return [(torch.randn({BATCH}, {D_IN}, generator=g), torch.randint(0, {D_OUT}, ({BATCH},), generator=g))]
 
 def loss_fn(model, batch):
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16 and BROKEN_BF16:
+        raise RuntimeError("bf16 unavailable")
     x, y = batch
     return nn.functional.cross_entropy(model(x), y)
+
+BROKEN_BF16 = False
 """
 
 PARAMS = D_IN * D_HIDDEN + D_HIDDEN + D_HIDDEN * D_OUT + D_OUT
@@ -53,7 +56,7 @@ def task(tmp_path_factory: pytest.TempPathFactory) -> Task:
 
 @pytest.fixture(scope="module")
 def memory(task: Task) -> dict[str, MemoryResult]:
-    return measure_memory(task, [ARMS["fp32"], ARMS["bf16"]], CPU, 0)
+    return measure_memory(RunContext(task, CPU), [ARMS["fp32"], ARMS["bf16"]], 0)
 
 
 def test_fixed_parts_match_the_analytic_sizes_exactly(memory: dict[str, MemoryResult]) -> None:
@@ -88,16 +91,20 @@ def test_the_peak_is_what_was_live_at_once(memory: dict[str, MemoryResult]) -> N
         assert result.batch_size == BATCH
 
 
-def test_an_arm_that_raises_is_recorded(task: Task) -> None:
-    @contextlib.contextmanager
-    def broken_bf16(arm: Arm) -> Iterator[None]:
-        if arm.name == "bf16":
-            raise RuntimeError("bf16 unavailable")
-        yield
-
-    results = measure_memory(task, [ARMS["fp32"], ARMS["bf16"]], CPU, 0, step_context=broken_bf16)
+def test_an_arm_that_raises_is_recorded(task: Task, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(task.module, "BROKEN_BF16", True)
+    results = measure_memory(RunContext(task, CPU), [ARMS["fp32"], ARMS["bf16"]], 0)
     assert results["bf16"].error == "RuntimeError: bf16 unavailable"
     assert results["fp32"].error is None and results["fp32"].peak_bytes > 0
+
+
+def test_a_keep_list_arm_is_measured_with_its_keep_list(task: Task, memory: dict[str, MemoryResult]) -> None:
+    """Every Linear kept in fp32: no autocast copies of the weights, activations as large as fp32's."""
+    kept = ARMS["bf16"].with_changes(["0", "2"])
+    result = measure_memory(RunContext(task, CPU), [kept], 0)[kept.name]
+    assert memory["bf16"].breakdown["autocast_cache"] > 0
+    assert result.breakdown["autocast_cache"] == 0
+    assert result.activation_bytes == memory["fp32"].activation_bytes
 
 
 def _result(scaling: tuple[tuple[int, int], ...], untracked: int = 0) -> MemoryResult:

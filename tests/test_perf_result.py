@@ -8,10 +8,11 @@ import math
 
 import pytest
 
+from mpaudit.results.codec import dumps, from_plain
+from mpaudit.results.model import ArmResult, AuditResult
 from mpaudit.results.perf import (
     BREAKDOWN_KEYS,
     MemoryResult,
-    Performance,
     SpeedResult,
     Speedup,
     activation_savings,
@@ -78,18 +79,26 @@ def test_results_are_frozen() -> None:
 
 def test_round_trip_through_strict_json_keeps_everything() -> None:
     failed = _speed((), arm="fp16+compile", compiled=True, error="torch.compile failed: boom")
-    perf = Performance(
-        speed={"bf16": _speed(notes=("a note",)), "fp16+compile": failed},
+
+    def arm(name: str, memory: MemoryResult) -> ArmResult:
+        return ArmResult(name=name, status="ok", loss=[1.0], metrics={}, steps=1, train_s=1.0,
+                         speed=_speed(notes=("a note",)), memory=memory)
+
+    result = AuditResult(
+        task="t", env={}, config={}, arms={"fp32": arm("fp32", _memory("fp32", 1000)),
+                                           "bf16": arm("bf16", _memory("bf16", 400))},
         speedups={"bf16": dataclasses.replace(_speedup(1.1, 1.4), note="why")},
-        memory={"fp32": _memory("fp32", 1000), "bf16": _memory("bf16", 400)},
-        notes=("TF32 off",),
+        compiled={"fp16+compile": failed}, perf_notes=["TF32 off"],
     )
-    text = json.dumps(perf.to_dict(), allow_nan=False)  # NaN median of the failed arm is a string
-    back = Performance.from_dict(json.loads(text))
-    assert back == perf
-    assert math.isnan(back.speed["fp16+compile"].step_s_median)
+    text = result.to_json()  # the NaN median of the failed arm is a string: strict JSON
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    back = AuditResult.from_json(text)
+    assert back.to_json() == text
+    assert back.speedups == result.speedups and back.arms["bf16"].memory == result.arms["bf16"].memory
+    assert math.isnan(back.compiled["fp16+compile"].step_s_median)
+    assert from_plain(SpeedResult, json.loads(dumps(failed))).error == failed.error
     data = json.loads(text)
     assert data["speedups"]["bf16"]["verdict"] == "faster"
-    assert data["speed"]["bf16"]["steps_timed"] == 5
-    assert data["memory"]["bf16"]["activation_bytes"] == 400
+    assert data["arms"]["bf16"]["speed"]["steps_timed"] == 5
+    assert data["arms"]["bf16"]["memory"]["activation_bytes"] == 400
     assert data["activation_savings"] == {"bf16": pytest.approx(0.6)}

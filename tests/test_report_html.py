@@ -6,6 +6,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 import mpaudit
 from conftest import TINY_TASK
 from mpaudit.report import render_html
@@ -46,7 +48,7 @@ def test_renders_from_json_alone(overflow_task: Path) -> None:
     html = render_html(again)
     assert "Gate FAILED" in html
     assert "diverged" in html
-    assert "forward_overflow" in html and '<td class="mono">amp</td>' in html  # the flags table names the layer
+    assert "forward_overflow" in html and '<td class="mono layer">amp</td>' in html  # the flags table names the layer
 
 
 def test_clean_model_says_no_layer_flagged(tiny_task: Path) -> None:
@@ -77,3 +79,59 @@ def test_big_model_page_stays_small(write_task: Callable[..., Path]) -> None:
     assert len(html.encode()) < 10 * 2**20
     assert f"Showing the {MAX_HEATMAP_ROWS} of 322 layers" in html
     assert len(result.layers()) >= 322 * 2  # layers.csv keeps every layer
+
+
+# ------------------------------------------------------------------------------------------------ legibility
+
+
+def test_coinciding_loss_curves_stay_visible_with_a_difference_panel(tiny_result: AuditResult) -> None:
+    from mpaudit.report.charts import loss_curves
+
+    fig = loss_curves(tiny_result).to_plotly_json()
+    lines = {t["name"]: t["line"] for t in fig["data"] if t.get("mode") == "lines"}
+    assert len({lines[a]["dash"] for a in ("fp32", "bf16", "fp16")}) == 3  # each arm its own dash
+    assert lines["fp32"]["width"] > lines["bf16"]["width"]  # fp32 underneath, wider
+    diffs = [t for t in fig["data"] if t["name"].endswith("− fp32")]
+    assert [t["name"] for t in diffs] == ["bf16 − fp32", "fp16 − fp32"] and all(t["yaxis"] == "y2" for t in diffs)
+    bf16, fp32 = tiny_result.arms["bf16"].loss, tiny_result.arms["fp32"].loss
+    assert diffs[0]["y"][3] == pytest.approx(bf16[3] - fp32[3])
+
+
+def test_heatmap_has_a_colour_scale_per_format_family(overflow_task: Path) -> None:
+    from mpaudit.report.layers_view import MIN_SATURATION_PCT, heatmap
+
+    result = mpaudit.audit(overflow_task, bench=False, steps=5, arms=("fp32", "fp16"))
+    fig = heatmap(result)
+    assert fig is not None
+    data = fig.to_plotly_json()
+    families = {t["coloraxis"]: t["x"] for t in data["data"]}
+    assert set(families) == {"coloraxis", "coloraxis2"}
+    assert all(x.startswith("fp16 ") for x in families["coloraxis"])
+    assert all(x.startswith(("e4m3 ", "e5m2 ")) for x in families["coloraxis2"])
+    fp16_axis, fp8_axis = data["layout"]["coloraxis"], data["layout"]["coloraxis2"]
+    assert fp16_axis["colorscale"] != fp8_axis["colorscale"]
+    assert MIN_SATURATION_PCT <= fp16_axis["cmax"] <= 10 and MIN_SATURATION_PCT <= fp8_axis["cmax"] <= 100
+
+
+def test_short_labels_tell_layers_apart() -> None:
+    from mpaudit.report.layers_view import short_labels
+
+    layers = ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.attention.self.query", "head"]
+    labels = short_labels(layers)
+    assert len(set(labels)) == 3 and labels[2] == "head"
+    assert labels[0].startswith("…") and labels[0].endswith("self.query") and len(labels[0]) <= 36
+    assert "0" in labels[0] and "1" in labels[1]
+
+
+def test_long_names_get_break_opportunities_and_stay_escaped() -> None:
+    from mpaudit.report.templates import breakable
+
+    assert str(breakable("bert.encoder.layer.0.attention")) == "bert.<wbr>encoder.<wbr>layer.0.<wbr>attention"
+    assert str(breakable("max_abs=1.43e+06", "._/")) == "max_<wbr>abs=1.43e+06"  # never inside a number
+    assert str(breakable("<b>.x")) == "&lt;b&gt;.<wbr>x"
+
+
+def test_histogram_bars_are_grouped_in_arm_colours(tiny_result: AuditResult) -> None:
+    html = render_html(tiny_result, plotlyjs="cdn")
+    assert 'barmode: "group"' in html and "LX.colors[arm]" in html
+    assert '"colors":{"fp32":"#1f77b4","bf16":"#2ca02c","fp16":"#d62728"}' in html

@@ -18,9 +18,11 @@ from mpaudit.arms import ARMS
 from mpaudit.errors import UsageError
 from mpaudit.numerics.layerstats import TensorStats, TraceSummary
 from mpaudit.numerics.rules import Thresholds, flag
-from mpaudit.results.model import ArmResult, Flag, LossScale, to_jsonable
+from mpaudit.results.codec import dumps_plain, from_plain
+from mpaudit.results.model import ArmResult, Flag, LossScale
+from mpaudit.run.precision import make_scaler
+from mpaudit.run.step import train_step
 from mpaudit.run.task import Task
-from mpaudit.run.train import train_step
 from mpaudit.trace.tracer import Tracer, TraceSchedule
 
 ARM_NAMES = ("fp32", "bf16", "fp16")
@@ -72,7 +74,7 @@ def _run_arm(
     torch.manual_seed(0)
     model = build()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    scaler = arm.make_scaler("cpu")
+    scaler = make_scaler(arm, "cpu")
     schedule, tracer = TraceSchedule(every=1), Tracer(model)
     losses: list[float] = []
     scales: list[float] = []
@@ -143,7 +145,7 @@ def test_tiny_loss_underflows_gradients_in_fp16_and_the_flag_says_how_to_scale()
     assert not [f for f in flags if f.arm == "bf16" and f.kind.endswith("underflow") and "update" not in f.kind]
     assert not _errors(flags, "bf16") and not _errors(flags, "fp32")
     # flags go into report.json as they are
-    back = [Flag.from_dict(d) for d in json.loads(json.dumps(to_jsonable(flags), allow_nan=False))]
+    back = from_plain(list[Flag], json.loads(dumps_plain(flags)))
     assert back == flags
 
 
@@ -272,15 +274,60 @@ def test_loss_scale_skips_after_calibration() -> None:
     assert [f.severity for f in every if f.kind == "loss_scale"] == ["error"]
 
 
-def test_update_underflow_is_judged_per_format() -> None:
-    # updates about 2^-10 of their weight's binade: below bf16's half ulp (2^-8), above fp16's (2^-11)
-    r = 2.0 ** np.random.default_rng(0).uniform(-10, -9.5, 500)
-    summaries = {arm: _summary({("fc", "update:weight"): r}) for arm in ("bf16", "fp16")}
-    flags = flag(summaries, {"bf16": _arm("bf16"), "fp16": _arm("fp16")})
-    updates = [(f.arm, f.severity) for f in flags if f.kind == "update_underflow"]
-    assert updates == [("bf16", "warning")]
-    f = next(f for f in flags if f.kind == "update_underflow")
-    assert f.evidence["lost_fraction"] == 1.0 and "keep fp32 weights for the optimizer" in f.recommendation
+def _updates(lost: float, n: int = 1000, seed: int = 0) -> np.ndarray:
+    """Relative updates r (Δw in units of the weight's binade): a share ``lost`` of them about 2^-10, below bf16's
+    half ulp (2^-8) but above fp16's (2^-11); the rest about 2^-4."""
+    rng = np.random.default_rng(seed)
+    small = rng.random(n) < lost
+    return np.where(small, 2.0 ** rng.uniform(-10, -9.5, n), 2.0 ** rng.uniform(-4, -3, n))
+
+
+def _measured(r: np.ndarray, fmt_half_ulp_exp: int = -8) -> np.ndarray:
+    """What a half-weight arm records for those updates: the ones below half an ulp left the weight unchanged."""
+    return np.where(r < 2.0**fmt_half_ulp_exp, 0.0, r)
+
+
+def test_update_underflow_is_measured_in_half_weight_arms_only() -> None:
+    r = _updates(0.8)
+    summaries = {
+        "fp32": _summary({("fc", "update:weight"): r, ("head", "update:weight"): _updates(0.05, seed=1)}),
+        "bf16": _summary({("fc", "update:weight"): r}),  # fp32 master weights: the same updates land
+        "bf16-pure": _summary({("fc", "update:weight"): _measured(r),
+                               ("head", "update:weight"): _measured(_updates(0.05, seed=1))}),
+    }
+    arms = {name: _arm(name) for name in summaries}
+    # without half-weight arms named, nobody loses updates: the numbers stay in the layers table, no flag
+    assert not [f for f in flag(summaries, arms) if f.kind == "update_underflow"]
+    flags = flag(summaries, arms, half_weights=frozenset({"bf16-pure"}))
+    updates = [(f.arm, f.layer, f.severity) for f in flags if f.kind == "update_underflow"]
+    assert updates == [("bf16-pure", "fc", "error"), ("bf16-pure", "head", "info")]
+    fc = next(f for f in flags if f.kind == "update_underflow" and f.layer == "fc")
+    ev = fc.evidence
+    assert ev["measured_lost_fraction"] == pytest.approx(0.8, abs=0.03)
+    assert ev["predicted_lost_fraction"] == pytest.approx(ev["measured_lost_fraction"], abs=1e-9)
+    assert ev["unchanged_fraction"] == ev["measured_lost_fraction"]  # fp32's updates are never exactly zero here
+    assert ev["format"] == "bf16" and ev["updates_sampled"] == 1000 and ev["error_at"] == Thresholds().update_lost_error
+    assert "`fc`" in fc.recommendation and "stochastically" in fc.recommendation and "fp32 master" in fc.recommendation
+    assert fc.caused_by is None
+
+
+def test_update_underflow_counts_only_zeros_beyond_fp32s_and_follows_its_thresholds() -> None:
+    r = _updates(0.3)
+    r[:500] = 0.0  # half of the updates are exactly zero in fp32 too (no gradient, no decay): not lost
+    summaries = {"fp32": _summary({("fc", "update:weight"): r}),
+                 "bf16-pure": _summary({("fc", "update:weight"): _measured(r)})}
+    arms = {name: _arm(name) for name in summaries}
+    (f,) = [f for f in flag(summaries, arms, half_weights=frozenset({"bf16-pure"})) if f.kind == "update_underflow"]
+    assert f.evidence["unchanged_fraction"] == pytest.approx(0.5 + 0.5 * 0.3, abs=0.04)
+    assert f.evidence["measured_lost_fraction"] == pytest.approx(0.3, abs=0.04)
+    assert f.severity == "warning"  # between update_lost_warning (0.1) and update_lost_error (0.5)
+    strict = Thresholds.from_mapping({"update_lost_error": 0.2})
+    (f,) = [f for f in flag(summaries, arms, strict, frozenset({"bf16-pure"})) if f.kind == "update_underflow"]
+    assert f.severity == "error"
+    # without an fp32 trace the raw share of unchanged weights is the measurement, and nothing is predicted
+    alone = flag({"bf16-pure": summaries["bf16-pure"]}, arms, half_weights=frozenset({"bf16-pure"}))
+    (f,) = [f for f in alone if f.kind == "update_underflow"]
+    assert f.evidence["predicted_lost_fraction"] is None and f.evidence["measured_lost_fraction"] > 0.6
 
 
 def test_gradients_beyond_fp16_range_before_scaling() -> None:

@@ -12,6 +12,7 @@ from mpaudit.arms import ARMS
 from mpaudit.ci.recommend import rank_layers
 from mpaudit.report.html import render_html
 from mpaudit.results.model import AuditResult, LayerError
+from mpaudit.run.prepare import RunContext
 from mpaudit.run.task import load_task
 from mpaudit.trace.shadow import layer_errors
 from mpaudit.trace.tracer import select_modules
@@ -24,7 +25,7 @@ def _errors(task_path: Path, arm: str) -> dict[str, LayerError]:
     torch.manual_seed(0)
     model = task.build_model()
     paths = select_modules(model)
-    errors = layer_errors(task, model, [ARMS["fp32"], ARMS[arm]], paths, CPU)
+    errors = layer_errors(RunContext(task, CPU), model, [ARMS["fp32"], ARMS[arm]], paths)
     assert list(errors) == [arm]  # fp32 is the reference, not compared with itself
     return {e.layer: e for e in errors[arm]}
 
@@ -45,6 +46,17 @@ def test_bf16_rounding_is_coarser_than_fp16_but_keeps_the_range(tiny_task: Path)
         assert math.isfinite(bf16[layer].sqnr_db) and math.isfinite(fp16[layer].sqnr_db)
         assert bf16[layer].sqnr_db < fp16[layer].sqnr_db - 10  # 8 vs 11 mantissa bits: ~18 dB apart
     assert bf16["2"].drift_sqnr_db <= bf16["2"].sqnr_db + 3  # error accumulates, it does not vanish
+
+
+def test_a_half_weight_arm_runs_a_bf16_copy_and_leaves_the_fp32_model_alone(tiny_task: Path) -> None:
+    pure, bf16 = _errors(tiny_task, "bf16-pure"), _errors(tiny_task, "bf16")
+    for layer in ("0", "2"):  # a Linear in bf16 weights and inputs computes what bf16 autocast computes
+        assert 30 < pure[layer].sqnr_db < 70 and math.isfinite(pure[layer].drift_sqnr_db)
+        assert pure[layer].sqnr_db == bf16[layer].sqnr_db
+    task = load_task(tiny_task)
+    model = task.build_model()
+    layer_errors(RunContext(task, CPU), model, [ARMS["fp32"], ARMS["bf16-pure"]], select_modules(model))
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the trained fp32 weights are not cast
 
 
 def test_layers_the_attribution_blames_rank_first_for_the_keep_list(overflow_task: Path) -> None:

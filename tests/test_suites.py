@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
 import math
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import jsonschema
 import pytest
 import torch
 
@@ -17,16 +19,21 @@ import mpaudit
 from mpaudit.run.task import load_task
 
 SUITES = Path(__file__).resolve().parent.parent / "suites"
+SCHEMA = mpaudit.AuditResult.json_schema()
 
 EXPECTED_METRICS = {
+    "attention_overflow": ["accuracy", "eval_loss"],
     "digits_mlp": ["accuracy", "eval_loss"],
     "digits_cnn": ["accuracy", "eval_loss"],
+    "digits_finetune": ["accuracy", "eval_loss"],
     "resnet_digits": ["accuracy", "eval_loss"],
     "char_transformer": ["perplexity", "eval_loss"],
     "hf_gpt2_tiny": ["perplexity", "eval_loss"],
     "dlrm_synthetic": ["auc", "accuracy", "eval_loss"],
     "fp16_overflow": ["accuracy", "eval_loss"],
     "fp16_underflow": ["perplexity", "eval_loss"],
+    "regression_recipe": ["r2", "eval_loss"],
+    "handrolled_softmax": ["accuracy", "eval_loss"],
 }
 """Every workload and the metrics its ``evaluate`` returns, primary first."""
 
@@ -71,6 +78,8 @@ def test_workload_trains_a_few_steps_in_fp32_and_bf16(name: str) -> None:
         assert list(arm.metrics) == EXPECTED_METRICS[name]
         assert all(math.isfinite(v) for v in arm.metrics.values())
     assert result.primary_metric == EXPECTED_METRICS[name][0]
+    # what `mpaudit schema` prints validates what the workload's audit writes (a traced step included)
+    jsonschema.validate(json.loads(result.to_json()), SCHEMA)
 
 
 def _capture_output(module: torch.nn.Module, store: dict[str, torch.Tensor], key: str) -> Any:
@@ -142,3 +151,54 @@ def test_fp16_underflow_logit_gradients_flush_at_gradscalers_default_scale() -> 
     assert _logit_grad_zero_fraction(m, torch.float16, default_scale) > 0.25
     # the fix the docstring gives: a loss scale that lifts these gradients into fp16's range
     assert _logit_grad_zero_fraction(m, torch.float16, 2.0**28) == 0.0
+
+
+def test_regression_recipe_fp32_arm_reproduces_the_plain_pytorch_loop() -> None:
+    """mpaudit's fp32 arm trains the recipe (warm-up schedule, clipping, SGD at 1.0) exactly as a plain loop."""
+    m = _module("regression_recipe")
+    steps = 60  # past the warm-up, into the cosine decay
+    plain = m.train_plain(steps, "fp32")
+    result = mpaudit.audit(SUITES / "regression_recipe" / "model.py", steps=steps, arms=("fp32",), bench=False)
+    assert result.arms["fp32"].metrics["r2"] == pytest.approx(plain["r2"], abs=1e-5)
+    assert result.arms["fp32"].metrics["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-5)
+    assert result.config["clip_grad_norm"] == 1.0 and result.config["scheduler"] == "LambdaLR"
+
+
+@pytest.mark.slow
+def test_regression_recipe_mixed_precision_arms_stay_within_003_of_fp32_and_clip_after_unscale() -> None:
+    """The full recipe (200 steps): fp32 as in plain PyTorch, bf16 and fp16 within 0.03 of it; the naive fp16 loop
+    that clips the scaled gradients barely trains, so mpaudit's fp16 arm is not doing that."""
+    m = _module("regression_recipe")
+    result = mpaudit.audit(SUITES / "regression_recipe" / "model.py", bench=False)  # the default 200 steps
+    r2 = {name: arm.metrics["r2"] for name, arm in result.arms.items()}
+    assert r2["fp32"] == pytest.approx(m.train_plain()["r2"], abs=1e-5)
+    assert r2["fp32"] > 0.75
+    assert abs(r2["bf16"] - r2["fp32"]) < 0.03 and abs(r2["fp16"] - r2["fp32"]) < 0.03
+    assert not [f for f in result.flags if f.severity == "error"]
+    wrong = m.train_plain(precision="fp16", clip_scaled=True)["r2"]
+    assert abs(wrong) < 0.05  # every step shrunk by the loss scale: the model stays near predicting the mean
+    assert r2["fp16"] > wrong + 0.5
+    # and the recipe is needed: without the schedule the same loop does far worse
+    assert m.train_plain(schedule=False)["r2"] < r2["fp32"] - 0.2
+
+
+def _unchanged_after_one_step(m: ModuleType, dtype: torch.dtype) -> float:
+    """Share of the fine-tuning model's weights one AdamW step at the task's learning rate leaves unchanged."""
+    torch.manual_seed(0)
+    model = m.build_model().to(dtype)
+    optimizer = m.build_optimizer(model)
+    x, y = next(iter(m.train_loader()))
+    m.loss_fn(model, (x.to(dtype), y)).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.step()
+    same = sum(int((p.detach() == b).sum()) for p, b in zip(model.parameters(), before, strict=True))
+    return same / sum(b.numel() for b in before)
+
+
+def test_digits_finetune_bf16_weights_lose_adamws_steps_and_fp32_weights_do_not() -> None:
+    m = _module("digits_finetune")
+    assert "bf16-pure" in (m.__doc__ or "") and m.FINETUNE_LR < 2.0**-12  # below half a bf16 ulp of 0.1's binade
+    weights = torch.cat([p.detach().abs().flatten() for p in m.build_model().parameters()])
+    assert 0.05 < float(weights.mean()) < 0.2  # weights of order 0.1 after pretraining
+    assert _unchanged_after_one_step(m, torch.float32) < 0.01
+    assert _unchanged_after_one_step(m, torch.bfloat16) > 0.8

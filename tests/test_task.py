@@ -114,3 +114,14 @@ def test_loss_without_grad_is_caught(write_task: Callable[..., Path]) -> None:
     path = write_task(TINY_TASK.replace("return nn.functional.cross_entropy(model(x), y)",
                                         "return nn.functional.cross_entropy(model(x), y).detach()"))
     assert_contract_error(path, "does not require grad")
+
+
+@pytest.mark.parametrize("metrics, fragment", [
+    ('["mae"]', "METRICS in model.py must be a dict"),
+    ('{"mae": "lower"}', "'mae' maps to 'lower'"),
+    ('{1: "min"}', "1 maps to 'min'"),
+])
+def test_metrics_declaration_must_map_names_to_min_or_max(write_task: Callable[..., Path], metrics: str,
+                                                          fragment: str) -> None:
+    path = write_task(TINY_TASK + f"\nMETRICS = {metrics}\n")
+    assert_contract_error(path, fragment)

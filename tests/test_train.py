@@ -111,7 +111,7 @@ def test_same_seed_same_losses(tiny_task: Path) -> None:
     ({"steps": 5, "epochs": 1}, "not both"),
     ({"steps": 0}, "at least 1"),
     ({"arms": ("bf16",), "max_drop": {"accuracy": 0.1}}, "must include fp32"),
-    ({"max_drop": {"acc": 0.1}, "steps": 2}, "returns only: accuracy"),
+    ({"max_drop": {"acc": 0.1}, "steps": 2}, "the metrics are: accuracy"),
     ({"device": "tpu"}, "Unknown device"),
 ])
 def test_bad_options_are_usage_errors(tiny_task: Path, kwargs: dict, fragment: str) -> None:

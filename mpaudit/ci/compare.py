@@ -18,34 +18,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import field
 from typing import Any
 
-from mpaudit.arms import BASELINE
-from mpaudit.ci.gate import AUTO, DEFAULT_NOISE_K, Limit, lower_is_better, noise_floor, t_interval
-from mpaudit.errors import ResultError, UsageError
-from mpaudit.results.model import ArmResult, AuditResult, Flag, NoiseFloor, to_jsonable
+from pydantic import computed_field
+from pydantic.dataclasses import dataclass
 
-DEFAULT_SPEEDUP_TOLERANCE = 0.10
-"""A benchmark speedup regresses when it shrinks by more than this fraction of the base ratio *and* the two
-confidence intervals do not overlap, so timing noise on a busy machine alone never fails CI."""
-
-DEFAULT_MEMORY_TOLERANCE = 0.05
-"""A mixed-precision arm's peak memory, as a fraction of fp32's peak in the same result, may grow by this
-much (0.05: five percent of fp32's peak) before it counts as a regression."""
-
-FINAL_LOSS = "final_loss"
-"""Pseudo-metric: the mean training loss over the last steps (``ArmResult.final_loss``), lower is better."""
-
-ERROR_SEVERITY = "error"
-"""The flag severity whose appearance is a regression."""
-
-OUTCOMES = ("regression", "improvement", "ok", "note")
-"""A check's outcome: got worse beyond tolerance, got better beyond it, within tolerance, or information."""
-
-MAX_ERROR_CHARS = 200
-"""Error messages quoted in a sentence are cut to their first line and this many characters."""
+from mpaudit.ci.gaps import (
+    FINAL_LOSS,
+    Gap,
+    check_declared_directions,
+    fp32_noise,
+    gap_to_fp32,
+    metric_direction,
+    unknown_direction_message,
+)
+from mpaudit.ci.gate import AUTO, DEFAULT_NOISE_K, Limit
+from mpaudit.defaults import DEFAULT_MEMORY_TOLERANCE, DEFAULT_SPEEDUP_TOLERANCE
+from mpaudit.errors import UsageError
+from mpaudit.results.codec import RESULT_CONFIG, JsonFloat, to_plain
+from mpaudit.results.model import ArmResult, AuditResult, Flag, NoiseFloor
+from mpaudit.text import byte_size, cut, fmt
+from mpaudit.vocab import BASELINE, ERROR, IMPROVEMENT, MIN, NOTE, OK, REGRESSION, UNKNOWN, MetricDirection, Outcome
 
 MAX_LISTED = 5
 """A note lists at most this many items (flags, ...) and counts the rest."""
@@ -55,22 +49,7 @@ EXIT_OK, EXIT_REGRESSION, EXIT_NOT_COMPARABLE = 0, 1, 2
 _SPEED_BENCHMARK, _SPEED_TRAIN_LOOP = "benchmark", "train_loop"
 
 
-@dataclass(frozen=True)
-class Gap:
-    """One arm's difference to fp32 on one metric in one result: arm − fp32, mean over paired seeds.
-
-    ``low``/``high`` bound the 95% t-interval of the paired differences (equal to ``delta`` for one seed).
-    """
-
-    delta: float
-    low: float
-    high: float
-    seeds: int
-    value: float
-    baseline: float
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=RESULT_CONFIG)
 class MetricRow:
     """How an arm's gap to fp32 on one metric changed from base to new, and what growth was allowed."""
 
@@ -78,39 +57,43 @@ class MetricRow:
     metric: str
     base: Gap | None
     new: Gap | None
-    allowed: float | None
+    allowed: JsonFloat | None
     """The largest growth of the gap that is not a regression; None when this metric is not gated."""
     limit_text: str
     base_noise: NoiseFloor | None = None
     new_noise: NoiseFloor | None = None
+    direction: MetricDirection = UNKNOWN
+    """``min`` (lower is better), ``max``, or ``unknown``: shown, never judged."""
 
-    _derived = ("lower_is_better", "growth", "outcome")
-
+    @computed_field  # type: ignore[prop-decorator]
     @property
-    def lower_is_better(self) -> bool:
-        return self.metric == FINAL_LOSS or lower_is_better(self.metric)
+    def lower_is_better(self) -> bool | None:
+        return None if self.direction == UNKNOWN else self.direction == MIN
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
-    def growth(self) -> float | None:
-        """How much further behind fp32 the arm fell from base to new (positive: worse); None if unknown."""
-        if self.base is None or self.new is None:
+    def growth(self) -> JsonFloat | None:
+        """How much further behind fp32 the arm fell from base to new (positive: worse); None if unknown (a gap is
+        missing, or the metric's direction is unknown)."""
+        if self.base is None or self.new is None or self.direction == UNKNOWN:
             return None
         sign = 1.0 if self.lower_is_better else -1.0
         return sign * (self.new.delta - self.base.delta)
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
-    def outcome(self) -> str | None:
+    def outcome(self) -> Outcome | None:
         """``regression`` / ``improvement`` when the gap moved beyond the allowed growth, ``ok`` within it,
         None when not gated or unknown."""
         growth = self.growth
         if self.allowed is None or growth is None:
             return None
         if growth > self.allowed:
-            return "regression"
-        return "improvement" if growth < -self.allowed else "ok"
+            return REGRESSION
+        return IMPROVEMENT if growth < -self.allowed else OK
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=RESULT_CONFIG)
 class ArmRow:
     """One arm both results ran: status before and after, its metric gaps, fp16 skipped steps, flag changes."""
 
@@ -128,17 +111,17 @@ class ArmRow:
     flags_disappeared: list[Flag] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=RESULT_CONFIG)
 class SpeedPoint:
     """One result's speedup of an arm over fp32 (>1: faster), with its interval when it was benchmarked."""
 
-    ratio: float
-    ci_low: float | None = None
-    ci_high: float | None = None
+    ratio: JsonFloat
+    ci_low: JsonFloat | None = None
+    ci_high: JsonFloat | None = None
     verdict: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=RESULT_CONFIG)
 class SpeedRow:
     """An arm's speedup in base and in new. ``source`` is ``benchmark`` (interleaved rounds with an
     interval, gated) or ``train_loop`` (ratio of training-loop median step times, shown but never gated)."""
@@ -149,26 +132,25 @@ class SpeedRow:
     source: str
     gated: bool
 
-    _derived = ("change",)
-
+    @computed_field  # type: ignore[prop-decorator]
     @property
-    def change(self) -> float:
+    def change(self) -> JsonFloat:
         """Relative change of the speedup from base to new (-0.25: a quarter smaller)."""
         return self.new.ratio / self.base.ratio - 1.0 if self.base.ratio > 0 else math.nan
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=RESULT_CONFIG)
 class MemoryRow:
     """An arm's peak memory of one training step in base and in new, and as a fraction of fp32's peak."""
 
     arm: str
     base_peak_bytes: int
     new_peak_bytes: int
-    base_fraction: float | None = None
-    new_fraction: float | None = None
+    base_fraction: JsonFloat | None = None
+    new_fraction: JsonFloat | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=RESULT_CONFIG)
 class Check:
     """One thing compare judged, with its outcome (see :data:`OUTCOMES`) and one sentence for people."""
 
@@ -176,11 +158,11 @@ class Check:
     """The arm it concerns; empty for the task as a whole."""
     subject: str
     """What was looked at: ``status``, ``gap accuracy``, ``speedup``, ``memory``, ``flags``, ``task``, ..."""
-    outcome: str
+    outcome: Outcome
     message: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=RESULT_CONFIG)
 class Comparison:
     """Everything ``compare`` found between a base and a new result of the same task."""
 
@@ -193,120 +175,39 @@ class Comparison:
     memory: list[MemoryRow]
     checks: list[Check]
     comparable: bool
-    tolerance: dict[str, Limit] = field(default_factory=dict)
-    noise_k: float = DEFAULT_NOISE_K
-    speedup_tolerance: float = DEFAULT_SPEEDUP_TOLERANCE
-    memory_tolerance: float = DEFAULT_MEMORY_TOLERANCE
+    tolerance: dict[str, JsonFloat | str] = field(default_factory=dict)
+    noise_k: JsonFloat = DEFAULT_NOISE_K
+    speedup_tolerance: JsonFloat = DEFAULT_SPEEDUP_TOLERANCE
+    memory_tolerance: JsonFloat = DEFAULT_MEMORY_TOLERANCE
 
-    _derived = ("regressions", "improvements", "notes", "exit_code")
 
     def _messages(self, outcome: str) -> list[str]:
         return [c.message for c in self.checks if c.outcome == outcome]
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def regressions(self) -> list[str]:
         """One sentence per thing that got worse beyond its tolerance."""
-        return self._messages("regression")
+        return self._messages(REGRESSION)
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def improvements(self) -> list[str]:
-        return self._messages("improvement")
+        return self._messages(IMPROVEMENT)
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def notes(self) -> list[str]:
         """What changed without being judged, and what could not be compared (and why)."""
-        return self._messages("note")
+        return self._messages(NOTE)
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def exit_code(self) -> int:
         """0 nothing got worse beyond tolerance, 1 something did, 2 not comparable (no arm in common)."""
         if not self.comparable:
             return EXIT_NOT_COMPARABLE
         return EXIT_REGRESSION if self.regressions else EXIT_OK
-
-
-def _num(x: float | None, digits: int = 4) -> str:
-    """A number for people, ``digits`` significant digits; None as a dash. (Not ``report.html.fmt``: the
-    report package imports this module, and the reverse import would make a cycle.)"""
-    return "–" if x is None else f"{x:.{digits}g}"
-
-
-# ---------------------------------------------------------------------------------------------- reading
-
-
-def load_result(path: str | Path) -> AuditResult:
-    """Read a ``report.json`` of any known schema version; ResultError when missing, unreadable or unknown.
-
-    Older and hand-trimmed files may lack every optional key; an arm entry without ``name`` takes its key.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ResultError(f"Result file {path} does not exist.") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ResultError(f"Result file {path} cannot be read: {exc}.") from None
-    try:
-        return result_from_json(text)
-    except ResultError as exc:
-        raise ResultError(f"{path}: {exc}") from None
-
-
-def result_from_json(text: str) -> AuditResult:
-    """``AuditResult.from_json`` that also accepts arm entries without their ``name`` (older, minimal files)."""
-    import json
-
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ResultError(f"This file is not valid JSON: {exc}.") from exc
-    if isinstance(data, dict):
-        arms, replicates = data.get("arms"), data.get("replicates")
-        named = [*(arms.items() if isinstance(arms, dict) else [])]
-        for key, runs in replicates.items() if isinstance(replicates, dict) else []:
-            named += [(key, run) for run in (runs if isinstance(runs, list) else [])]
-        for key, entry in named:
-            if isinstance(entry, dict):
-                entry.setdefault("name", key)
-    return AuditResult.from_dict(data)
-
-
-# ------------------------------------------------------------------------------------------- arithmetic
-
-
-def metric_value(arm: ArmResult, metric: str) -> float | None:
-    """The arm's value of ``metric`` (``final_loss`` is the training loss); None when it has none."""
-    return arm.final_loss if metric == FINAL_LOSS else arm.metrics.get(metric)
-
-
-def gap_to_fp32(result: AuditResult, arm: str, metric: str) -> Gap | None:
-    """The arm's mean paired difference to fp32 (arm − fp32) over the seeds where both finished ``ok`` with a
-    finite value; None when no such pair exists (the arm or fp32 did not finish, or lacks the metric)."""
-    deltas, values, baselines = [], [], []
-    for base_run, arm_run in zip(result.runs(BASELINE), result.runs(arm), strict=False):
-        if base_run.status != "ok" or arm_run.status != "ok":
-            continue
-        b, v = metric_value(base_run, metric), metric_value(arm_run, metric)
-        if b is None or v is None or not (math.isfinite(b) and math.isfinite(v)):
-            continue
-        deltas.append(v - b)
-        values.append(v)
-        baselines.append(b)
-    if not deltas:
-        return None
-    mean, low, high = t_interval(deltas)
-    return Gap(delta=mean, low=low, high=high, seeds=len(deltas),
-               value=sum(values) / len(values), baseline=sum(baselines) / len(baselines))
-
-
-def fp32_noise(result: AuditResult, metric: str) -> NoiseFloor | None:
-    """fp32's seed-to-seed spread of ``metric``: the gate's stored floor, else computed from the replicates."""
-    stored = result.gate.noise_floor.get(metric)
-    if stored is not None and stored.n >= 2:
-        return stored
-    values = [v for run in result.runs(BASELINE) if run.status == "ok"
-              for v in [metric_value(run, metric)] if v is not None and math.isfinite(v)]
-    return noise_floor(values) if len(values) >= 2 else None
 
 
 # ---------------------------------------------------------------------------------------------- compare
@@ -319,15 +220,20 @@ def compare(
     speedup_tolerance: float = DEFAULT_SPEEDUP_TOLERANCE,
     noise_k: float = DEFAULT_NOISE_K,
     memory_tolerance: float = DEFAULT_MEMORY_TOLERANCE,
+    directions: Mapping[str, str] | None = None,
 ) -> Comparison:
     """Compare two results of the same task (usually main vs a pull request) arm by arm.
 
     ``tolerance`` maps a metric (or ``final_loss``) to the largest allowed growth of an arm's gap to fp32,
-    or to ``"auto"`` (``noise_k`` σ of the larger fp32 noise floor). UsageError for a tolerance naming a
-    metric neither result has, a negative one, or ``auto`` when neither result has a noise estimate.
+    or to ``"auto"`` (``noise_k`` σ of the larger fp32 noise floor). ``directions`` declares metrics' directions
+    (``min``/``max``, ``--metric-direction``), over those the results record, over the metrics' names; a metric
+    whose direction stays unknown (or that base and new record differently) is shown, never gated. UsageError for a
+    tolerance naming a metric neither result has or one whose direction is unknown, a negative one, or ``auto``
+    when neither result has a noise estimate.
     """
-    limits = _validated(tolerance or {}, base, new, speedup_tolerance, noise_k, memory_tolerance)
     checks = _context_notes(base, new)
+    dirs = _directions(base, new, directions or {}, checks)
+    limits = _validated(tolerance or {}, base, new, speedup_tolerance, noise_k, memory_tolerance, dirs)
     common = [name for name in new.arms if name in base.arms]
     only_base = [name for name in base.arms if name not in new.arms]
     only_new = [name for name in new.arms if name not in base.arms]
@@ -337,18 +243,25 @@ def compare(
         checks.append(_note("", "arms", f"Only new ran {', '.join(only_new)}; not compared."))
     settings: dict[str, Any] = {"tolerance": dict(limits), "noise_k": noise_k,
                                 "speedup_tolerance": speedup_tolerance, "memory_tolerance": memory_tolerance}
+    watched = [label for label, r in (("base", base), ("new", new)) if r.observed]
+    if watched:
+        checks.append(_note("", "arms", f"Nothing to compare: {' and '.join(watched)} is an observed run "
+                                        "(mpaudit.watch), not a matched comparison with fp32; compare two results "
+                                        "of mpaudit run."))
+        return Comparison(task=new.task, base=_identity(base), new=_identity(new), arms=[], speed=[], memory=[],
+                          checks=checks, comparable=False, **settings)
     if not common:
         checks.append(_note("", "arms", f"Nothing to compare: base ran {_names(base.arms)} and new ran "
                                         f"{_names(new.arms)}, no arm in common."))
         return Comparison(task=new.task, base=_identity(base), new=_identity(new), arms=[], speed=[], memory=[],
                           checks=checks, comparable=False, **settings)
 
-    gated = _gated_metrics(limits, base, new, noise_k, checks)
+    gated = _gated_metrics(limits, base, new, noise_k, checks, dirs)
     if BASELINE not in common:
         checks.append(_note("", "gaps", "fp32 is not in both results, so no gap to fp32 could be compared."))
     rows = []
     for name in common:
-        row = _arm_row(base, new, name, gated, noise_k)
+        row = _arm_row(base, new, name, gated, noise_k, dirs)
         rows.append(row)
         checks.extend(_status_checks(row))
         checks.extend(_metric_checks(row))
@@ -361,8 +274,33 @@ def compare(
                       memory=memory, checks=[*checks, *speed_checks, *memory_checks], comparable=True, **settings)
 
 
+def _directions(base: AuditResult, new: AuditResult, declared: Mapping[str, str],
+                checks: list[Check]) -> dict[str, MetricDirection]:
+    """Every metric's direction: declared, else recorded alike in both results, else by its name. A metric base
+    and new record in opposite directions (the task's ``METRICS`` changed) is unknown, with a note."""
+    declared = check_declared_directions(declared, "--metric-direction")
+    known = _all_metrics(base) | _all_metrics(new)
+    for metric in declared:
+        if metric not in known:
+            raise UsageError(f"--metric-direction names metric {metric!r}, which neither result has (they have "
+                             f"{', '.join(sorted(known)) or 'no metrics'}).")
+    out: dict[str, MetricDirection] = {FINAL_LOSS: MIN}
+    for metric in sorted(known):
+        b, n = metric_direction(metric, declared, base.metric_directions), metric_direction(metric, declared,
+                                                                                            new.metric_directions)
+        if b != n and UNKNOWN not in (b, n):
+            checks.append(_note("", "direction", f"Base records {metric} as {b} and new as {n} (better when "
+                                                 f"{'lower' if b == MIN else 'higher'} vs "
+                                                 f"{'lower' if n == MIN else 'higher'}): its gaps are shown, not "
+                                                 f"judged; declare it with --metric-direction {metric}=min|max."))
+            out[metric] = UNKNOWN
+        else:
+            out[metric] = n if n != UNKNOWN else b
+    return out
+
+
 def _validated(tolerance: Mapping[str, Limit], base: AuditResult, new: AuditResult, speedup_tolerance: float,
-               noise_k: float, memory_tolerance: float) -> dict[str, Limit]:
+               noise_k: float, memory_tolerance: float, directions: Mapping[str, str]) -> dict[str, Limit]:
     if not (math.isfinite(noise_k) and noise_k > 0):
         raise UsageError("--noise-k must be a positive number.")
     if not (0 <= speedup_tolerance < 1):
@@ -375,6 +313,8 @@ def _validated(tolerance: Mapping[str, Limit], base: AuditResult, new: AuditResu
         if metric not in known:
             raise UsageError(f"--tolerance {metric}: neither result has a metric called {metric!r} "
                              f"(they have {', '.join(sorted(known))}).")
+        if directions.get(metric, UNKNOWN) == UNKNOWN:
+            raise UsageError(unknown_direction_message(metric, "--tolerance"))
         if limit == AUTO:
             if fp32_noise(base, metric) is None and fp32_noise(new, metric) is None:
                 raise UsageError(f"--tolerance {metric}=auto needs a noise estimate: run base or new with "
@@ -392,11 +332,18 @@ def _all_metrics(result: AuditResult) -> set[str]:
 
 
 def _gated_metrics(limits: dict[str, Limit], base: AuditResult, new: AuditResult, noise_k: float,
-                   checks: list[Check]) -> dict[str, Limit]:
-    """The metrics whose gap growth is judged: the given tolerances, else the primary metric at ``auto``."""
+                   checks: list[Check], directions: Mapping[str, str]) -> dict[str, Limit]:
+    """The metrics whose gap growth is judged: the given tolerances, else the primary metric at ``auto`` (when its
+    direction is known)."""
     gated = dict(limits)
     if not gated:
         primary = new.primary_metric or base.primary_metric or FINAL_LOSS
+        if directions.get(primary, UNKNOWN) == UNKNOWN:
+            checks.append(_note("", "direction", f"The direction of {primary} is unknown (neither declared nor known "
+                                                 f"by its name): its gaps to fp32 are shown, not gated. Declare it "
+                                                 f"with --metric-direction {primary}=min|max, or METRICS in the task "
+                                                 "file."))
+            return {}
         if fp32_noise(base, primary) is None and fp32_noise(new, primary) is None:
             checks.append(_note("", "tolerance", f"No noise estimate (run with --seeds K) and no --tolerance: gaps "
                                                  f"to fp32 are shown but not gated. Give --tolerance {primary}=DELTA "
@@ -413,11 +360,12 @@ def _gated_metrics(limits: dict[str, Limit], base: AuditResult, new: AuditResult
     return gated
 
 
-def _arm_row(base: AuditResult, new: AuditResult, name: str, gated: Mapping[str, Limit], noise_k: float) -> ArmRow:
+def _arm_row(base: AuditResult, new: AuditResult, name: str, gated: Mapping[str, Limit], noise_k: float,
+             directions: Mapping[str, MetricDirection]) -> ArmRow:
     b, n = base.arms[name], new.arms[name]
     rows: list[MetricRow] = []
     if name != BASELINE and BASELINE in base.arms and BASELINE in new.arms:
-        rows = [_metric_row(base, new, name, metric, gated.get(metric), noise_k)
+        rows = [_metric_row(base, new, name, metric, gated.get(metric), noise_k, directions.get(metric, UNKNOWN))
                 for metric in _metric_order(base, new, name)]
     appeared, disappeared = _flag_changes(base.flags, new.flags, name)
     return ArmRow(
@@ -439,7 +387,7 @@ def _metric_order(base: AuditResult, new: AuditResult, name: str) -> list[str]:
 
 
 def _metric_row(base: AuditResult, new: AuditResult, arm: str, metric: str, limit: Limit | None,
-                noise_k: float) -> MetricRow:
+                noise_k: float, direction: MetricDirection) -> MetricRow:
     base_noise, new_noise = fp32_noise(base, metric), fp32_noise(new, metric)
     allowed: float | None = None
     text = "not gated"
@@ -448,20 +396,23 @@ def _metric_row(base: AuditResult, new: AuditResult, arm: str, metric: str, limi
         if floors:
             std, n, which = max(floors)
             allowed = noise_k * std
-            text = f"{_num(allowed)} (= {noise_k:g}σ, σ={_num(std, 3)} over {n} seeds in {which})"
+            text = f"{fmt(allowed)} (= {noise_k:g}σ, σ={fmt(std, 3)} over {n} seeds in {which})"
         else:
             text = "not gated (no noise estimate)"
     elif limit is not None:
         allowed = float(limit)
-        text = _num(allowed)
+        text = fmt(allowed)
+    if direction == UNKNOWN:
+        allowed, text = None, "not gated (direction unknown)"
     return MetricRow(arm=arm, metric=metric, base=gap_to_fp32(base, arm, metric), new=gap_to_fp32(new, arm, metric),
-                     allowed=allowed, limit_text=text, base_noise=base_noise, new_noise=new_noise)
+                     allowed=allowed, limit_text=text, base_noise=base_noise, new_noise=new_noise,
+                     direction=direction)
 
 
 def _noise_notes(base: AuditResult, new: AuditResult, metrics: Sequence[str], tolerance_given: bool) -> list[Check]:
     """One note with fp32's seed noise per metric in base and new, or that there is no noise estimate."""
     def floor_text(floor: NoiseFloor | None) -> str:
-        return f"{_num(floor.std, 3)} ({floor.n} seeds)" if floor else "none"
+        return f"{fmt(floor.std, 3)} ({floor.n} seeds)" if floor else "none"
 
     parts = []
     for metric in dict.fromkeys(metrics):
@@ -476,17 +427,11 @@ def _noise_notes(base: AuditResult, new: AuditResult, metrics: Sequence[str], to
 
 
 def _note(arm: str, subject: str, message: str) -> Check:
-    return Check(arm=arm, subject=subject, outcome="note", message=message)
+    return Check(arm=arm, subject=subject, outcome=NOTE, message=message)
 
 
 def _names(arms: Mapping[str, Any]) -> str:
     return ", ".join(arms) or "no arms"
-
-
-def _short(text: str | None) -> str:
-    """The first line of an error message, cut to :data:`MAX_ERROR_CHARS`."""
-    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
-    return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 1] + "…"
 
 
 def _identity(result: AuditResult) -> dict[str, Any]:
@@ -500,7 +445,8 @@ def _identity(result: AuditResult) -> dict[str, Any]:
 
 
 _ENV_KEYS = ("device", "device_name", "torch_version", "mpaudit_version", "threads")
-_CONFIG_KEYS = ("steps", "epochs", "fp16_cpu", "tf32", "device")
+_CONFIG_KEYS = ("steps", "epochs", "fp16_cpu", "tf32", "device", "clip_grad_norm", "grad_accumulation", "scheduler",
+                "custom_step")
 
 
 def _context_notes(base: AuditResult, new: AuditResult) -> list[Check]:
@@ -539,17 +485,17 @@ def _context_notes(base: AuditResult, new: AuditResult) -> list[Check]:
 
 def _status_checks(row: ArmRow) -> list[Check]:
     b, n = row.base_status, row.new_status
-    if b == "ok" and n != "ok":
-        why = f": {_short(row.new_error)}" if row.new_error else ""
-        return [Check(row.arm, "status", "regression", f"{row.arm} {n} in new (it was ok in base){why}.")]
-    if b != "ok" and n == "ok":
-        return [Check(row.arm, "status", "improvement", f"{row.arm} finished ok in new (it {b} in base).")]
-    if b != "ok":
+    if b == OK and n != OK:
+        why = f": {cut(row.new_error)}" if row.new_error else ""
+        return [Check(row.arm, "status", REGRESSION, f"{row.arm} {n} in new (it was ok in base){why}.")]
+    if b != OK and n == OK:
+        return [Check(row.arm, "status", IMPROVEMENT, f"{row.arm} finished ok in new (it {b} in base).")]
+    if b != OK:
         return [_note(row.arm, "status", f"{row.arm} {b} in base and {n} in new.")]
-    return [Check(row.arm, "status", "ok", f"{row.arm} finished ok in both.")]
+    return [Check(row.arm, "status", OK, f"{row.arm} finished ok in both.")]
 
 
-def _gap_text(gap: Gap) -> str:
+def gap_text(gap: Gap) -> str:
     text = f"{gap.delta:+.4g}"
     return text + (f" [{gap.low:+.3g}, {gap.high:+.3g}]" if gap.seeds > 1 else "")
 
@@ -565,14 +511,14 @@ def _metric_checks(row: ArmRow) -> list[Check]:
             checks.append(_note(row.arm, subject, f"{row.arm} {m.metric}: no gap to fp32 in {missing} (an arm did "
                                                   "not finish or lacks the metric), so its growth is unknown."))
             continue
-        outcome = m.outcome or "ok"
+        outcome = m.outcome or OK
         growth = m.growth if m.growth is not None else math.nan
-        moved = (f"grew by {_num(growth)}" if growth > 0 else
-                 f"shrank by {_num(-growth)}" if growth < 0 else "did not change")
-        where = {"regression": "beyond", "improvement": "beyond", "ok": "within"}[outcome]
+        moved = (f"grew by {fmt(growth)}" if growth > 0 else
+                 f"shrank by {fmt(-growth)}" if growth < 0 else "did not change")
+        where = {REGRESSION: "beyond", IMPROVEMENT: "beyond", OK: "within"}[outcome]
         checks.append(Check(row.arm, subject, outcome,
-                            f"{row.arm} {m.metric}: the gap to fp32 {moved} ({_gap_text(m.base)} → "
-                            f"{_gap_text(m.new)}), {where} the allowed {m.limit_text}."))
+                            f"{row.arm} {m.metric}: the gap to fp32 {moved} ({gap_text(m.base)} → "
+                            f"{gap_text(m.new)}), {where} the allowed {m.limit_text}."))
     return checks
 
 
@@ -588,17 +534,17 @@ def _flag_changes(base_flags: Sequence[Flag], new_flags: Sequence[Flag], arm: st
 
 
 def _flag_checks(row: ArmRow) -> list[Check]:
-    checks = [Check(row.arm, f"flag {f.kind} {f.layer}", "regression",
+    checks = [Check(row.arm, f"flag {f.kind} {f.layer}", REGRESSION,
                     f"{row.arm}: new error flag {f.kind} on layer {f.layer}"
-                    + (f" ({_short(f.recommendation)})." if f.recommendation else "."))
-              for f in row.flags_appeared if f.severity == ERROR_SEVERITY]
-    checks += [Check(row.arm, f"flag {f.kind} {f.layer}", "improvement",
+                    + (f" ({cut(f.recommendation)})." if f.recommendation else "."))
+              for f in row.flags_appeared if f.severity == ERROR]
+    checks += [Check(row.arm, f"flag {f.kind} {f.layer}", IMPROVEMENT,
                      f"{row.arm}: error flag {f.kind} on layer {f.layer} is gone.")
-               for f in row.flags_disappeared if f.severity == ERROR_SEVERITY]
-    if not any(c.outcome == "regression" for c in checks):
-        checks.append(Check(row.arm, "flags", "ok", f"{row.arm}: no new error flag."))
-    others = [(f, "appeared") for f in row.flags_appeared if f.severity != ERROR_SEVERITY]
-    others += [(f, "disappeared") for f in row.flags_disappeared if f.severity != ERROR_SEVERITY]
+               for f in row.flags_disappeared if f.severity == ERROR]
+    if not any(c.outcome == REGRESSION for c in checks):
+        checks.append(Check(row.arm, "flags", OK, f"{row.arm}: no new error flag."))
+    others = [(f, "appeared") for f in row.flags_appeared if f.severity != ERROR]
+    others += [(f, "disappeared") for f in row.flags_disappeared if f.severity != ERROR]
     if others:
         listed = "; ".join(f"{f.severity} {f.kind} on {f.layer} {verb}" for f, verb in others[:MAX_LISTED])
         more = f" and {len(others) - MAX_LISTED} more" if len(others) > MAX_LISTED else ""
@@ -681,7 +627,7 @@ def _compare_speed(base: AuditResult, new: AuditResult, common: Sequence[str],
     return rows, checks
 
 
-def _ratio_text(p: SpeedPoint) -> str:
+def ratio_text(p: SpeedPoint) -> str:
     text = f"{p.ratio:.3g}×"
     if p.ci_low is not None and p.ci_high is not None:
         text += f" (95% CI {p.ci_low:.3g}–{p.ci_high:.3g})"
@@ -691,18 +637,18 @@ def _ratio_text(p: SpeedPoint) -> str:
 def _speed_check(row: SpeedRow, tolerance: float) -> Check:
     b, n = row.base, row.new
     if not row.gated:
-        return _note(row.name, "speedup", f"{row.name} speedup {_ratio_text(b)} → {_ratio_text(n)}.")
+        return _note(row.name, "speedup", f"{row.name} speedup {ratio_text(b)} → {ratio_text(n)}.")
     both_ci = None not in (b.ci_low, b.ci_high, n.ci_low, n.ci_high)
     below = not both_ci or (n.ci_high or 0.0) < (b.ci_low or 0.0)
     above = not both_ci or (n.ci_low or 0.0) > (b.ci_high or 0.0)
-    change = f"{_ratio_text(b)} → {_ratio_text(n)}, {row.change:+.0%}"
+    change = f"{ratio_text(b)} → {ratio_text(n)}, {row.change:+.0%}"
     if n.ratio < b.ratio * (1 - tolerance) and below:
-        return Check(row.name, "speedup", "regression",
+        return Check(row.name, "speedup", REGRESSION,
                      f"{row.name} speedup fell ({change}), more than the allowed {tolerance:.0%}"
                      + (" with the intervals apart." if both_ci else "."))
     if n.ratio > b.ratio * (1 + tolerance) and above:
-        return Check(row.name, "speedup", "improvement", f"{row.name} speedup rose ({change}).")
-    return Check(row.name, "speedup", "ok", f"{row.name} speedup {change}: within {tolerance:.0%} or noise.")
+        return Check(row.name, "speedup", IMPROVEMENT, f"{row.name} speedup rose ({change}).")
+    return Check(row.name, "speedup", OK, f"{row.name} speedup {change}: within {tolerance:.0%} or noise.")
 
 
 def _peak(arm: ArmResult | None) -> int | None:
@@ -728,18 +674,18 @@ def _compare_memory(base: AuditResult, new: AuditResult, common: Sequence[str],
         rows.append(row)
         if name == BASELINE or row.base_fraction is None or row.new_fraction is None:
             continue
-        text = (f"{name} peak memory {_bytes(b)} ({row.base_fraction:.0%} of fp32) → {_bytes(n)} "
+        text = (f"{name} peak memory {byte_size(b)} ({row.base_fraction:.0%} of fp32) → {byte_size(n)} "
                 f"({row.new_fraction:.0%} of fp32)")
         growth = row.new_fraction - row.base_fraction
         if not gated:
             checks.append(_note(name, "memory", f"{text}; different devices, not gated."))
         elif growth > tolerance:
-            checks.append(Check(name, "memory", "regression",
+            checks.append(Check(name, "memory", REGRESSION,
                                 f"{text}: it saves less than before, beyond the allowed {tolerance:.0%} of fp32."))
         elif growth < -tolerance:
-            checks.append(Check(name, "memory", "improvement", f"{text}: it saves more than before."))
+            checks.append(Check(name, "memory", IMPROVEMENT, f"{text}: it saves more than before."))
         else:
-            checks.append(Check(name, "memory", "ok", f"{text}: within {tolerance:.0%} of fp32."))
+            checks.append(Check(name, "memory", OK, f"{text}: within {tolerance:.0%} of fp32."))
     if not rows:
         missing = [w for w, r in (("base", base), ("new", new)) if not any(_peak(a) for a in r.arms.values())]
         who = " and ".join(missing) or "no arm both results ran"
@@ -748,135 +694,7 @@ def _compare_memory(base: AuditResult, new: AuditResult, common: Sequence[str],
     return rows, checks
 
 
-def _bytes(n: float) -> str:
-    """Bytes for people: binary units, three significant digits."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.3g} {unit}"
-        n /= 1024
-    return f"{n:.3g} TiB"
-
-
-# -------------------------------------------------------------------------------------------- renderers
-
-
 def to_dict(c: Comparison) -> dict[str, Any]:
-    """JSON-ready data for ``mpaudit compare --json`` (derived lists and the exit code included)."""
-    out: dict[str, Any] = to_jsonable(c)
+    """JSON-ready data for ``mpaudit compare --json`` (derived lists and the exit code first)."""
+    out: dict[str, Any] = to_plain(c)
     return {"exit_code": out.pop("exit_code"), "comparable": out.pop("comparable"), **out}
-
-
-def _verdict_line(c: Comparison) -> str:
-    if not c.comparable:
-        return "not comparable: no arm in common (exit 2)"
-    n = len(c.regressions)
-    if n:
-        return f"{n} regression{'s' if n != 1 else ''} (exit 1)"
-    return "no regression (exit 0)"
-
-
-def _growth_text(m: MetricRow) -> str:
-    g = m.growth
-    if g is None:
-        return "–"
-    return "same" if g == 0 else f"{_num(abs(g), 3)} {'worse' if g > 0 else 'better'}"
-
-
-def _metric_cells(m: MetricRow) -> list[str]:
-    fp32 = " → ".join(_num(g.baseline) if g else "–" for g in (m.base, m.new))
-    gaps = [_gap_text(g) if g else "–" for g in (m.base, m.new)]
-    return [m.arm, m.metric, fp32, *gaps, _growth_text(m), m.limit_text, m.outcome or "–"]
-
-
-_METRIC_HEADERS = ["arm", "metric", "fp32 base → new", "gap base", "gap new", "growth", "allowed", "verdict"]
-
-
-def _status_cells(row: ArmRow) -> list[str]:
-    status = row.base_status if row.base_status == row.new_status else f"{row.base_status} → {row.new_status}"
-    skipped = ("–" if row.base_skipped is None and row.new_skipped is None
-               else f"{row.base_skipped if row.base_skipped is not None else '–'}/{row.base_steps} → "
-                    f"{row.new_skipped if row.new_skipped is not None else '–'}/{row.new_steps}")
-    flags = (f"+{len(row.flags_appeared)} / -{len(row.flags_disappeared)}"
-             if row.flags_appeared or row.flags_disappeared else "–")
-    return [row.arm, status, skipped, flags]
-
-
-_STATUS_HEADERS = ["arm", "status", "fp16 skipped steps", "flags new / gone"]
-
-
-def _speed_cells(row: SpeedRow) -> list[str]:
-    change = f"{row.change:+.0%}" if math.isfinite(row.change) else "–"
-    return [row.name, _ratio_text(row.base), _ratio_text(row.new), change,
-            row.source + ("" if row.gated else ", not gated")]
-
-
-_SPEED_HEADERS = ["speedup vs fp32", "base", "new", "change", "source"]
-
-
-def _memory_cells(row: MemoryRow) -> list[str]:
-    def one(peak: int, frac: float | None) -> str:
-        return _bytes(peak) + (f" ({frac:.0%} of fp32)" if frac is not None and row.arm != BASELINE else "")
-
-    return [row.arm, one(row.base_peak_bytes, row.base_fraction), one(row.new_peak_bytes, row.new_fraction)]
-
-
-_MEMORY_HEADERS = ["peak memory", "base", "new"]
-
-
-def _text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=True)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip()
-             for line in [headers, ["-" * w for w in widths], *rows]]
-    return "\n".join(lines)
-
-
-def _label(identity: Mapping[str, Any]) -> str:
-    sha = identity.get("task_sha256")
-    parts = [str(identity.get("created") or "undated"), f"sha256 {sha[:8]}" if sha else ""]
-    return " ".join(p for p in parts if p)
-
-
-def to_text(c: Comparison) -> str:
-    """A plain-text report for the terminal: tables of status, gaps, speed and memory, then the verdicts."""
-    out = [f"mpaudit compare: {c.task}  (base {_label(c.base)}  →  new {_label(c.new)})", ""]
-    if c.arms:
-        out += [_text_table(_STATUS_HEADERS, [_status_cells(r) for r in c.arms]), ""]
-    metric_rows = [_metric_cells(m) for r in c.arms for m in r.metrics]
-    if metric_rows:
-        out += ["Gap to fp32 (arm − fp32; base → new):", _text_table(_METRIC_HEADERS, metric_rows), ""]
-    if c.speed:
-        out += [_text_table(_SPEED_HEADERS, [_speed_cells(r) for r in c.speed]), ""]
-    if c.memory:
-        out += [_text_table(_MEMORY_HEADERS, [_memory_cells(r) for r in c.memory]), ""]
-    for title, items in (("REGRESSIONS", c.regressions), ("IMPROVEMENTS", c.improvements), ("NOTES", c.notes)):
-        if items:
-            out += [f"{title} ({len(items)})", *(f"  - {x}" for x in items), ""]
-    out.append(f"result: {_verdict_line(c)}")
-    return "\n".join(out) + "\n"
-
-
-def to_markdown(c: Comparison) -> str:
-    """GitHub-flavoured Markdown for a pull-request comment: the verdict first, then the tables."""
-    # imported here: the Markdown renderer reads gaps from this module
-    from mpaudit.report.markdown import md_escape, md_table
-
-    icon = "❌" if c.exit_code == EXIT_REGRESSION else "⚠️" if not c.comparable else "✅"
-    out = [f"### {icon} mpaudit compare: {md_escape(c.task)}: {_verdict_line(c)}", "",
-           f"base {md_escape(_label(c.base))} → new {md_escape(_label(c.new))}", ""]
-    if c.regressions:
-        out += ["**Regressions**", "", *(f"- {md_escape(x)}" for x in c.regressions), ""]
-    if c.improvements:
-        out += ["**Improvements**", "", *(f"- {md_escape(x)}" for x in c.improvements), ""]
-    if c.arms:
-        out += [md_table(_STATUS_HEADERS, [_status_cells(r) for r in c.arms]), ""]
-    metric_rows = [_metric_cells(m) for r in c.arms for m in r.metrics]
-    if metric_rows:
-        out += ["Gap to fp32 (arm − fp32), base → new:", "", md_table(_METRIC_HEADERS, metric_rows), ""]
-    if c.speed:
-        out += [md_table(_SPEED_HEADERS, [_speed_cells(r) for r in c.speed]), ""]
-    if c.memory:
-        out += [md_table(_MEMORY_HEADERS, [_memory_cells(r) for r in c.memory]), ""]
-    if c.notes:
-        out += ["<details><summary>Notes</summary>", "", *(f"- {md_escape(x)}" for x in c.notes), "", "</details>",
-                ""]
-    return "\n".join(out)

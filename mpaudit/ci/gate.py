@@ -1,12 +1,15 @@
 """The CI gate: does any mixed-precision arm fall too far behind fp32 — beyond what seed noise explains?
 
-``--max-drop METRIC=DELTA`` fails when an arm's metric is more than DELTA *below* fp32's (for a metric
-whose name says loss, perplexity or error, more than DELTA *above*). ``--max-loss-gap DELTA`` does the
-same on the final training loss. With ``--seeds K`` every arm trains with K seeds; a check then uses the
-mean paired drop over the seeds (with a 95% t-interval), and ``METRIC=auto`` sets the limit to
-``k·σ`` where σ is fp32's seed-to-seed standard deviation of that metric (the *noise floor*) and k is
-:data:`DEFAULT_NOISE_K` (``--noise-k``). A diverged or failed run fails every check. The gate reads only
-results, so a saved ``report.json`` can be gated again without training.
+``--max-drop METRIC=DELTA`` fails when an arm's metric is more than DELTA worse than fp32's: *below* it for a
+higher-is-better metric, *above* it for a lower-is-better one (the direction is declared, recorded in the result
+or read from the name: :func:`~mpaudit.ci.gaps.metric_direction`; a gate on a metric whose direction is unknown
+is a usage error, as is one on a metric the task does not return: :func:`check_gated_metrics`).
+``--max-loss-gap DELTA`` does the same on the final training loss. With ``--seeds K`` every arm trains with K
+seeds; a check then uses the mean paired drop over the seeds (with a 95% t-interval), and ``METRIC=auto`` sets the
+limit to ``k·σ`` where σ is fp32's seed-to-seed standard deviation of that metric (the *noise floor*) and k is
+:data:`DEFAULT_NOISE_K` (``--noise-k``). A diverged or failed run fails every check, and so does every run
+when the arms did not start from identical weights and batches (mismatched fingerprints: the comparison is
+meaningless). The gate reads only results, so a saved ``report.json`` can be gated again without training.
 """
 
 from __future__ import annotations
@@ -15,19 +18,24 @@ import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 
-from mpaudit.arms import BASELINE
+from mpaudit.ci.gaps import (
+    lower_is_better,
+    metric_direction,
+    metric_value,
+    noise_floor,
+    t_interval,
+    unknown_direction_message,
+)
+from mpaudit.defaults import DEFAULT_NOISE_K
 from mpaudit.errors import UsageError
-from mpaudit.results.model import ArmResult, Gate, GateCheck, NoiseFloor
+from mpaudit.results.model import ArmResult, Gate, GateCheck, NoiseFloor, fingerprints_match
+from mpaudit.vocab import BASELINE, FAILED, OK, UNKNOWN
+
+MISMATCHED_FINGERPRINTS = ("the arms did not start from identical weights and batches (their fingerprints differ), "
+                           "so the comparison with fp32 is meaningless")
+"""Why every gate check fails when the arms' fingerprints differ (``mpaudit run`` and ``gate`` then exit 2)."""
 
 AUTO = "auto"
-DEFAULT_NOISE_K = 3.0
-"""``--max-drop METRIC=auto`` allows a drop of k standard deviations of fp32's seed-to-seed spread. Three
-sigma keeps the false-alarm rate of a clean model low even with few seeds, where σ itself is uncertain."""
-
-# Two-sided 95% Student-t quantiles by degrees of freedom (1..30); beyond that the normal 1.96.
-_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-        2.045, 2.042)
 
 Limit = float | str
 
@@ -55,29 +63,28 @@ def parse_max_drop(specs: Iterable[str]) -> dict[str, Limit]:
     return out
 
 
-def lower_is_better(metric: str) -> bool:
-    """Metrics are higher-is-better unless their name says loss (or perplexity, error)."""
-    name = metric.lower()
-    return any(word in name for word in ("loss", "perplexity", "ppl", "error"))
+def check_gated_metrics(max_drop: Iterable[str], metrics: Sequence[str], *stated: Mapping[str, str] | None,
+                        option: str = "--max-drop") -> None:
+    """UsageError when a gated metric is not among ``metrics`` (a typo: the sentence lists the real ones) or its
+    direction is unknown (``stated``: declared, then recorded directions; else its name). ``mpaudit run`` checks
+    before training, ``mpaudit gate`` and ``compare`` before judging a saved result."""
+    for metric in max_drop:
+        if not metrics:
+            raise UsageError(f"{option} names metric {metric!r}, but there are no metrics: the task has no "
+                             "evaluate() (--max-loss-gap gates the final training loss).")
+        if metric not in metrics:
+            raise UsageError(f"{option} names metric {metric!r}, which evaluate() does not return; the metrics are: "
+                             f"{', '.join(metrics)}.")
+        if metric_direction(metric, *stated) == UNKNOWN:
+            raise UsageError(unknown_direction_message(metric, option))
 
 
-def t_interval(xs: Sequence[float]) -> tuple[float, float, float]:
-    """Mean and two-sided 95% Student-t interval of ``xs`` (the interval is the mean itself for one value)."""
-    mean = statistics.fmean(xs)
-    if len(xs) < 2:
-        return mean, mean, mean
-    half = _T95[min(len(xs) - 2, len(_T95) - 1)] * statistics.stdev(xs) / math.sqrt(len(xs))
-    return mean, mean - half, mean + half
-
-
-def noise_floor(values: Sequence[float]) -> NoiseFloor:
-    """Spread of fp32 metric values over seeds (sample standard deviation)."""
-    return NoiseFloor(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else 0.0,
-                      min=min(values), max=max(values), n=len(values))
-
-
-def _value(arm: ArmResult, metric: str) -> float | None:
-    return arm.final_loss if metric == "final_loss" else arm.metrics.get(metric)
+def check_declared_metrics(declared: Iterable[str], metrics: Sequence[str]) -> None:
+    """UsageError when ``--metric-direction`` names a metric that is not among ``metrics`` (a typo)."""
+    for metric in declared:
+        if metrics and metric not in metrics:
+            raise UsageError(f"--metric-direction names metric {metric!r}, which evaluate() does not return; the "
+                             f"metrics are: {', '.join(metrics)}.")
 
 
 def evaluate_gate(
@@ -86,13 +93,24 @@ def evaluate_gate(
     max_loss_gap: float | None,
     replicates: Mapping[str, Sequence[ArmResult]] | None = None,
     noise_k: float = DEFAULT_NOISE_K,
+    directions: Mapping[str, str] | None = None,
 ) -> Gate:
     """Check every non-fp32 arm against fp32 under the given limits.
 
     ``replicates`` holds, per arm, its runs with the extra seeds (paired by position with fp32's); with
     them the checks use mean paired drops and the gate records fp32's noise floor for every metric.
+    ``directions`` maps metrics to ``min``/``max`` (declared, or recorded in the result); other metrics go by
+    their name, and a gated metric whose direction stays unknown is a UsageError. When the arms' fingerprints
+    differ every check fails with :data:`MISMATCHED_FINGERPRINTS`.
     """
+    observed = [name for name, arm in arms.items() if arm.observed]
+    if observed and (max_drop or max_loss_gap is not None):
+        raise UsageError(f"{observed[0]} is an observed run (mpaudit.watch): it has no matched fp32 arm, so there is "
+                         "no gap to gate on; gate a result of mpaudit run instead.")
     replicates = replicates or {}
+    for metric in max_drop:
+        if metric_direction(metric, directions) == UNKNOWN:
+            raise UsageError(unknown_direction_message(metric))
     runs = {name: [arm, *replicates.get(name, [])] for name, arm in arms.items()}
     floors = _noise_floors(runs.get(BASELINE, []))
     for metric, limit in max_drop.items():
@@ -105,8 +123,9 @@ def evaluate_gate(
     limits: list[tuple[str, str, Limit]] = [("max_drop", m, d) for m, d in max_drop.items()]
     if max_loss_gap is not None:
         limits.append(("max_loss_gap", "final_loss", max_loss_gap))
+    matched = fingerprints_match(arms, replicates)
     checks = [
-        _check(runs.get(BASELINE, []), arm_runs, kind, metric, limit, floors, noise_k)
+        _check(runs.get(BASELINE, []), arm_runs, kind, metric, limit, floors, noise_k, directions, matched)
         for name, arm_runs in runs.items() if name != BASELINE
         for kind, metric, limit in limits
     ]
@@ -115,7 +134,7 @@ def evaluate_gate(
 
 
 def _noise_floors(base_runs: Sequence[ArmResult]) -> dict[str, NoiseFloor]:
-    ok = [r for r in base_runs if r.status == "ok"]
+    ok = [r for r in base_runs if r.status == OK]
     if len(ok) < 2:
         return {}
     floors = {}
@@ -134,6 +153,8 @@ def _check(
     limit_spec: Limit,
     floors: Mapping[str, NoiseFloor],
     noise_k: float,
+    directions: Mapping[str, str] | None = None,
+    matched: bool = True,
 ) -> GateCheck:
     name = arm_runs[0].name
     floor = floors.get(metric)
@@ -151,35 +172,40 @@ def _check(
         return GateCheck(arm=name, metric=metric, kind=kind, limit=limit, passed=False, message=msg,
                          seeds=len(arm_runs), **kw)
 
+    if not matched:
+        return fail(f"{name} {metric}: {MISMATCHED_FINGERPRINTS}.")
     base = base_runs[0] if base_runs else None
-    if base is None or any(r.status == "failed" for r in base_runs):
+    if base is None or any(r.status == FAILED for r in base_runs):
         why = "did not run" if base is None else "failed"
         return fail(f"{name} {metric}: cannot compare, the fp32 baseline {why}.")
-    bad = next((r for r in arm_runs if r.status != "ok"), None)
+    bad = next((r for r in arm_runs if r.status != OK), None)
     if bad is not None:
         detail = f" ({bad.error})" if bad.error else ""
         return fail(f"{name} {metric}: the arm {bad.status}{detail}; the allowed drop was {limit_text}.",
-                    value=_value(bad, metric))
-    pairs = [(_value(b, metric), _value(a, metric)) for b, a in zip(base_runs, arm_runs, strict=False)]
+                    value=metric_value(bad, metric))
+    pairs = [(metric_value(b, metric), metric_value(a, metric)) for b, a in zip(base_runs, arm_runs, strict=False)]
     if any(b is None or v is None for b, v in pairs):
         return fail(f"{name} {metric}: the metric is missing from evaluate()'s result.")
     bs = [float(b) for b, _ in pairs]  # type: ignore[arg-type]
     vs = [float(v) for _, v in pairs]  # type: ignore[arg-type]
     if not all(math.isfinite(v) for v in vs + bs):
         return fail(f"{name} {metric} is not finite ({vs} vs fp32 {bs}).", value=vs[0], baseline=bs[0])
-    sign = 1.0 if lower_is_better(metric) else -1.0
+    lower = lower_is_better(metric, directions)
+    sign = 1.0 if lower else -1.0
     worse, low, high = t_interval([sign * (v - b) for b, v in zip(bs, vs, strict=True)])
     b_mean, v_mean = statistics.fmean(bs), statistics.fmean(vs)
     passed = worse <= limit
     if worse > 0:
-        change = f"{'rose' if lower_is_better(metric) else 'fell'} by {worse:.4g}"
+        change = f"{'rose' if lower else 'fell'} by {worse:.4g}"
     else:
         change = "no worse" if worse == 0 else f"better by {-worse:.4g}"
     seeds = ""
     if len(pairs) > 1:
         seeds = f" (mean of {len(pairs)} seeds, 95% CI of the drop {low:.3g}..{high:.3g})"
     verb = "within" if passed else "beyond"
-    msg = f"{name} {metric} = {v_mean:.4g} vs fp32 {b_mean:.4g}: {change}{seeds}, {verb} the allowed {limit_text}."
+    better = "lower" if lower else "higher"
+    msg = (f"{name} {metric} = {v_mean:.4g} vs fp32 {b_mean:.4g} ({better} is better): {change}{seeds}, {verb} the "
+           f"allowed {limit_text}.")
     delta = v_mean - b_mean
     return GateCheck(
         arm=name, metric=metric, kind=kind, limit=limit, passed=passed, message=msg,

@@ -1,15 +1,24 @@
 """Recommendations that are proven before they are given: each is trained as an extra arm and checked.
 
-For every mixed-precision arm that does not pass (the user's gate, or without one: status ok and the
-primary metric within :data:`~mpaudit.ci.verdict.UNGATED_RELATIVE_DROP` of fp32), two changes are tried:
+For every mixed-precision arm that does not pass (the user's gate, or without one: status ok and the primary
+metric within :data:`~mpaudit.ci.gaps.UNGATED_RELATIVE_DROP` of fp32), two changes are tried on an autocast arm:
 
-* a loss scale: the ``init_scale`` 2^k the rules already computed from fp32's gradient histograms
-  (``loss_scale`` flag, ``recommended_log2``), for arms with a GradScaler;
-* the smallest keep-list: layers ranked by evidence (error flags first, then the arm's non-finite and
-  overflowing outputs, then the per-layer error the arm's precision introduces), added one at a time until
-  the arm passes, then each removed again while it still passes.
+* a loss scale: the ``init_scale`` 2^k the rules computed from fp32's gradient histograms (a root ``loss_scale``
+  flag's ``recommended_log2``; a loss-scale flag that only follows from an overflow is not a cause to fix);
+* the smallest keep-list: modules ranked by evidence (:func:`rank_layers`), added one at a time until the arm
+  passes, then each dropped again while it still passes. "Minimal" is claimed only when every single removal
+  from the final list was trained and failed; otherwise the list is "sufficient" and says how many were tried.
 
-Every try is a full training run (same seed, same batches, same evaluation), bounded by a budget.
+On an arm that stores its weights in bf16 and rounds updates to nearest (``bf16-pure``), the changes keep its
+small updates instead (:mod:`mpaudit.run.half_weights`), cheapest first:
+
+* ``update_rounding="stochastic"``, then ``"kahan"``: one run each, the whole model, no fp32 weights kept;
+* the smallest ``fp32_master`` list: modules ranked by the share of their updates the arm measured lost
+  (:func:`rank_lost_updates`), searched like a keep-list, with the same honest minimal/sufficient claim.
+
+Every try is a full training run (same seed, same batches, same evaluation), bounded by one budget shared by
+the arms, spent on the worst first: arms that diverged, failed or carry a root error flag, then arms failing
+the gate, then arms behind fp32 without a gate; never on a gap within fp32's seed noise.
 """
 
 from __future__ import annotations
@@ -18,25 +27,25 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from mpaudit.arms import BASELINE, Arm
-from mpaudit.ci.gate import Limit, evaluate_gate, lower_is_better
-from mpaudit.ci.verdict import UNGATED_RELATIVE_DROP
+from mpaudit.arms import UPDATE_ROUNDINGS, Arm, UpdateRounding
+from mpaudit.ci.gaps import fp32_noise_of_runs, gap_within_noise, judged_metric, ungated_drop
+from mpaudit.ci.gate import Limit, evaluate_gate
+from mpaudit.defaults import DEFAULT_VERIFY_BUDGET
 from mpaudit.numerics.formats import FP16, what_if
 from mpaudit.numerics.layerstats import ACTIVATION, ROOT_LAYER, TraceSummary
+from mpaudit.numerics.rules import update_losses
 from mpaudit.results.model import ArmResult, Flag, Recommendation
-
-DEFAULT_VERIFY_BUDGET = 4
-"""Extra training runs ``--verify`` may spend by default: enough for a loss scale plus a two-layer
-keep-list and one pruning try on a typical finding, small enough to stay a fraction of the audit."""
+from mpaudit.vocab import BASELINE, ERROR, OK, severity_rank
 
 MAX_KEEP_CANDIDATES = 8
-"""At most this many top-ranked layers are tried in a keep-list; beyond that, bf16 is the better advice."""
+"""At most this many top-ranked modules are tried in a keep-list; beyond that, bf16 is the better advice."""
 
 KEEP_KINDS = ("forward_overflow", "nonfinite", "activation_underflow", "gradient_overflow", "gradient_underflow",
               "precision_loss")
 """Flag kinds whose layer a keep-list can help, strongest evidence first."""
 
-SEVERITY_RANK = {"error": 0, "warning": 1, "info": 2}
+UNKEEPABLE = ("(loss_fn)", ROOT_LAYER)
+"""Site modules no keep-list can hold: the loss outside the model, and the whole model."""
 
 Trainer = Callable[[Arm], ArmResult]
 
@@ -50,6 +59,8 @@ class Criteria:
     max_loss_gap: float | None = None
     baseline_replicates: Sequence[ArmResult] = ()
     noise_k: float = 3.0
+    directions: Mapping[str, str] = field(default_factory=dict)
+    """Each metric's direction (``min``/``max``), as the result records it."""
 
     @property
     def gated(self) -> bool:
@@ -57,65 +68,88 @@ class Criteria:
 
     def passes(self, run: ArmResult) -> bool:
         """True when ``run`` trains as well as fp32 under these criteria."""
-        if run.status != "ok":
+        if run.status != OK:
             return False
         if self.gated:
             base = self.baseline
             arms = {BASELINE: base, run.name: run}
             replicates = {BASELINE: list(self.baseline_replicates)} if self.baseline_replicates else None
-            gate = evaluate_gate(arms, self.max_drop, self.max_loss_gap, replicates, self.noise_k)
+            gate = evaluate_gate(arms, self.max_drop, self.max_loss_gap, replicates, self.noise_k, self.directions)
             return gate.passed
-        return ungated_ok(run, self.baseline)
+        return ungated_ok(run, self.baseline, self.directions)
 
 
-def ungated_ok(run: ArmResult, baseline: ArmResult) -> bool:
-    """Without a gate: the primary metric (the first ``evaluate`` returned) is no more than
-    :data:`UNGATED_RELATIVE_DROP` of fp32's value worse; without metrics, the final loss is."""
-    if baseline.metrics:
-        metric = next(iter(baseline.metrics))
-        value, ref = run.metrics.get(metric), baseline.metrics[metric]
-        if value is None or not math.isfinite(value):
-            return False
-        worse = (value - ref) if lower_is_better(metric) else (ref - value)
-        return worse <= UNGATED_RELATIVE_DROP * abs(ref)
-    value, ref_loss = run.final_loss, baseline.final_loss
-    if value is None or ref_loss is None or not math.isfinite(value):
-        return False
-    return value - ref_loss <= UNGATED_RELATIVE_DROP * abs(ref_loss)
+def ungated_ok(run: ArmResult, baseline: ArmResult, directions: Mapping[str, str] | None = None) -> bool:
+    """Without a gate: the run finished ``ok`` and does not fall clearly behind fp32
+    (:func:`~mpaudit.ci.gaps.ungated_drop`, the rule the verdict uses too)."""
+    return run.status == OK and ungated_drop(run, baseline, directions) is None
+
+
+def _within(layer: str, module: str) -> bool:
+    return layer.startswith(module + ".")
 
 
 def rank_layers(
     arm: str, flags: Sequence[Flag], trace: TraceSummary | None, reference: TraceSummary | None,
     layer_error_db: Mapping[str, float] | None = None,
 ) -> list[str]:
-    """Layers of ``arm`` most likely to need fp32, best evidence first: flagged layers (error before
-    warning, by kind), then layers whose outputs went non-finite or overflow fp16, then the layers whose
-    own error (SQNR, dB: lower is worse) is the largest."""
+    """Modules of ``arm`` most likely to need fp32, best evidence first.
+
+    1. The module whose own forward ran the first non-finite op (a replayed site: it may be a container, such as
+       an attention module computing its scores), and modules whose own error is non-finite (they make the
+       non-finite values themselves).
+    2. Root flags of the arm (error before warning, by kind); consequences of another flag are never candidates.
+    3. Without a known origin: modules whose outputs went non-finite, or would overflow fp16 by fp32's numbers.
+    4. The rest by the error the arm's precision introduces at each module (SQNR, dB: lower is worse).
+
+    Modules inside a site's module are left out: keeping a leaf cannot change an op in its container's own
+    code (autocast casts the leaf's fp32 output back to half at the container's matmul).
+    """
     score: dict[str, tuple[float, ...]] = {}
     order = {layer: i for i, layer in enumerate(trace.layers if trace is not None else ())}
+    mine = [f for f in flags if f.arm == arm]
+    sites = [f.site.module for f in mine if f.site is not None and f.caused_by is None
+             and f.site.module not in UNKEEPABLE]
 
     def offer(layer: str, key: tuple[float, ...]) -> None:
-        if layer and layer != ROOT_LAYER and (layer not in score or key < score[layer]):
+        if not layer or layer in UNKEEPABLE or any(_within(layer, m) for m in sites):
+            return
+        if layer not in score or key < score[layer]:
             score[layer] = key
 
-    for f in flags:
-        if f.arm == arm and f.kind in KEEP_KINDS:
-            offer(f.layer, (0, SEVERITY_RANK.get(f.severity, 3), KEEP_KINDS.index(f.kind),
+    for i, module in enumerate(sites):
+        offer(module, (0, 0, i))
+    for layer, db in (layer_error_db or {}).items():
+        if not math.isfinite(db):
+            offer(layer, (0, 1, order.get(layer, len(order))))  # the layer itself produced non-finite values
+    for f in mine:
+        if f.kind in KEEP_KINDS and f.caused_by is None:
+            offer(f.layer, (1, severity_rank(f.severity), KEEP_KINDS.index(f.kind),
                             0 if "first_inf_step" in f.evidence else 1, order.get(f.layer, len(order))))
-    if trace is not None:
+    if trace is not None and not sites:
         for layer in trace.layers:
             own = trace.get(layer, ACTIVATION)
             ref = reference.get(layer, ACTIVATION) if reference is not None else None
             overflow = what_if(ref.hist, FP16).overflow if ref is not None and half_is_fp16(arm) else 0.0
             bad = own.nonfinite if own is not None else 0
             if bad or overflow > 0:
-                offer(layer, (1, -float(bad), -overflow, order.get(layer, len(order))))
+                offer(layer, (2, -float(bad), -overflow, order.get(layer, len(order))))
     for layer, db in (layer_error_db or {}).items():
         if math.isfinite(db):
-            offer(layer, (2, db))
-        else:
-            offer(layer, (1, -math.inf))  # the layer itself produced non-finite values
+            offer(layer, (3, db))
     return sorted(score, key=lambda layer: score[layer])[:MAX_KEEP_CANDIDATES]
+
+
+def rank_lost_updates(trace: TraceSummary | None, reference: TraceSummary | None) -> list[str]:
+    """Modules of a half-weight arm to give an fp32 master copy, most lost updates first (the share of their
+    sampled updates the arm measured lost, :func:`~mpaudit.numerics.rules.update_losses`), then in forward order;
+    modules that lost none are left out, and so is the root (its own parameters have no module path to name)."""
+    if trace is None:
+        return []
+    losses = update_losses(trace, reference)
+    order = {layer: i for i, layer in enumerate(losses)}
+    ranked = [layer for layer, loss in losses.items() if loss.measured > 0 and layer not in UNKEEPABLE]
+    return sorted(ranked, key=lambda layer: (-losses[layer].measured, order[layer]))[:MAX_KEEP_CANDIDATES]
 
 
 def half_is_fp16(arm: str) -> bool:
@@ -124,12 +158,21 @@ def half_is_fp16(arm: str) -> bool:
 
 
 def recommended_init_scale(arm: str, flags: Sequence[Flag]) -> float | None:
-    """The GradScaler init_scale the rules recommend for ``arm`` (``loss_scale`` flag, ``recommended_log2``)."""
+    """The GradScaler init_scale a root ``loss_scale`` flag of ``arm`` recommends (``recommended_log2``)."""
     for f in flags:
         k = f.evidence.get("recommended_log2")
-        if f.arm == arm and f.kind == "loss_scale" and k is not None:
+        if f.arm == arm and f.kind == "loss_scale" and k is not None and f.caused_by is None:
             return float(2.0 ** int(k))
     return None
+
+
+_Key = tuple[tuple[str, ...], float | None, tuple[str, ...], str | None]
+"""A change tried: (keep_fp32, init_scale, fp32_master, update_rounding)."""
+
+
+def _key(keep: Sequence[str] = (), init_scale: float | None = None, master: Sequence[str] = (),
+         rounding: str | None = None) -> _Key:
+    return (tuple(keep), init_scale, tuple(master), rounding)
 
 
 @dataclass
@@ -141,48 +184,103 @@ class _Search:
     train: Trainer
     budget: list[int]  # one shared counter, [runs left], across arms
     runs_used: int = 0
-    tried: dict[tuple[tuple[str, ...], float | None], ArmResult] = field(default_factory=dict)
+    tried: dict[_Key, ArmResult] = field(default_factory=dict)
 
-    def run(self, keep: Sequence[str], init_scale: float | None) -> ArmResult | None:
-        key = (tuple(keep), init_scale)
+    def run(self, keep: Sequence[str], init_scale: float | None, master: Sequence[str] = (),
+            rounding: UpdateRounding | None = None) -> ArmResult | None:
+        key = _key(keep, init_scale, master, rounding)
         if key not in self.tried:
             if self.budget[0] <= 0:
                 return None
             self.budget[0] -= 1
             self.runs_used += 1
-            self.tried[key] = self.train(self.arm.with_changes(keep, init_scale))
+            self.tried[key] = self.train(self.arm.with_changes(keep, init_scale, fp32_master=master,
+                                                               update_rounding=rounding))
         return self.tried[key]
 
-    def passes(self, keep: Sequence[str], init_scale: float | None) -> bool | None:
-        run = self.run(keep, init_scale)
+    def passes(self, keep: Sequence[str], init_scale: float | None, master: Sequence[str] = (),
+               rounding: UpdateRounding | None = None) -> bool | None:
+        if not keep and init_scale is None and not master and rounding is None:
+            return False  # the arm as it is: it is searched because it does not pass
+        run = self.run(keep, init_scale, master, rounding)
         return None if run is None else self.criteria.passes(run)
 
-    def smallest_keep_list(self, ranked: Sequence[str]) -> tuple[list[str], bool, bool]:
-        """Add ranked layers until the arm passes, then drop each one it still passes without.
-        Returns (keep-list, passed, budget ran out)."""
+    def known(self, keep: Sequence[str], master: bool = False) -> bool | None:
+        """Whether the list ``keep`` (a keep-list, or with ``master`` an fp32-master list) was trained (or is the arm
+        as it is) and passed; None when it was never trained."""
+        if not keep:
+            return False
+        run = self.tried.get(_key(master=keep) if master else _key(keep))
+        return None if run is None else self.criteria.passes(run)
+
+    def _list_passes(self, modules: Sequence[str], master: bool) -> bool | None:
+        return self.passes((), None, master=modules) if master else self.passes(modules, None)
+
+    def smallest_keep_list(self, ranked: Sequence[str], master: bool = False) -> _KeepSearch:
+        """Add ranked modules until the arm passes, drop each one it still passes without, then train the
+        removals from the final list not tried yet while the budget lasts. With ``master`` the list names the
+        modules that keep an fp32 master copy of their weights instead of the modules kept in fp32 under autocast."""
         keep: list[str] = []
-        passed = False
+        found = _KeepSearch(keep=[], passed=False, exhausted=False, ranked=list(ranked))
         for layer in ranked:
             keep.append(layer)
-            ok = self.passes(keep, None)
+            ok = self._list_passes(keep, master)
             if ok is None:
                 keep.pop()
-                return keep, False, True
-            if ok:
-                passed = True
+                found.exhausted = True
                 break
-        if not passed:
-            return keep, False, False
+            if ok:
+                found.passed = True
+                break
+        found.keep = list(keep)
+        if not found.passed:
+            return found
         for layer in list(keep):
             if len(keep) == 1:
                 break
             trial = [x for x in keep if x != layer]
-            ok = self.passes(trial, None)
+            ok = self._list_passes(trial, master)
             if ok is None:
-                return keep, True, True
+                found.exhausted = True
+                break
             if ok:
                 keep = trial
-        return keep, True, False
+        found.keep = list(keep)
+        for layer in keep:  # every single removal from the final list, trained: only then is it minimal
+            without = [x for x in keep if x != layer]
+            if self.known(without, master) is None and self._list_passes(without, master) is None:
+                found.exhausted = True
+                break
+        found.removals_tried = sum(self.known([x for x in keep if x != layer], master) is not None for layer in keep)
+        found.minimal = found.removals_tried == len(keep) and not any(
+            self.known([x for x in keep if x != layer], master) for layer in keep)
+        return found
+
+
+@dataclass
+class _KeepSearch:
+    """What the keep-list search found: the list, whether it passed, whether it is shown minimal."""
+
+    keep: list[str]
+    passed: bool
+    exhausted: bool
+    ranked: list[str]
+    removals_tried: int = 0
+    minimal: bool = False
+
+
+def _priority(name: str, result: ArmResult, flags: Sequence[Flag], criteria: Criteria) -> int | None:
+    """Which failing arm gets the budget first: 0 diverged, failed or a root error flag; 1 failing the gate;
+    2 behind fp32 without a gate; None when its gap lies within fp32's seed noise (nothing to fix)."""
+    if result.status != OK or any(f.arm == name and f.severity == ERROR and f.caused_by is None for f in flags):
+        return 0
+    runs = [criteria.baseline, *criteria.baseline_replicates]
+    metric = judged_metric(criteria.baseline, criteria.directions)
+    noise = fp32_noise_of_runs(runs, metric)
+    if noise is not None and gap_within_noise(result, criteria.baseline, metric, noise, criteria.noise_k,
+                                              criteria.directions):
+        return None
+    return 1 if criteria.gated else 2
 
 
 def recommend(
@@ -204,88 +302,135 @@ def recommend(
     recs: list[Recommendation] = []
     verification: dict[str, ArmResult] = {}
     reference = results[BASELINE].trace if BASELINE in results else None
-    for arm in arms:
+    failing: list[tuple[int, int, Arm]] = []
+    for i, arm in enumerate(arms):
         result = results.get(arm.name)
         if arm.is_baseline or result is None or criteria.passes(result):
             continue
+        priority = _priority(arm.name, result, flags, criteria)
+        if priority is None:
+            recs.append(Recommendation(arm=arm.name, reason=(
+                f"not searched: {arm.name}'s gap to fp32 lies within fp32's seed noise ({criteria.noise_k:g}σ), "
+                "so no change could be shown to help")))
+            continue
+        failing.append((priority, i, arm))
+    for _, _, arm in sorted(failing, key=lambda t: t[:2]):
+        result = results[arm.name]
         search = _Search(arm, criteria, train, left)
+        if arm.rounds_updates_to_nearest:
+            _half_weight_fixes(search, arm, result, reference, recs, verification)
+            continue
         scale = recommended_init_scale(arm.name, flags) if arm.grad_scaler else None
         if scale is not None:
             ok = search.passes((), scale)
             rec = _record(search, arm, [], scale, ok)
             recs.append(rec)
             if rec.verified_arm is not None:
-                verification[rec.verified_arm] = search.tried[((), scale)]
+                verification[rec.verified_arm] = search.tried[_key((), scale)]
             if ok:
                 continue
         ranked = rank_layers(arm.name, flags, result.trace, reference, (layer_error_db or {}).get(arm.name))
         if not ranked:
-            recs.append(Recommendation(
-                arm=arm.name, keep_fp32=[], init_scale=None, verified_arm=None, passed=False, metrics={},
-                runs_used=0, reason="no layer evidence to build a keep-list from (trace more layers with --trace)",
-            ))
+            recs.append(Recommendation(arm=arm.name, reason=(
+                "no module evidence to build a keep-list from (trace more modules with --trace)")))
             continue
         before = search.runs_used
-        keep, passed, exhausted = search.smallest_keep_list(ranked)
-        if not keep:
-            recs.append(Recommendation(
-                arm=arm.name, keep_fp32=[], init_scale=None, verified_arm=None, passed=False, metrics={},
-                runs_used=0, reason=f"--verify-budget ran out before a keep-list could be tried (ranked: "
-                f"{', '.join(ranked)})",
-            ))
+        found = search.smallest_keep_list(ranked)
+        if not found.keep:
+            recs.append(Recommendation(arm=arm.name, runs_used=search.runs_used - before, reason=(
+                f"--verify-budget ran out before a keep-list could be tried (ranked: {', '.join(ranked)})")))
             continue
-        rec = _record(search, arm, keep, None, passed, runs=search.runs_used - before, exhausted=exhausted,
-                      ranked=ranked)
+        rec = _record(search, arm, found.keep, None, found.passed, runs=search.runs_used - before, found=found)
         recs.append(rec)
         if rec.verified_arm is not None:
-            verification[rec.verified_arm] = search.tried[(tuple(keep), None)]
+            verification[rec.verified_arm] = search.tried[_key(found.keep)]
     return recs, verification
+
+
+def _half_weight_fixes(
+    search: _Search, arm: Arm, result: ArmResult, reference: TraceSummary | None, recs: list[Recommendation],
+    verification: dict[str, ArmResult],
+) -> None:
+    """A half-weight arm's fixes, cheapest first, until one passes: stochastic rounding, Kahan-compensated
+    rounding (whole model, one run each), then the smallest fp32-master list over modules ranked by lost updates."""
+    for rounding in UPDATE_ROUNDINGS:
+        before = search.runs_used
+        ok = search.passes((), None, rounding=rounding)
+        rec = _record(search, arm, [], None, ok, runs=search.runs_used - before, rounding=rounding)
+        recs.append(rec)
+        if rec.verified_arm is not None:
+            verification[rec.verified_arm] = search.tried[_key(rounding=rounding)]
+        if ok or ok is None:
+            return
+    ranked = rank_lost_updates(result.trace, reference)
+    if not ranked:
+        recs.append(Recommendation(arm=arm.name, reason=(
+            "no module measured lost updates to keep an fp32 master copy of (trace the arm: --trace-every)")))
+        return
+    before = search.runs_used
+    found = search.smallest_keep_list(ranked, master=True)
+    if not found.keep:
+        recs.append(Recommendation(arm=arm.name, runs_used=search.runs_used - before, reason=(
+            f"--verify-budget ran out before an fp32 master list could be tried (ranked: {', '.join(ranked)})")))
+        return
+    rec = _record(search, arm, [], None, found.passed, runs=search.runs_used - before, found=found,
+                  master=found.keep)
+    recs.append(rec)
+    if rec.verified_arm is not None:
+        verification[rec.verified_arm] = search.tried[_key(master=found.keep)]
 
 
 def _record(
     search: _Search, arm: Arm, keep: list[str], scale: float | None, passed: bool | None, runs: int | None = None,
-    exhausted: bool = False, ranked: Sequence[str] = (),
+    found: _KeepSearch | None = None, master: Sequence[str] = (), rounding: UpdateRounding | None = None,
 ) -> Recommendation:
-    run = search.tried.get((tuple(keep), scale))
+    run = search.tried.get(_key(keep, scale, master, rounding))
+    change = _describe(keep, scale, master, rounding)
+    listed = list(master) or keep
     if run is None:
-        return Recommendation(arm=arm.name, keep_fp32=keep, init_scale=scale, verified_arm=None, passed=False,
-                              metrics={}, runs_used=runs or 0, reason="--verify-budget ran out before it was tried")
-    change = _describe(keep, scale)
-    outcome = "trains as well as fp32" if passed else f"still does not pass ({run.status})"
+        return Recommendation(arm=arm.name, keep_fp32=keep, init_scale=scale, fp32_master=list(master),
+                              update_rounding=rounding, passed=False, runs_used=runs or 0,
+                              reason=f"{change}: --verify-budget ran out before it was trained")
+    outcome = "trains as well as fp32" if passed else f"still does not pass ({_outcome(run)})"
     reason = f"{change}: {arm.name} {outcome}"
-    if keep and passed:
-        reason += "; removing any one of them fails" if len(keep) > 1 else ""
-    elif keep and not passed:
-        reason += " with every ranked layer tried" if not exhausted else "; --verify-budget ran out"
-        if ranked:
-            reason += f" (ranked: {', '.join(ranked)})"
+    if found is not None and passed:
+        if found.minimal:
+            reason += ("; minimal: removing any one of them fails, each removal trained" if len(listed) > 1
+                       else "; minimal: the arm without it fails")
+        else:
+            reason += (f"; sufficient, not shown minimal: {found.removals_tried} of {len(listed)} removals trained"
+                       + ("; --verify-budget ran out" if found.exhausted else ""))
+    elif found is not None:
+        reason += "; --verify-budget ran out" if found.exhausted else " with every ranked module tried"
+        reason += f" (ranked: {', '.join(found.ranked)})"
     return Recommendation(
-        arm=arm.name, keep_fp32=list(keep), init_scale=scale, verified_arm=run.name, passed=bool(passed),
-        metrics=dict(run.metrics), runs_used=search.runs_used if runs is None else runs, reason=reason,
+        arm=arm.name, keep_fp32=list(keep), init_scale=scale, fp32_master=list(master), update_rounding=rounding,
+        verified_arm=run.name, passed=bool(passed), metrics=dict(run.metrics),
+        runs_used=search.runs_used if runs is None else runs, reason=reason,
     )
 
 
-def _describe(keep: Sequence[str], scale: float | None) -> str:
+def _outcome(run: ArmResult) -> str:
+    if run.status != OK:
+        return run.status + (f": {run.error}" if run.error else "")
+    metric = next(iter(run.metrics), None)
+    return f"{metric} {run.metrics[metric]:.4g}" if metric is not None else f"final loss {run.final_loss:.4g}"
+
+
+def _describe(keep: Sequence[str], scale: float | None, master: Sequence[str] = (),
+              rounding: str | None = None) -> str:
     parts = []
     if keep:
         parts.append("keeping " + ", ".join(f"`{p}`" for p in keep) + " in fp32")
     if scale is not None:
         parts.append(f"GradScaler init_scale 2^{math.log2(scale):g}")
+    if master:
+        parts.append("an fp32 master copy of " + ", ".join(f"`{p}`" for p in master))
+    if rounding == "stochastic":
+        parts.append("stochastically rounded bf16 updates")
+    elif rounding == "kahan":
+        parts.append("Kahan-compensated bf16 updates")
     return " and ".join(parts)
 
 
-def snippet(rec: Recommendation) -> str:
-    """Python that applies ``rec`` in the user's own training loop."""
-    lines = ["import mpaudit", "import torch", ""]
-    if rec.init_scale is not None:
-        k = math.log2(rec.init_scale)
-        exp = f"2**{k:g}" if k == int(k) else repr(rec.init_scale)
-        lines.append(f'scaler = torch.amp.GradScaler("cuda", init_scale={exp})')
-    if rec.keep_fp32:
-        lines.append(f"with mpaudit.keep_fp32(model, {list(rec.keep_fp32)!r}):")
-        lines.append("    train(model)  # your training loop, unchanged")
-    return "\n".join(lines)
-
-
-__all__ = ["DEFAULT_VERIFY_BUDGET", "Criteria", "rank_layers", "recommend", "recommended_init_scale", "snippet",
-           "ungated_ok"]
+__all__ = ["Criteria", "rank_layers", "rank_lost_updates", "recommend", "recommended_init_scale", "ungated_ok"]

@@ -25,12 +25,12 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
-from mpaudit.errors import EXIT_GATE_FAILED, EXIT_OK, EXIT_USAGE, ResultError, UsageError
+from mpaudit.errors import EXIT_GATE_FAILED, EXIT_OK, ResultError, UsageError
 from mpaudit.results.atomic import atomic_write_text
 from mpaudit.results.model import AuditResult
+from mpaudit.results.suite import ERROR, GATE_FAILED, OK, SuiteResult, WorkloadRun
 
 TASK_FILE = "model.py"
 """A workload is a folder holding this file."""
@@ -38,66 +38,9 @@ STDERR_TAIL_LINES = 20
 """Lines of a failed run's stderr kept in the index (the end of a traceback says what went wrong)."""
 STDERR_TAIL_CHARS = 4000
 """And at most this many characters of them."""
-EXIT_ERROR = EXIT_USAGE
-"""The suite's exit status when a workload errored: the same code ``mpaudit run`` uses for a broken task."""
-OK, GATE_FAILED, ERROR = "ok", "gate failed", "error"
-"""A workload's status in the index."""
 THREADS_ENV = "OMP_NUM_THREADS"
 """With ``jobs > 1``, each run gets ``cpu_count // jobs`` threads through this variable (unless it is
 already set), so parallel runs do not oversubscribe the cores. Step times are then per share of the CPU."""
-
-
-@dataclass(frozen=True)
-class WorkloadRun:
-    """One workload's audit: how its subprocess ended and, when it wrote one, the result it wrote."""
-
-    name: str
-    task: Path
-    report_dir: Path
-    exit_code: int | None
-    """The run's exit status; None when it was cut off by the timeout. Negative: killed by that signal."""
-    seconds: float
-    stderr_tail: str
-    result: AuditResult | None
-    error: str | None
-    """Why the workload errored, in one sentence; None when it ran to the end."""
-
-    @property
-    def status(self) -> str:
-        """``ok``, ``gate failed`` or ``error`` (see the module docstring)."""
-        if self.error is not None or self.result is None:
-            return ERROR
-        if self.exit_code == EXIT_GATE_FAILED or (self.result.gate.given and not self.result.gate.passed):
-            return GATE_FAILED
-        return OK
-
-    @property
-    def report_html(self) -> Path | None:
-        """The workload's ``report.html`` when its run wrote one."""
-        path = self.report_dir / "report.html"
-        return path if self.result is not None and path.is_file() else None
-
-
-@dataclass(frozen=True)
-class SuiteResult:
-    """Every workload's run, in name order, and where the index was written."""
-
-    suite_dir: Path
-    out_dir: Path
-    runs: list[WorkloadRun]
-    run_args: list[str]
-    index_json: Path
-    index_html: Path
-
-    @property
-    def exit_code(self) -> int:
-        """2 when a workload errored, else 1 when a gate failed, else 0 (see the module docstring)."""
-        statuses = {run.status for run in self.runs}
-        if ERROR in statuses:
-            return EXIT_ERROR
-        if GATE_FAILED in statuses:
-            return EXIT_GATE_FAILED
-        return EXIT_OK
 
 
 def discover(suite_dir: str | Path, pattern: str | None = None) -> list[Path]:
@@ -129,17 +72,20 @@ def run_suite(
     run_args: Sequence[str] = (),
     timeout_s: float | None = None,
     on_done: Callable[[WorkloadRun], None] | None = None,
+    resume: bool = False,
 ) -> SuiteResult:
     """Audit every workload under ``suite_dir`` (each in its own ``mpaudit run`` subprocess, ``jobs`` at a
     time, ``run_args`` passed to each), then write ``out_dir/index.json`` and ``out_dir/index.html``.
 
     A failing, crashing or hanging workload never stops the others; it is listed with its exit code and
-    the tail of its stderr. ``on_done`` is called as each workload finishes (for progress output).
+    the tail of its stderr. ``on_done`` is called as each workload finishes (for progress output). With
+    ``resume``, a workload whose ``report.json`` is complete is not run again, and one with a partial report is
+    continued (``mpaudit run --resume``).
 
     Raises:
         UsageError: no workload to run, or ``jobs`` / ``timeout_s`` out of range.
     """
-    from mpaudit.report.suite_index import render_index_html, render_index_json
+    from mpaudit.report.suite_index import render_index_html, render_index_json  # jinja2 only once there is a suite
 
     if jobs < 1:
         raise UsageError("--jobs must be at least 1.")
@@ -151,7 +97,11 @@ def run_suite(
     env = _child_env(jobs)
 
     def one(task: Path) -> WorkloadRun:
-        run = _run_workload(task, out / task.parent.name, list(run_args), timeout_s, env)
+        report_dir = out / task.parent.name
+        run = _kept(task, report_dir, list(run_args)) if resume else None
+        if run is None:
+            partial = resume and (report_dir / "report.json").is_file()
+            run = _run_workload(task, report_dir, [*run_args, *(["--resume"] if partial else [])], timeout_s, env)
         if on_done is not None:
             on_done(run)
         return run
@@ -175,12 +125,26 @@ def _child_env(jobs: int) -> dict[str, str]:
     return env
 
 
+def _kept(task: Path, report_dir: Path, run_args: list[str]) -> WorkloadRun | None:
+    """The workload's complete saved result (``--resume``), as if it had just run; None when there is none."""
+    try:
+        result = AuditResult.from_json((report_dir / "report.json").read_text(encoding="utf-8"))
+    except (FileNotFoundError, ResultError):
+        return None
+    if not result.complete:
+        return None
+    code = EXIT_GATE_FAILED if result.gate.given and not result.gate.passed else EXIT_OK
+    return WorkloadRun(name=task.parent.name, task=task, report_dir=report_dir, exit_code=code, seconds=0.0,
+                       stderr_tail="", result=result, error=None)
+
+
 def _run_workload(task: Path, report_dir: Path, run_args: list[str], timeout_s: float | None,
                   env: dict[str, str]) -> WorkloadRun:
     """Run ``mpaudit run`` on one task in a subprocess and read back the report it wrote."""
     name = task.parent.name
-    for stale in ("report.json", "report.html"):  # a failed run must not show last time's report
-        (report_dir / stale).unlink(missing_ok=True)
+    if "--resume" not in run_args:
+        for stale in ("report.json", "report.html"):  # a failed run must not show last time's report
+            (report_dir / stale).unlink(missing_ok=True)
     command = [sys.executable, "-m", "mpaudit", "run", str(task.resolve()), "--out", str(report_dir.resolve()),
                "-q", *run_args]
     start = time.perf_counter()

@@ -8,15 +8,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mpaudit.arms import BASELINE
-from mpaudit.ci.gate import lower_is_better
-from mpaudit.results.model import AuditResult
-
-SAFE, SAFE_WITH_CHANGES, NOT_SAFE, BASELINE_LEVEL = "safe", "safe with changes", "not safe", "baseline"
-
-UNGATED_RELATIVE_DROP = 0.02
-"""Without a gate, a primary metric more than this fraction of fp32's value worse than fp32 is "not safe".
-A gate (``--max-drop``) replaces this default with the user's own tolerance."""
+from mpaudit.ci.gaps import UNGATED_RELATIVE_DROP, judged_metric, ungated_drop
+from mpaudit.results.model import AuditResult, Flag
+from mpaudit.vocab import (
+    BASELINE,
+    BASELINE_LEVEL,
+    ERROR,
+    NOT_SAFE,
+    OBSERVED_LEVEL,
+    OK,
+    SAFE,
+    SAFE_WITH_CHANGES,
+    WARNING,
+    VerdictLevel,
+)
 
 
 @dataclass(frozen=True)
@@ -24,7 +29,7 @@ class Verdict:
     """The verdict on one arm, with the reasons behind it in plain words."""
 
     arm: str
-    level: str
+    level: VerdictLevel
     reasons: list[str] = field(default_factory=list)
 
 
@@ -33,34 +38,45 @@ def verdicts(result: AuditResult) -> dict[str, Verdict]:
     return {name: verdict(result, name) for name in result.arms}
 
 
+def root_cause(flag: Flag) -> str:
+    """A root-cause flag in one line: ``forward_overflow at block.attn (aten.bmm.default at model.py:63): advice``."""
+    where = f" ({flag.site.op} at {flag.site.short_source})" if flag.site is not None and flag.site.source else ""
+    return f"{flag.kind} at {flag.layer}{where}" + (f": {flag.recommendation}" if flag.recommendation else "")
+
+
 def verdict(result: AuditResult, name: str) -> Verdict:
     """Not safe: the arm diverged or failed, failed the gate, or (no gate) fell clearly behind fp32.
     Safe with changes: it trains as well as fp32 only if an error-severity flag's recommendation is applied,
     or it fails as is but a recommendation trained by ``--verify`` passed (the reason names the change).
     Safe: none of those."""
     arm = result.arms[name]
+    if arm.observed:
+        return _observed(result, name)
     if name == BASELINE:
         return Verdict(name, BASELINE_LEVEL, ["the fp32 reference every other arm is compared with"])
     blockers: list[str] = []
-    if arm.status != "ok":
+    if arm.status != OK:
         blockers.append(f"{arm.status}" + (f": {arm.error}" if arm.error else ""))
     failed_checks = [c for c in result.gate.checks if c.arm == name and not c.passed]
-    blockers += [f"gate failed: {c.message}" for c in failed_checks if arm.status == "ok"]
-    if not result.gate.given and arm.status == "ok":
-        drop = _ungated_drop(result, name)
+    blockers += [f"gate failed: {c.message}" for c in failed_checks if arm.status == OK]
+    base = result.baseline
+    if not result.gate.given and arm.status == OK and base is not None:
+        drop = ungated_drop(arm, base, result.metric_directions)
         if drop:
             blockers.append(drop)
-    errors = [f for f in result.flags if f.arm == name and f.severity == "error"]
-    warnings = [f for f in result.flags if f.arm == name and f.severity == "warning"]
+    errors = [f for f in result.flags if f.arm == name and f.severity == ERROR and f.caused_by is None]
+    warnings = [f for f in result.flags if f.arm == name and f.severity == WARNING and f.caused_by is None]
     fix = next((r for r in result.recommendations if r.arm == name and r.passed), None)
+    causes = [root_cause(f) for f in errors[:3]]
     if blockers and fix is not None:
-        return Verdict(name, SAFE_WITH_CHANGES, [f"verified by training: {fix.reason}", *blockers[:2]])
+        return Verdict(name, SAFE_WITH_CHANGES, [f"verified by training: {fix.reason}", *causes[:1], *blockers[:2]])
     if blockers:
-        reasons = blockers + [f"{f.kind} at {f.layer}: {f.recommendation}" for f in errors[:3]]
-        return Verdict(name, NOT_SAFE, reasons)
+        return Verdict(name, NOT_SAFE, [*blockers[:1], *causes, *blockers[1:]])
     if errors:
-        return Verdict(name, SAFE_WITH_CHANGES, [f"{f.kind} at {f.layer}: {f.recommendation}" for f in errors[:3]])
-    reasons = ["matches fp32 within " + ("the gate" if result.gate.given else "2% on the primary metric")]
+        return Verdict(name, SAFE_WITH_CHANGES, causes)
+    judged = judged_metric(base, result.metric_directions) if base is not None else "the primary metric"
+    within = "the gate" if result.gate.given else f"{UNGATED_RELATIVE_DROP:.0%} on {judged}"
+    reasons = [f"matches fp32 within {within}"]
     if warnings:
         reasons.append(f"{len(warnings)} warning flag(s) to watch")
     if arm.loss_scale is not None and arm.loss_scale.skipped:
@@ -68,16 +84,18 @@ def verdict(result: AuditResult, name: str) -> Verdict:
     return Verdict(name, SAFE, reasons)
 
 
-def _ungated_drop(result: AuditResult, name: str) -> str | None:
-    metric = result.primary_metric
-    base = result.baseline
-    if metric is None or base is None or metric not in base.metrics:
-        return None
-    value, ref = result.arms[name].metrics.get(metric), base.metrics[metric]
-    if value is None:
-        return None
-    worse = (value - ref) if lower_is_better(metric) else (ref - value)
-    if worse > UNGATED_RELATIVE_DROP * abs(ref):
-        return (f"{metric} {value:.4g} vs fp32 {ref:.4g} is more than {UNGATED_RELATIVE_DROP:.0%} worse "
-                "(no gate given; set your own tolerance with --max-drop)")
-    return None
+def _observed(result: AuditResult, name: str) -> Verdict:
+    """A watched run: not safe when it diverged or failed, else ``observed`` with what the numerics showed. Never
+    "safe": nothing was compared with fp32."""
+    arm = result.arms[name]
+    errors = [root_cause(f) for f in result.flags if f.arm == name and f.severity == ERROR and f.caused_by is None]
+    warnings = [f for f in result.flags if f.arm == name and f.severity == WARNING and f.caused_by is None]
+    if arm.status != OK:
+        return Verdict(name, NOT_SAFE, [f"{arm.status}" + (f": {arm.error}" if arm.error else ""), *errors[:3]])
+    reasons = ["observed run, not a matched comparison: no fp32 arm trained beside it"]
+    reasons += errors[:3] if errors else ["no error flag"]
+    if warnings:
+        reasons.append(f"{len(warnings)} warning flag(s) to watch")
+    if arm.loss_scale is not None and arm.loss_scale.skipped:
+        reasons.append(f"GradScaler skipped {arm.loss_scale.skipped} of {arm.steps} steps")
+    return Verdict(name, OBSERVED_LEVEL, reasons)

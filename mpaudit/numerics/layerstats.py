@@ -23,11 +23,15 @@ import math
 import statistics
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import pandas as pd
+from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
+from pydantic_core import core_schema
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from mpaudit.numerics.formats import (
     FORMATS,
@@ -39,7 +43,7 @@ from mpaudit.numerics.formats import (
     update_lost,
     what_if,
 )
-from mpaudit.results.codec import decode_float
+from mpaudit.results.codec import FLOAT_SCHEMA, decode_float, encode_float
 
 ACTIVATION = "activation"
 GRAD_OUTPUT = "grad_output"
@@ -183,9 +187,9 @@ class TensorStats:
             "nan": self.nan,
             "posinf": self.posinf,
             "neginf": self.neginf,
-            "max_abs": self.max_abs,
-            "min_nonzero_abs": self.min_nonzero_abs,
-            "sum_abs": self.sum_abs,
+            "max_abs": encode_float(self.max_abs),
+            "min_nonzero_abs": encode_float(self.min_nonzero_abs),
+            "sum_abs": encode_float(self.sum_abs),
             "dtype": self.dtype,
             "hist_start": start,
             "hist": [int(c) for c in self.hist[start:stop]],
@@ -294,7 +298,7 @@ class TraceSummary:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict (lists, not arrays); non-finite floats are left as floats for the result writer."""
+        """JSON-ready dict (lists, not arrays; non-finite floats as strings), the layout of ``arms.<name>.trace``."""
 
         def site(s: NonfiniteSite | None) -> dict[str, Any] | None:
             return None if s is None else {"layer": s.layer, "role": s.role, "step": s.step}
@@ -303,7 +307,7 @@ class TraceSummary:
             "hist_min_exp": HIST_MIN_EXP,
             "hist_max_exp": HIST_MAX_EXP,
             "steps": list(self.steps),
-            "loss_scales": list(self.loss_scales),
+            "loss_scales": [None if s is None else encode_float(s) for s in self.loss_scales],
             "layers": list(self.layers),
             "first_nonfinite_forward": site(self.first_nonfinite_forward),
             "first_nonfinite_backward": site(self.first_nonfinite_backward),
@@ -324,6 +328,21 @@ class TraceSummary:
             first_nonfinite_backward=None if fb is None else NonfiniteSite.from_dict(fb),
         )
 
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        """Read from and written as :meth:`to_dict`'s layout when a result holding a trace is (de)serialised."""
+
+        def validate(value: Any) -> TraceSummary:
+            return value if isinstance(value, TraceSummary) else cls.from_dict(value)
+
+        return core_schema.no_info_plain_validator_function(
+            validate, serialization=core_schema.plain_serializer_function_ser_schema(lambda v: v.to_dict())
+        )
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler) -> Any:
+        return TRACE_SCHEMA
+
     def to_frame(self, grad_scale_log2: int = 0) -> pd.DataFrame:
         """One row per layer × role: the raw statistics and, for every format, what-if fractions.
 
@@ -332,6 +351,7 @@ class TraceSummary:
         gradient rows further, e.g. to ask how the fp32 arm's gradients would fare at the fp16 arm's scale).
         ``<fmt>_update_lost`` is filled for ``update:*`` rows, whose what-if columns are NaN.
         """
+        import pandas as pd  # only the tables need it; reading and gating results stays light
         rows: list[dict[str, Any]] = []
         for layer, role, s in self.items():
             row: dict[str, Any] = {
@@ -373,3 +393,43 @@ def _frame_columns() -> list[str]:
         cols += [f"{name}_{kind}" for kind in WHAT_IF_KINDS]
     cols += [f"{name}_update_lost" for name in FORMATS]
     return [*cols, "hist"]
+
+
+_SITE_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "object", "properties": {"layer": {"type": "string"}, "role": {"type": "string"},
+                                          "step": {"type": "integer"}}, "required": ["layer", "role", "step"]},
+        {"type": "null"},
+    ]
+}
+_INT_LIST: dict[str, Any] = {"type": "array", "items": {"type": "integer"}}
+TRACE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "Per-layer statistics of one arm's traced steps (TraceSummary.to_dict).",
+    "properties": {
+        "hist_min_exp": {"type": "integer"},
+        "hist_max_exp": {"type": "integer"},
+        "steps": _INT_LIST,
+        "loss_scales": {"type": "array", "items": {"anyOf": [FLOAT_SCHEMA, {"type": "null"}]}},
+        "layers": {"type": "array", "items": {"type": "string"}},
+        "first_nonfinite_forward": _SITE_SCHEMA,
+        "first_nonfinite_backward": _SITE_SCHEMA,
+        "stats": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "layer": {"type": "string"}, "role": {"type": "string"}, "count": {"type": "integer"},
+                    "zeros": {"type": "integer"}, "nan": {"type": "integer"}, "posinf": {"type": "integer"},
+                    "neginf": {"type": "integer"}, "max_abs": FLOAT_SCHEMA, "min_nonzero_abs": FLOAT_SCHEMA,
+                    "sum_abs": FLOAT_SCHEMA, "dtype": {"type": "string"}, "hist_start": {"type": "integer"},
+                    "hist": _INT_LIST,
+                },
+                "required": ["layer", "role", "count", "zeros", "nan", "posinf", "neginf", "max_abs",
+                             "min_nonzero_abs", "sum_abs", "hist_start", "hist"],
+            },
+        },
+    },
+    "required": ["steps", "layers", "stats"],
+}
+"""JSON Schema of a serialised trace (``arms.<name>.trace`` in ``report.json``)."""

@@ -14,6 +14,11 @@ exact arithmetic may flush harmlessly). Gradient values at the rounding-noise le
 count for nothing at all. An observation alone never fires, because arms drift apart during training and
 zero fractions move a little for unrelated reasons. bf16 has fp32's exponent range, so the underflow and
 overflow rules apply to fp16 arms only.
+
+One rule measures the harm itself: ``update_underflow``, for arms that store their weights in half precision and
+round updates to nearest (``bf16-pure``). Their sampled updates that left a weight unchanged are the updates that
+were lost (beyond those that were zero in fp32 too); fp32's update histograms give the prediction beside it. Arms
+with fp32 master weights (``bf16``, ``fp16``) cannot lose updates this way and never get the flag.
 """
 
 from __future__ import annotations
@@ -45,20 +50,13 @@ from mpaudit.numerics.layerstats import (
     is_gradient,
     is_update,
 )
-from mpaudit.results.model import ArmResult, Flag
+from mpaudit.results.model import ArmResult, Flag, Site
+from mpaudit.vocab import BASELINE, ERROR, FLAG_KINDS, INFO, SEVERITIES, WARNING, FlagKind, Severity
 
-BASELINE_ARM = "fp32"
-SEVERITIES = ("error", "warning", "info")
-KINDS = (
-    "nonfinite",
-    "forward_overflow",
-    "gradient_overflow",
-    "gradient_underflow",
-    "activation_underflow",
-    "loss_scale",
-    "precision_loss",
-    "update_underflow",
-)
+OUTSIDE_MODEL = "(loss_fn)"
+"""The layer name of ops that ran outside every module of the model (``mpaudit.trace.sites``)."""
+_MATMULS = ("mm", "bmm", "matmul", "baddbmm", "addmm", "linear", "einsum", "scaled_dot_product")
+"""Op names (substrings) of matrix products: an overflowing one that feeds a softmax is attention scores."""
 
 
 @dataclass(frozen=True)
@@ -88,12 +86,17 @@ class Thresholds:
     """Fraction of steps GradScaler skipped (after its initial calibration run) worth a warning."""
     skip_fraction_error: float = 0.25
     """Fraction of skipped steps that is an error: a quarter of the training is thrown away."""
-    update_lost_warning: float = 0.9
-    """Fraction of a layer's nonzero optimizer updates that weights stored in fp16/bf16 would not register,
-    worth a warning: the layer would all but stop learning. (mpaudit's arms keep fp32 master weights, so
-    this is about recipes that store weights in half precision.)"""
-    update_lost_info: float = 0.1
-    """Fraction of lost updates recorded as info (LayerNorm gains and embeddings often sit near 50% in bf16)."""
+    update_lost_error: float = 0.5
+    """Measured share of a layer's sampled updates that left its half-precision weights unchanged (beyond the
+    share fp32's updates left unchanged) that is an error: in an arm that stores its weights in bf16
+    (``bf16-pure``), half the layer's steps round away, so the layer learns at a fraction of its rate (on the
+    suites' fine-tuning workload at lr 2e-5: 95-100%, and the arm stalls). Arms with fp32 master weights never get
+    this flag: their updates cannot round away."""
+    update_lost_warning: float = 0.1
+    """Measured lost share worth a warning: a tenth of the layer's steps round away (a lower learning rate, the tail
+    of a cosine schedule or more steps make it worse)."""
+    update_lost_info: float = 0.01
+    """Measured lost share recorded as info."""
     significant_quantile: float = 0.01
     """The smallest *significant* gradient magnitude is this quantile (1st percentile) of the fp32 arm's
     nonzero gradient magnitudes over the whole model: the recommended loss scale lifts it to fp16's min
@@ -123,6 +126,52 @@ class Thresholds:
             except (TypeError, ValueError):
                 raise UsageError(f"Threshold {name!r} must be a number, not {value!r}.") from None
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class UpdateLoss:
+    """How many of one layer's updates a half-weight arm lost: measured in the arm, predicted from fp32's updates.
+
+    ``measured`` is the share of the arm's sampled updates that left the stored weight unchanged, beyond the share
+    of fp32's updates that were exactly zero (an update that is zero in fp32 too, such as a parameter with no
+    gradient under plain SGD, is not lost): ``(z_arm - z_fp32) / (1 - z_fp32)`` with ``z`` the zero fraction of the
+    layer's ``update:*`` records. ``unchanged`` is the arm's raw zero fraction. ``predicted`` is
+    :func:`~mpaudit.numerics.formats.update_lost` on fp32's update histograms in the arm's format (None without a
+    traced fp32 arm): the share of fp32's updates below half an ulp of their weight.
+    """
+
+    layer: str
+    measured: float
+    unchanged: float
+    predicted: float | None
+    sampled: int
+
+
+def update_losses(summary: TraceSummary, reference: TraceSummary | None, fmt: Format = BF16) -> dict[str, UpdateLoss]:
+    """Per layer (forward order) with sampled updates in ``summary``: the :class:`UpdateLoss` of a half-weight arm,
+    measured from its own update records, predicted from ``reference`` (the fp32 arm's trace)."""
+    own: dict[str, list[TensorStats]] = {}
+    for layer, role, stats in summary.items():
+        if is_update(role) and stats.count:
+            own.setdefault(layer, []).append(stats)
+    out: dict[str, UpdateLoss] = {}
+    for layer, records in own.items():
+        count = sum(r.count for r in records)
+        unchanged = sum(r.zeros for r in records) / count
+        refs: list[TensorStats] = []
+        for role in summary.roles(layer) if reference is not None else ():
+            ref = reference.get(layer, role) if reference is not None and is_update(role) else None
+            if ref is not None and ref.count:
+                refs.append(ref)
+        measured, predicted = unchanged, None
+        if refs:
+            z_ref = sum(r.zeros for r in refs) / sum(r.count for r in refs)
+            measured = max(0.0, (unchanged - z_ref) / (1 - z_ref)) if z_ref < 1 else 0.0
+            nonzero = sum(r.finite_nonzero for r in refs)
+            predicted = sum(update_lost(r.hist, fmt) * r.finite_nonzero for r in refs) / nonzero if nonzero else 0.0
+        out[layer] = UpdateLoss(layer=layer, measured=measured, unchanged=unchanged, predicted=predicted,
+                                sampled=count)
+    return out
 
 
 def half_format(arm: str) -> Format | None:
@@ -180,10 +229,13 @@ class _Flagger:
     summaries: dict[str, TraceSummary]
     arms: dict[str, ArmResult]
     t: Thresholds
+    half_weights: frozenset[str] = frozenset()
+    """Arms whose recipe stores the weights in half precision and rounds updates to nearest (``bf16-pure``): only
+    they can lose updates to rounding, so only they get ``update_underflow`` flags, from their measured updates."""
 
     def __post_init__(self) -> None:
         self.flags: dict[tuple[str, str, str], Flag] = {}
-        self.reference = self.summaries.get(BASELINE_ARM)
+        self.reference = self.summaries.get(BASELINE)
         self.layer_grad_max: dict[str, float] = {}
         for layer, role, s in self.reference.items() if self.reference is not None else ():
             if is_gradient(role) and math.isfinite(s.max_abs):
@@ -237,6 +289,9 @@ class _Flagger:
 
     def run(self) -> list[Flag]:
         advice = self.advice()
+        for arm, result in self.arms.items():
+            for site in result.sites:
+                self.origin(arm, site)
         for arm, summary in self.summaries.items():
             fmt = half_format(arm)
             if fmt is FP16:
@@ -245,7 +300,8 @@ class _Flagger:
                 self.gradient_overflow(arm, summary, advice)
             if fmt is not None:
                 self.precision_loss(arm, summary, fmt)
-                self.update_underflow(arm, summary, fmt)
+                if arm in self.half_weights:
+                    self.update_underflow(arm, summary, fmt)
             self.nonfinite(arm, summary)
         for arm in self.arms:
             if half_format(arm) is FP16:
@@ -253,7 +309,7 @@ class _Flagger:
         order = {name: i for i, name in enumerate(self.arms)}
         return sorted(
             self.flags.values(),
-            key=lambda f: (SEVERITIES.index(f.severity), order.get(f.arm, len(order)), f.arm, KINDS.index(f.kind)),
+            key=lambda f: (SEVERITIES.index(f.severity), order.get(f.arm, len(order)), f.arm, FLAG_KINDS.index(f.kind)),
         )
 
     def advice(self) -> ScaleAdvice | None:
@@ -284,6 +340,49 @@ class _Flagger:
             f"or keep `{layer}` in fp32"
         )
 
+    def origin(self, arm: str, site: Site) -> None:
+        """Where the arm's non-finite values started, found by replaying the failing step (``site``)."""
+        half = half_format(arm)
+        overflow = "inf" in site.detail and site.dtype == "float16"
+        backward = site.phase == "backward"
+        kind: FlagKind = ("gradient_overflow" if backward else "forward_overflow") if overflow else "nonfinite"
+        matmul = any(name in site.op for name in _MATMULS)
+        softmax = any("softmax" in op for op in site.feeds)
+        cast = "_to_copy" in site.op
+        module = f"`{site.module}`"
+        if site.module == OUTSIDE_MODEL:
+            advice = "the loss itself is computed in half precision: compute it from fp32 values (e.g. logits.float())"
+        elif half is None:
+            advice = f"{module} produces NaN/Inf even in fp32: fix the model before mixing precision"
+        elif cast and not backward:
+            advice = (f"{module} receives values beyond fp16's 65504 that autocast casts to fp16 for it: normalise "
+                      f"or rescale its inputs, or keep {module} in fp32")
+        else:
+            op = site.op.split(".")[1] if "." in site.op else site.op
+            at = f" at {site.short_source}" if site.source else ""
+            advice = f"keep {module} in fp32 ({op} in its own code{at} overflows), or prefer bf16"
+            if matmul and softmax and not backward:
+                advice += ("; or rescale the scores (not verified by training): scale q by 1/sqrt(d) before the "
+                           "product, or use F.scaled_dot_product_attention, which does")
+        severity: Severity = ERROR
+        if backward:
+            scale = self.arms[arm].loss_scale if arm in self.arms else None
+            handled = scale is not None and site.step in scale.skipped_steps
+            severity = INFO if handled else ERROR  # a skipped step is GradScaler doing its job (see loss_scale)
+        self.add(
+            Flag(
+                layer=site.module,
+                arm=arm,
+                kind=kind,
+                severity=severity,
+                evidence={"step": site.step, "phase": site.phase, "op": site.op, "detail": site.detail,
+                          "source": site.source, "code": site.code},
+                recommendation=advice,
+                rule=f"{kind}: the first op with finite inputs and a non-finite output ({site.phase}, replayed)",
+                site=site,
+            )
+        )
+
     def forward_overflow(self, arm: str, summary: TraceSummary) -> None:
         """Outputs beyond fp16's max: inf in the forward pass, which no loss scale can fix."""
         warn_level = FP16.max / 2.0**self.t.forward_headroom_binades
@@ -310,12 +409,12 @@ class _Flagger:
             if origin and site is not None:
                 evidence["first_inf_step"] = site.step
             if origin or largest > FP16.max:
-                severity = "error"
+                severity: Severity = ERROR
                 if not origin and self.keeps_fp32(arm, own) and own_inf == 0:
-                    severity = "warning"  # autocast kept this output in fp32; it overflows once cast to fp16
+                    severity = WARNING  # autocast kept this output in fp32; it overflows once cast to fp16
                 rule = "activation max |x| > fp16 max" if not origin else "first non-finite output in forward order"
             else:
-                severity, rule = "warning", "activation max |x| within forward_headroom_binades of fp16 max"
+                severity, rule = WARNING, "activation max |x| within forward_headroom_binades of fp16 max"
             self.add(
                 Flag(
                     layer=layer,
@@ -342,10 +441,11 @@ class _Flagger:
         count for neither the error nor the warning.
         """
         if self.reference is None:
+            self.observed_underflow(arm, summary, advice)
             return
         scale = self.scale_log2(arm)
         significant = advice.significant_binade if advice is not None else None
-        worst: dict[tuple[str, str], tuple[float, float, float, str, int | None]] = {}
+        worst: dict[tuple[str, FlagKind], tuple[float, float, float, str, int | None]] = {}
         for layer, role, ref in self.reference.items():
             own = summary.get(layer, role)
             if own is None or is_update(role):
@@ -357,7 +457,7 @@ class _Flagger:
             predicted = _what_if_from(ref, FP16, scale if gradient else 0, noise).flush
             serious = _what_if_from(ref, FP16, scale, _higher(significant, noise)).flush if gradient else predicted
             observed = _excess_zeros(own, ref)
-            kind = "gradient_underflow" if gradient else "activation_underflow"
+            kind: FlagKind = "gradient_underflow" if gradient else "activation_underflow"
             key = (layer, kind)
             if key not in worst or (serious, predicted) > worst[key][:2]:
                 worst[key] = (serious, predicted, observed, role, noise)
@@ -371,7 +471,7 @@ class _Flagger:
             if predicted < warn:
                 continue
             confirmed = serious >= err and observed >= warn
-            severity = "error" if confirmed else "warning"
+            severity: Severity = ERROR if confirmed else WARNING
             name = kind.split("_")[0]
             evidence: dict[str, Any] = {
                 "role": role,
@@ -411,6 +511,44 @@ class _Flagger:
                 )
             )
 
+    def observed_underflow(self, arm: str, summary: TraceSummary, advice: ScaleAdvice | None) -> None:
+        """Gradient underflow seen in an fp16 run without an fp32 reference (an observed run, ``mpaudit.watch``).
+
+        Flushed values are zeros there, indistinguishable from true zeros, so nothing can be confirmed: when a
+        large share (``precision_loss_warning``) of a layer's surviving gradient values sits in fp16's subnormal
+        range at the scale in force, the distribution's lower tail below 2^-24 is being cut off. A warning, never an
+        error; the ``loss_scale`` advice it brings is read from the arm's own (surviving) gradients, so it is a lower
+        bound on the scale that helps."""
+        scale = self.scale_log2(arm)
+        worst: dict[str, tuple[float, str, TensorStats]] = {}
+        for layer, role, own in summary.items():
+            if not is_gradient(role) or not own.finite_nonzero:
+                continue
+            w = what_if(own.hist, FP16)
+            share = w.subnormal + w.flush
+            if share >= self.t.precision_loss_warning and share > worst.get(layer, (0.0, "", own))[0]:
+                worst[layer] = (share, role, own)
+        for layer, (share, role, own) in worst.items():
+            self.add(
+                Flag(
+                    layer=layer,
+                    arm=arm,
+                    kind="gradient_underflow",
+                    severity=WARNING,
+                    evidence={
+                        "role": role,
+                        "subnormal_fraction": share,
+                        "zero_fraction": own.zero_fraction,
+                        "loss_scale": 2.0**scale,
+                        "observed": True,
+                        "warning_at": self.t.precision_loss_warning,
+                    },
+                    recommendation=self.scale_recommendation(advice, layer, scale),
+                    rule="gradient_underflow (no fp32 reference): share of surviving gradients in fp16's subnormal "
+                         "range >= precision_loss_warning",
+                )
+            )
+
     def gradient_overflow(self, arm: str, summary: TraceSummary, advice: ScaleAdvice | None) -> None:
         """Gradients beyond fp16's max even unscaled: GradScaler must go below 1 and small gradients pay."""
         if self.reference is None:
@@ -424,7 +562,7 @@ class _Flagger:
                     layer=layer,
                     arm=arm,
                     kind="gradient_overflow",
-                    severity="error" if no_fit else "warning",
+                    severity=ERROR if no_fit else WARNING,
                     evidence={"role": role, "fp32_max_abs": ref.max_abs, "fp16_max": FP16.max},
                     recommendation=(
                         f"keep `{layer}` in fp32 or prefer bf16: its gradients exceed fp16's range before any "
@@ -452,7 +590,7 @@ class _Flagger:
                 fraction = what_if(own.hist, fmt).subnormal
             if fraction < self.t.precision_loss_info:
                 continue
-            severity = "warning" if fraction >= self.t.precision_loss_warning else "info"
+            severity: Severity = WARNING if fraction >= self.t.precision_loss_warning else INFO
             self.add(
                 Flag(
                     layer=layer,
@@ -478,19 +616,14 @@ class _Flagger:
             )
 
     def update_underflow(self, arm: str, summary: TraceSummary, fmt: Format) -> None:
-        """Optimizer updates below half an ulp of the weight: lost if the weights were stored in ``fmt``."""
-        per_layer: dict[str, list[TensorStats]] = {}
-        for layer, role, own in summary.items():
-            if is_update(role):
-                per_layer.setdefault(layer, []).append(own)
-        for layer, records in per_layer.items():
-            nonzero = sum(r.finite_nonzero for r in records)
-            if not nonzero:
+        """Updates that left a half-precision weight unchanged, measured in an arm that stores its weights in
+        ``fmt`` (its update records' zeros beyond fp32's), with fp32's prediction beside them in the evidence."""
+        for layer, loss in update_losses(summary, self.reference, fmt).items():
+            if loss.measured < self.t.update_lost_info:
                 continue
-            lost = sum(update_lost(r.hist, fmt) * r.finite_nonzero for r in records) / nonzero
-            if lost < self.t.update_lost_info:
-                continue
-            severity = "warning" if lost >= self.t.update_lost_warning else "info"
+            severity: Severity = (ERROR if loss.measured >= self.t.update_lost_error
+                                  else WARNING if loss.measured >= self.t.update_lost_warning else INFO)
+            predicted = "" if loss.predicted is None else f"; fp32's updates predict {loss.predicted:.0%}"
             self.add(
                 Flag(
                     layer=layer,
@@ -498,17 +631,22 @@ class _Flagger:
                     kind="update_underflow",
                     severity=severity,
                     evidence={
-                        "lost_fraction": lost,
+                        "measured_lost_fraction": loss.measured,
+                        "unchanged_fraction": loss.unchanged,
+                        "predicted_lost_fraction": loss.predicted,
                         "format": fmt.name,
-                        "nonzero_updates_sampled": nonzero,
+                        "updates_sampled": loss.sampled,
+                        "error_at": self.t.update_lost_error,
                         "warning_at": self.t.update_lost_warning,
                         "info_at": self.t.update_lost_info,
                     },
                     recommendation=(
-                        f"keep fp32 weights for the optimizer (mpaudit's arms do): with `{layer}` stored in "
-                        f"{fmt.name}, {lost:.0%} of its updates would be rounded away"
+                        f"{loss.measured:.0%} of `{layer}`'s sampled updates left its {fmt.name} weights unchanged"
+                        f"{predicted}: round its updates stochastically or with Kahan compensation, or keep an fp32 "
+                        f"master copy of it (mpaudit.bf16_optimizer; --verify trains each)"
                     ),
-                    rule=f"update_underflow: |Δw| < half an ulp of w in {fmt.name} for >= update_lost_{severity}",
+                    rule=(f"update_underflow: measured share of updates below half an ulp of the {fmt.name} weight "
+                          f">= update_lost_{severity}"),
                 )
             )
 
@@ -524,7 +662,7 @@ class _Flagger:
                     layer=site.layer,
                     arm=arm,
                     kind="nonfinite",
-                    severity="error",
+                    severity=ERROR,
                     evidence={"step": site.step, "role": site.role, **_nonfinite_counts(s)},
                     recommendation=(
                         f"`{site.layer}` is the first layer (forward order) whose output became NaN/Inf: "
@@ -544,7 +682,7 @@ class _Flagger:
                     layer=site.layer,
                     arm=arm,
                     kind="nonfinite",
-                    severity="info" if handled else "error",
+                    severity=INFO if handled else ERROR,
                     evidence={"step": site.step, "role": site.role, "step_skipped": handled, **_nonfinite_counts(s)},
                     recommendation=(
                         "none needed: GradScaler skipped that step and lowered its scale, as designed"
@@ -572,7 +710,7 @@ class _Flagger:
         later = len(skipped) - calibration
         fraction = later / steps
         if fraction >= self.t.skip_fraction_warning:
-            severity = "error" if fraction >= self.t.skip_fraction_error else "warning"
+            severity: Severity = ERROR if fraction >= self.t.skip_fraction_error else WARNING
             self.add(
                 Flag(
                     layer=ROOT_LAYER,
@@ -597,13 +735,13 @@ class _Flagger:
         underflows = [f for f in self.flags.values() if f.arm == arm and f.kind == "gradient_underflow"]
         in_force = self.scale_log2(arm)
         if underflows and advice is not None and (advice.k is None or advice.k > in_force):
-            severity = min((f.severity for f in underflows), key=SEVERITIES.index)
+            worst_severity = min((f.severity for f in underflows), key=SEVERITIES.index)
             self.add(
                 Flag(
                     layer=ROOT_LAYER,
                     arm=arm,
                     kind="loss_scale",
-                    severity=severity,
+                    severity=worst_severity,
                     evidence={
                         "loss_scale": 2.0**in_force,
                         "recommended_log2": advice.k,
@@ -660,10 +798,15 @@ def flag(
     summaries: Mapping[str, TraceSummary],
     arms: Mapping[str, ArmResult],
     thresholds: Thresholds | None = None,
+    half_weights: frozenset[str] = frozenset(),
 ) -> list[Flag]:
     """Every flag the traces and arm results support, most severe first.
 
     ``summaries`` maps arm name to its trace (the fp32 arm's is the reference for predictions); ``arms``
-    gives each arm's status and GradScaler history.
+    gives each arm's status, GradScaler history and the sites where non-finite values started;
+    ``half_weights`` names the arms whose recipe stores weights in half precision and rounds updates to nearest
+    (:attr:`mpaudit.arms.Arm.rounds_updates_to_nearest`: the only ones whose updates can be lost to rounding; their
+    ``update_underflow`` flags come from the updates they measured, fp32's prediction beside). Causes and
+    consequences are linked by :func:`mpaudit.numerics.causes.link`.
     """
-    return _Flagger(dict(summaries), dict(arms), thresholds or Thresholds()).run()
+    return _Flagger(dict(summaries), dict(arms), thresholds or Thresholds(), half_weights).run()

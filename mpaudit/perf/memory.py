@@ -16,8 +16,8 @@ import gc
 import math
 import re
 import weakref
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,10 +31,10 @@ from mpaudit.arms import Arm
 from mpaudit.errors import UsageError, error_text
 from mpaudit.results.perf import BREAKDOWN_KEYS, MemoryResult
 from mpaudit.run.batches import batch_size, iter_leaves, move_to_device
-from mpaudit.run.distributed import SINGLE, Parallel, local_shard
+from mpaudit.run.distributed import local_shard
+from mpaudit.run.prepare import PreparedArm, RunContext, prepare_arm
 from mpaudit.run.seeding import seed_everything
-from mpaudit.run.task import Task, first_batch
-from mpaudit.run.train import train_step
+from mpaudit.run.task import first_batch
 
 CUDA_BLOCK_BYTES = 512
 """The CUDA caching allocator rounds every allocation up to a multiple of this (c10's kMinBlockSize)."""
@@ -269,16 +269,12 @@ def _grad_hooks(model: torch.nn.Module, ledger: _StorageLedger) -> Iterator[None
             h.remove()
 
 
-def _step_skipped(
-    step: Callable[[], object],
-    scaler: torch.amp.GradScaler | None,
-    arm: Arm,
-    step_context: Callable[[Arm], AbstractContextManager[object]],
-) -> bool:
+def _step_skipped(prepared: PreparedArm, batch: object) -> bool:
     """Run one step; True when GradScaler skipped its optimizer update (the scale went down)."""
+    scaler = prepared.scaler
     before = scaler.get_scale() if scaler is not None else None
-    with step_context(arm):
-        step()
+    with prepared.context():
+        prepared.step(batch)
     return scaler is not None and before is not None and scaler.get_scale() < before
 
 
@@ -287,35 +283,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_arm_memory(
-    task: Task,
-    arm: Arm,
-    device: torch.device,
-    seed: int,
-    *,
-    step_context: Callable[[Arm], AbstractContextManager[object]] = lambda arm: nullcontext(),
-    parallel: Parallel = SINGLE,
-) -> MemoryResult:
-    """Peak memory of one steady-state training step of ``arm``: measured after a step that updated the
-    weights, so the optimizer state exists, as in every step but the first. Under DDP the step is the
-    wrapped model's (its gradient buckets count as ``other``) on this rank's first batch."""
+def measure_arm_memory(run: RunContext, arm: Arm, seed: int) -> MemoryResult:
+    """Peak memory of one steady-state training step of ``arm``, set up as it trained
+    (:func:`~mpaudit.run.prepare.prepare_arm`): measured after a step that updated the weights, so the optimizer
+    state exists, as in every step but the first. Under DDP the step is the wrapped model's (its gradient
+    buckets count as ``other``) on this rank's first batch."""
+    device = run.device
     cuda = device.type == "cuda"
     gc.collect()
     base = torch.cuda.memory_allocated(device) if cuda else 0
+    prepared = prepare_arm(run, arm, seed)
+    model, optimizer, scaler = prepared.model, prepared.optimizer, prepared.scaler
     seed_everything(seed)
-    model = task.build_model().to(device)
-    model.train()
-    wrapped = parallel.wrap(model, device)
-    optimizer = task.build_optimizer(model)
-    scaler = arm.make_scaler(device.type, parallel.scaler_cls)
-    seed_everything(seed)
-    batch = move_to_device(first_batch(task, "train_loader", parallel.shard(task.train_loader())), device)
-
-    def step() -> None:
-        train_step(task, arm, wrapped, optimizer, scaler, batch, device.type)
+    batch = move_to_device(first_batch(run.task, "train_loader", run.parallel.shard(run.task.train_loader())), device)
 
     for _ in range(WARMUP_STEPS_MAX):
-        if not _step_skipped(step, scaler, arm, step_context):
+        if not _step_skipped(prepared, batch):
             break
     _sync(device)
     gc.collect()
@@ -328,13 +311,13 @@ def measure_arm_memory(
         torch.cuda.reset_peak_memory_stats(device)
     scale = scaler.get_scale() if scaler is not None else None
     with (
-        step_context(arm),
+        prepared.context(),
         _grad_hooks(model, ledger),
         _removing(optimizer.register_step_pre_hook(ledger.optimizer_started)),
         torch.autograd.graph.saved_tensors_hooks(ledger.pack, lambda t: t),
         ledger,
     ):
-        step()
+        prepared.step(batch)
         _sync(device)
     ledger.optimizer.update(sid for t in _optimizer_tensors(optimizer) if (sid := ledger.track(t)) is not None)
     ledger.open = False
@@ -372,15 +355,7 @@ def measure_arm_memory(
     )
 
 
-def measure_memory(
-    task: Task,
-    arms: Sequence[Arm],
-    device: torch.device,
-    seed: int,
-    *,
-    step_context: Callable[[Arm], AbstractContextManager[object]] = lambda arm: nullcontext(),
-    parallel: Parallel = SINGLE,
-) -> dict[str, MemoryResult]:
+def measure_memory(run: RunContext, arms: Sequence[Arm], seed: int) -> dict[str, MemoryResult]:
     """Peak memory and breakdown of one training step for each arm, one arm at a time.
 
     An arm whose step raises gets a result with ``error`` set (and zero bytes) instead of stopping the
@@ -389,9 +364,9 @@ def measure_memory(
     out: dict[str, MemoryResult] = {}
     for arm in arms:
         try:
-            out[arm.name] = measure_arm_memory(task, arm, device, seed, step_context=step_context, parallel=parallel)
+            out[arm.name] = measure_arm_memory(run, arm, seed)
         except Exception as exc:
-            if parallel.active:
+            if run.parallel.active:
                 raise
             out[arm.name] = MemoryResult(
                 arm=arm.name,
@@ -402,7 +377,7 @@ def measure_memory(
                 batch_size=None,
                 error=error_text(exc),
             )
-        if device.type == "cuda":  # hand the arm's blocks back before the next arm's peak is measured
+        if run.device.type == "cuda":  # hand the arm's blocks back before the next arm's peak is measured
             gc.collect()
             torch.cuda.empty_cache()
     return out

@@ -1,9 +1,11 @@
 """The speed phase: every arm's real training step, timed in interleaved rounds, with error bars.
 
 Each arm steps a fresh, identically seeded copy of the model and optimizer on one fixed batch (the
-first of ``train_loader()``). After warm-up the arms take turns, one step each per round (A B C A B C
-...), so drift on a shared machine (other jobs, clock changes, heat) hits every arm alike. Rounds go on
-until every arm's IQR is under 5% of its median or the time budget is spent, like
+first of ``train_loader()``). A step is one optimizer step with the task's recipe: with ``grad_accumulation`` N it
+runs that batch N times as its micro-batches (the step the user pays for), clipping and the scheduler included.
+After warm-up the arms take turns, one step each per round (A B C A B C ...), so drift on a shared machine
+(other jobs, clock changes, heat) hits every arm alike. Rounds go on until every arm's IQR is under 5% of its
+median or the time budget is spent, like
 ``torch.utils.benchmark``'s ``adaptive_autorange``. A speedup is the ratio of median step times with a
 bootstrap confidence interval over paired rounds; FLOPs are counted once per arm, outside the timing.
 """
@@ -14,7 +16,6 @@ import bisect
 import math
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,18 +24,16 @@ import torch
 from numpy.typing import ArrayLike
 from torch.utils.flop_counter import FlopCounterMode
 
-from mpaudit.arms import BASELINE, Arm
+from mpaudit.arms import Arm
+from mpaudit.defaults import DEFAULT_BENCH_SECONDS
 from mpaudit.errors import error_text
 from mpaudit.results.perf import STABLE_IQR_FRACTION, SpeedResult, Speedup
 from mpaudit.run.batches import batch_size, move_to_device
-from mpaudit.run.distributed import SINGLE, Parallel
 from mpaudit.run.env import dtype_support
+from mpaudit.run.prepare import PreparedArm, RunContext, prepare_arm
 from mpaudit.run.seeding import seed_everything
-from mpaudit.run.task import Task, first_batch
-from mpaudit.run.train import train_step
-
-DEFAULT_BENCH_SECONDS = 10.0
-"""Time budget of the timed rounds (warm-up and compilation come on top)."""
+from mpaudit.run.task import first_batch
+from mpaudit.vocab import BASELINE
 
 WARMUP_ROUNDS = 3
 """Untimed rounds first: the first step allocates optimizer state, picks kernels and (compiled) compiles."""
@@ -86,14 +85,8 @@ GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0},
 }
 
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-StepContext = Callable[[Arm], AbstractContextManager[object]]
-"""Wraps every step of an arm (for instance fp16 emulation for the fp16 arm on a CPU); its value is unused."""
-
-
-def _no_context(arm: Arm) -> AbstractContextManager[object]:
-    return nullcontext()
+Timer = Callable[[], float]
+"""A clock in seconds (``time.perf_counter`` by default): the seam tests drive instead of sleeping."""
 
 
 def gpu_peak(device_name: str) -> tuple[str, dict[str, float]] | None:
@@ -118,9 +111,8 @@ def tf32_enabled() -> bool:
 
 
 def _dtype_name(arm: Arm) -> str:
-    if arm.autocast_dtype is None:
-        return "fp32"
-    return _DTYPE_NAMES.get(arm.autocast_dtype, str(arm.autocast_dtype).removeprefix("torch."))
+    """``fp32``, ``bf16`` or ``fp16``: the format the arm's matmuls run in (keys of :data:`GPU_PEAK_TFLOPS`)."""
+    return arm.half_format or "fp32"
 
 
 def theoretical_ratio(device: torch.device, arm: Arm) -> float | None:
@@ -185,10 +177,12 @@ def _relative_iqr_sorted(xs: Sequence[float]) -> float:
 
 
 class _StepClock:
-    """Times one step, ending it with a device sync the same way for every arm."""
+    """Times one step, ending it with a device sync the same way for every arm: CUDA events on a GPU, the
+    ``timer`` around the call on a CPU (CPU kernels finish before they return, so the step's end is its sync)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, timer: Timer) -> None:
         self.device = device
+        self.timer = timer
 
     def time(self, step: Callable[[], None]) -> float:
         if self.device.type == "cuda":
@@ -199,21 +193,18 @@ class _StepClock:
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / 1e3
-        # CPU kernels finish before they return, so the step's end is its sync.
-        t0 = time.perf_counter()
+        t0 = self.timer()
         step()
-        return time.perf_counter() - t0
+        return self.timer() - t0
 
 
 @dataclass
 class _Contestant:
-    """One timed arm: its own model, optimizer and scaler, and what it measured so far."""
+    """One timed arm: its prepared model, optimizer and scaler (from :func:`prepare_arm`), and what it measured."""
 
     key: str
     arm: Arm
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer | None
-    scaler: torch.amp.GradScaler | None
+    prepared: PreparedArm | None
     compiled: bool
     params: int
     times: list[float] = field(default_factory=list)
@@ -224,83 +215,80 @@ class _Contestant:
     scale: float | None = None
 
 
-def _prepare(
-    task: Task, arm: Arm, device: torch.device, seed: int, compiled: bool, backend: str, parallel: Parallel
-) -> _Contestant:
-    """A fresh, seeded model and optimizer for one arm (wrapped for the job, compiled when asked); failures
-    become ``error`` (in a distributed job they end it: see :func:`measure_speed`)."""
-    c = _Contestant(arm.name + (COMPILE_SUFFIX if compiled else ""), arm, torch.nn.Module(), None, None, compiled, 0)
+def _prepare(run: RunContext, arm: Arm, seed: int, compiled: bool, backend: str) -> _Contestant:
+    """The arm exactly as it trained (:func:`prepare_arm`), compiled when asked; failures become ``error`` (in a
+    distributed job they end it: see :func:`measure_speed`)."""
+    c = _Contestant(arm.name + (COMPILE_SUFFIX if compiled else ""), arm, None, compiled, 0)
     try:
-        seed_everything(seed)
-        model = task.build_model().to(device)
-        model.train()
-        c.params = sum(p.numel() for p in model.parameters())
-        c.model = parallel.wrap(model, device)
-        c.optimizer = task.build_optimizer(model)
-        c.scaler = arm.make_scaler(device.type, parallel.scaler_cls)
+        c.prepared = prepare_arm(run, arm, seed)
+        c.params = sum(p.numel() for p in c.prepared.model.parameters())
     except Exception as exc:
-        if parallel.active:
+        if run.parallel.active:
             raise
         c.error = error_text(exc)
         return c
     if compiled:
         try:
-            c.model = torch.compile(c.model, backend=backend)  # type: ignore[assignment]
+            c.prepared.trained = torch.compile(c.prepared.trained, backend=backend)  # type: ignore[assignment]
         except Exception as exc:
-            if parallel.active:
+            if run.parallel.active:
                 raise
             c.error = "torch.compile failed: " + error_text(exc)
     return c
 
 
-def _run_step(c: _Contestant, task: Task, batch: Any, device: torch.device) -> None:
-    assert c.optimizer is not None
-    train_step(task, c.arm, c.model, c.optimizer, c.scaler, batch, device.type)
+def _run_step(c: _Contestant, batch: Any) -> None:
+    assert c.prepared is not None
+    c.prepared.step(batch)
 
 
 def measure_speed(
-    task: Task,
+    run: RunContext,
     arms: Sequence[Arm],
-    device: torch.device,
     seed: int,
     *,
     budget_s: float = DEFAULT_BENCH_SECONDS,
     compile: bool = False,
-    step_context: StepContext = _no_context,
     min_rounds: int = MIN_ROUNDS,
     compile_backend: str = "inductor",
-    parallel: Parallel = SINGLE,
+    timer: Timer = time.perf_counter,
 ) -> tuple[dict[str, SpeedResult], dict[str, Speedup]]:
     """Time every arm's real training step in interleaved rounds; return per-arm times and speedups.
 
-    Speedups compare each arm with fp32 in the same mode (``bf16`` with ``fp32``, ``bf16+compile`` with
-    ``fp32+compile``, and ``fp32+compile`` with ``fp32``). An arm that fails (a compile error, a raise in
-    the step) gets a result with ``error`` set instead of stopping the others.
+    Every arm is set up by :func:`~mpaudit.run.prepare.prepare_arm`, as it trained (keep-lists and loss scales
+    included), and steps inside its step context (fp16 emulation on a CPU). Speedups compare each arm with fp32
+    in the same mode (``bf16`` with ``fp32``, ``bf16+compile`` with ``fp32+compile``, and ``fp32+compile`` with
+    ``fp32``). An arm that fails (a compile error, a raise in the step) gets a result with ``error`` set instead
+    of stopping the others. ``timer`` times CPU steps and the budget.
 
-    In a distributed job (``parallel``) each rank times its own steps on its own first batch, the ranks
+    In a distributed job (``run.parallel``) each rank times its own steps on its own first batch, the ranks
     agree every round on whether to stop (so they take the same number of steps), and a failure raises:
     the ranks could no longer match their collectives.
     """
+    parallel, device = run.parallel, run.device
     seed_everything(seed)
-    batch = move_to_device(first_batch(task, "train_loader", parallel.shard(task.train_loader())), device)
+    batch = move_to_device(first_batch(run.task, "train_loader", parallel.shard(run.task.train_loader())), device)
     samples = batch_size(batch)
-    contestants = [_prepare(task, arm, device, seed, False, compile_backend, parallel) for arm in arms]
+    if samples is not None:  # one timed step is one optimizer step: every micro-batch of it
+        samples *= run.recipe.grad_accumulation
+    contestants = [_prepare(run, arm, seed, False, compile_backend) for arm in arms]
     if compile:
-        contestants += [_prepare(task, arm, device, seed, True, compile_backend, parallel) for arm in arms]
-    clock = _StepClock(device)
+        contestants += [_prepare(run, arm, seed, True, compile_backend) for arm in arms]
+    clock = _StepClock(device, timer)
 
     def step(c: _Contestant) -> None:
-        _run_step(c, task, batch, device)
+        _run_step(c, batch)
 
     def count(c: _Contestant) -> None:
-        _count_flops(c, task, batch, device)
+        _count_flops(c, batch)
 
     def timed(c: _Contestant) -> None:
-        _timed_step(c, clock, task, batch, device)
+        _timed_step(c, clock, batch)
 
     def attempt(c: _Contestant, action: Callable[[_Contestant], None]) -> None:
+        assert c.prepared is not None
         try:
-            with step_context(c.arm):
+            with c.prepared.context():
                 action(c)
         except Exception as exc:
             if parallel.active:
@@ -311,13 +299,13 @@ def measure_speed(
     for r in range(WARMUP_ROUNDS):
         for c in [c for c in contestants if c.error is None]:
             attempt(c, count if r == 0 and not c.compiled else step)
-            if c.scaler is not None and c.error is None:
-                c.scale = c.scaler.get_scale()  # host sync, outside any timed step
+            if c.prepared is not None and c.prepared.scaler is not None and c.error is None:
+                c.scale = c.prepared.scaler.get_scale()  # host sync, outside any timed step
     for c in contestants:
         if c.compiled:
             c.flops = next((e.flops for e in contestants if e.key == c.arm.name), None)
 
-    start = time.perf_counter()
+    start = timer()
     rounds = 0
     while True:
         active = [c for c in contestants if c.error is None]
@@ -327,7 +315,7 @@ def measure_speed(
             attempt(c, timed)
         rounds += 1
         still = [c for c in active if c.error is None]
-        stop = _should_stop(still, rounds, time.perf_counter() - start, budget_s, min_rounds)
+        stop = _should_stop(still, rounds, timer() - start, budget_s, min_rounds)
         if parallel.all_true(stop, device):  # every rank stops on the same round
             break
 
@@ -335,20 +323,21 @@ def measure_speed(
     return results, _speedups(results, {c.key: c for c in contestants}, device)
 
 
-def _count_flops(c: _Contestant, task: Task, batch: Any, device: torch.device) -> None:
+def _count_flops(c: _Contestant, batch: Any) -> None:
     """Run one (untimed) step under FlopCounterMode: matmul, conv and attention FLOPs, forward and backward."""
     counter = FlopCounterMode(display=False)
     with counter:
-        _run_step(c, task, batch, device)
+        _run_step(c, batch)
     c.flops = float(counter.get_total_flops())
 
 
-def _timed_step(c: _Contestant, clock: _StepClock, task: Task, batch: Any, device: torch.device) -> None:
-    elapsed = clock.time(lambda: _run_step(c, task, batch, device))
+def _timed_step(c: _Contestant, clock: _StepClock, batch: Any) -> None:
+    elapsed = clock.time(lambda: _run_step(c, batch))
     c.times.append(elapsed)
     bisect.insort(c.sorted_times, elapsed)
-    if c.scaler is not None:
-        scale = c.scaler.get_scale()  # host sync after the clock stopped: counts steps GradScaler skipped
+    scaler = c.prepared.scaler if c.prepared is not None else None
+    if scaler is not None:
+        scale = scaler.get_scale()  # host sync after the clock stopped: counts steps GradScaler skipped
         if c.scale is not None and scale < c.scale:
             c.skipped += 1
         c.scale = scale
@@ -463,9 +452,10 @@ def _sanity_note(
     if base.step_s_median < LATENCY_BOUND_S:
         causes.append(
             f"the step is latency-bound ({base.step_s_median * 1e3:.2f} ms): per-op overhead dominates, "
-            "lower precision cannot shrink it, and autocast adds cast ops"
+            "lower precision cannot shrink it" + (", and autocast adds cast ops" if c.arm.autocast_dtype else "")
         )
-    if result.flops_per_step and c.params and result.flops_per_step / c.params < CAST_BOUND_FLOPS_PER_PARAM:
+    if (c.arm.autocast_dtype is not None and result.flops_per_step and c.params
+            and result.flops_per_step / c.params < CAST_BOUND_FLOPS_PER_PARAM):  # a half-weight arm casts no weight
         causes.append(
             f"casts dominate: only {result.flops_per_step / c.params:.0f} FLOPs per weight per step (a small "
             "batch), while autocast re-casts every weight to 16 bits each step"

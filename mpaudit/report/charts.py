@@ -6,11 +6,24 @@ import math
 from typing import Any
 
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from mpaudit.report import layers_view
 from mpaudit.results.model import AuditResult
+from mpaudit.vocab import BASELINE
 
-ARM_COLORS = {"fp32": "#1f77b4", "bf16": "#2ca02c", "fp16": "#d62728"}
+ARM_COLORS = {"fp32": "#1f77b4", "bf16": "#2ca02c", "fp16": "#d62728", "bf16-pure": "#9467bd"}
+ARM_DASHES = {"fp32": "solid", "bf16": "dash", "fp16": "dot", "bf16-pure": "dashdot"}
+"""Each arm's line style, so curves that coincide stay visible: fp32 wide and solid underneath, the others dashed
+or dotted on top of it."""
+ARM_WIDTHS = {"fp32": 4.0, "bf16": 2.5, "fp16": 2.5, "bf16-pure": 2.5}
+
+
+def arm_line(name: str) -> dict[str, Any]:
+    """The plotly line of an arm's curve: its colour, dash and width (``fp16+keep`` is drawn like ``fp16``)."""
+    family = name.split("+")[0]
+    return {"color": ARM_COLORS.get(family), "dash": ARM_DASHES.get(family, "dashdot"),
+            "width": ARM_WIDTHS.get(family, 2.0)}
 
 
 def _finite_or_none(xs: list[float]) -> list[float | None]:
@@ -18,26 +31,43 @@ def _finite_or_none(xs: list[float]) -> list[float | None]:
 
 
 def loss_curves(result: AuditResult) -> go.Figure:
-    """Training loss per step, every arm on one axis; non-finite losses leave gaps and are marked."""
-    fig = go.Figure()
+    """Training loss per step, every arm on one axis (fp32 wide and solid, the others dashed on top, so identical
+    curves stay visible), and below it each arm's difference to fp32 step by step; non-finite losses leave gaps
+    and are marked."""
+    base = result.arms.get(BASELINE)
+    others = [(n, a) for n, a in result.arms.items() if n != BASELINE and a.loss]
+    diff = base is not None and bool(base.loss) and bool(others)
+    fig = make_subplots(rows=2 if diff else 1, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        row_heights=[0.68, 0.32] if diff else None)
     for name, arm in result.arms.items():
         if not arm.loss:
             continue
         steps = list(range(1, len(arm.loss) + 1))
-        fig.add_trace(
-            go.Scatter(x=steps, y=_finite_or_none(arm.loss), mode="lines", name=name,
-                       line={"color": ARM_COLORS.get(name)})
-        )
+        fig.add_trace(go.Scatter(x=steps, y=_finite_or_none(arm.loss), mode="lines", name=name, legendgroup=name,
+                                 line=arm_line(name)), row=1, col=1)
         bad = [s for s, v in zip(steps, arm.loss, strict=True) if not math.isfinite(v)]
         if bad:
             fig.add_trace(
                 go.Scatter(x=bad, y=[0.02] * len(bad), mode="markers", name=f"{name}: non-finite loss",
-                           marker={"symbol": "x", "color": ARM_COLORS.get(name), "size": 8}, yaxis="y2")
+                           legendgroup=name, marker={"symbol": "x", "color": ARM_COLORS.get(name), "size": 8},
+                           xaxis="x", yaxis="y3")
             )
+    if diff and base is not None:
+        for name, arm in others:
+            n = min(len(arm.loss), len(base.loss))
+            delta = [a - b if math.isfinite(a) and math.isfinite(b) else None
+                     for a, b in zip(arm.loss[:n], base.loss[:n], strict=True)]
+            fig.add_trace(go.Scatter(x=list(range(1, n + 1)), y=delta, mode="lines", name=f"{name} − fp32",
+                                     legendgroup=name, showlegend=False, line=arm_line(name)), row=2, col=1)
+        fig.add_hline(y=0, line={"color": ARM_COLORS[BASELINE], "width": 1}, row=2, col=1)
+        fig.update_yaxes(title_text="arm − fp32", zeroline=False, row=2, col=1)
+    fig.update_xaxes(title_text="optimizer step", row=2 if diff else 1, col=1)
+    fig.update_yaxes(title_text="loss", row=1, col=1)
     fig.update_layout(
-        title="Training loss per step", xaxis_title="optimizer step", yaxis_title="loss",
-        yaxis2={"overlaying": "y", "visible": False, "range": [0, 1]},
-        height=380, margin={"l": 60, "r": 20, "t": 50, "b": 50}, legend={"orientation": "h", "y": -0.2},
+        title="Training loss per step" + (" and each arm's difference to fp32" if diff else ""),
+        yaxis3={"overlaying": "y", "visible": False, "range": [0, 1]},
+        height=520 if diff else 380, margin={"l": 60, "r": 20, "t": 50, "b": 50},
+        legend={"orientation": "h", "y": -0.14 if diff else -0.2},
     )
     return fig
 

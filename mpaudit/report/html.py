@@ -2,31 +2,30 @@
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 from typing import Any
 
-import jinja2
 import plotly.io
 import plotly.offline
 
-from mpaudit.ci.gate import lower_is_better
-from mpaudit.ci.recommend import snippet
+from mpaudit.arms import stores_half_weights
+from mpaudit.ci.gaps import result_direction
 from mpaudit.ci.verdict import verdicts
+from mpaudit.numerics.causes import group_by_cause
+from mpaudit.numerics.rules import Thresholds, update_losses
 from mpaudit.report import layers_view
-from mpaudit.report.charts import all_charts
-from mpaudit.results.model import AuditResult
-from mpaudit.trace.shadow import POOR_SQNR_DB
+from mpaudit.report.charts import all_charts, arm_line
+from mpaudit.report.snippets import snippet
+from mpaudit.report.templates import ENV
+from mpaudit.results.model import POOR_SQNR_DB, AuditResult
+from mpaudit.text import fmt, recipe_text
+from mpaudit.vocab import BASELINE, MAX, MIN, UNKNOWN
+
+DIRECTION_TEXT = {MIN: "lower is better", MAX: "higher is better", UNKNOWN: "direction unknown"}
+"""How a metric's direction is written under its name."""
 
 PLOTLY_CDN = "https://cdn.plot.ly/plotly-{version}.min.js"
 
-_ENV = jinja2.Environment(
-    loader=jinja2.PackageLoader("mpaudit.report", "templates"),
-    autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
-    undefined=jinja2.StrictUndefined,
-    trim_blocks=True,
-    lstrip_blocks=True,
-)
 
 
 def script_json(data: Any) -> str:
@@ -43,19 +42,6 @@ def _plotly_js() -> str:
     return plotly.offline.get_plotlyjs()
 
 
-def fmt(x: Any, digits: int = 4) -> str:
-    """A number for people: 4 significant digits, non-finite spelled out, None as a dash."""
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        if math.isnan(x):
-            return "NaN"
-        if math.isinf(x):
-            return "+Inf" if x > 0 else "-Inf"
-        return f"{x:.{digits}g}"
-    return str(x)
-
-
 def _rows(result: AuditResult) -> list[dict[str, Any]]:
     """One summary row per arm: status, final loss, metrics and their delta vs fp32, speed, loss scale."""
     base = result.baseline
@@ -63,18 +49,20 @@ def _rows(result: AuditResult) -> list[dict[str, Any]]:
     for name, arm in result.arms.items():
         deltas: dict[str, str] = {}
         for metric, value in arm.metrics.items():
-            if base is None or name == "fp32" or metric not in base.metrics:
+            if base is None or name == BASELINE or metric not in base.metrics:
                 deltas[metric] = ""
                 continue
             d = value - base.metrics[metric]
-            worse = d > 0 if lower_is_better(metric) else d < 0
+            direction = result_direction(result, metric)
+            worse = direction != UNKNOWN and (d > 0 if direction == MIN else d < 0)
             deltas[metric] = ("worse " if worse and abs(d) > 0 else "") + f"{d:+.4g}"
         sp = result.speedups.get(name)
         saving = result.activation_savings.get(name)
         timed = arm.speed is not None and arm.speed.error is None
         rows.append({
             "name": name, "arm": arm, "final_loss": fmt(arm.final_loss), "deltas": deltas,
-            "step_ms": fmt(arm.speed.step_s_median * 1e3, 3) if timed and arm.speed else "–",
+            "step_ms": fmt(arm.speed.step_s_median * 1e3, 3) if timed and arm.speed
+            else fmt(arm.train_step_s * 1e3, 3) if arm.observed and arm.train_step_s is not None else "–",
             "step_iqr_ms": fmt(arm.speed.step_s_iqr * 1e3, 2) if timed and arm.speed else "",
             "speedup": f"{sp.ratio:.2f}× ({sp.ci_low:.2f}–{sp.ci_high:.2f})" if sp else "",
             "verdict": sp.verdict if sp else "",
@@ -96,27 +84,53 @@ def _recommendation_rows(result: AuditResult) -> list[dict[str, Any]]:
     return rows
 
 
+def _lost_update_rows(result: AuditResult) -> list[dict[str, Any]]:
+    """Per traced layer of each half-weight arm (``bf16-pure``): the share of its sampled updates measured lost,
+    beside the share fp32's updates predict."""
+    base = result.arms.get(BASELINE)
+    reference = base.trace if base is not None else None
+    try:
+        error_at = Thresholds.from_mapping(result.config.get("thresholds") or {}).update_lost_error
+    except Exception:  # a result written with thresholds this mpaudit does not know
+        error_at = Thresholds().update_lost_error
+    rows = []
+    for name, arm in result.arms.items():
+        if not stores_half_weights(name) or arm.trace is None:
+            continue
+        for layer, loss in update_losses(arm.trace, reference).items():
+            rows.append({"arm": name, "layer": layer, "measured": loss.measured, "unchanged": loss.unchanged,
+                         "predicted": loss.predicted, "sampled": loss.sampled,
+                         "error": loss.measured >= error_at})
+    return rows
+
+
 def render_html(result: AuditResult, *, plotlyjs: str = "inline") -> str:
     """The report page. ``plotlyjs="inline"`` embeds plotly.js (works offline); ``"cdn"`` links it."""
     if plotlyjs not in ("inline", "cdn"):
         raise ValueError("plotlyjs must be 'inline' or 'cdn'")
     metrics = list(dict.fromkeys(m for arm in result.arms.values() for m in arm.metrics))
-    template = _ENV.get_template("report.html.j2")
+    template = ENV.get_template("report.html.j2")
     charts = all_charts(result)
     return template.render(
         verdicts=verdicts(result),
+        flag_groups=group_by_cause(result.flags),
         charts=charts,
         r=result,
         rows=_rows(result),
         recommendation_rows=_recommendation_rows(result),
+        half_weight_arms=[name for name in result.arms if stores_half_weights(name)],
+        lost_update_rows=_lost_update_rows(result),
         poor_sqnr_db=POOR_SQNR_DB,
         metrics=metrics,
         fmt=fmt,
         charts_json=script_json(charts),
-        layers_json=script_json(layers_view.explorer_data(result)),
+        layers_json=script_json({**layers_view.explorer_data(result),
+                                 "colors": {name: arm_line(name)["color"] or "#888" for name in result.arms}}),
         layers_shown=layers_view.shown_layers(result),
         heatmap_cap=layers_view.MAX_HEATMAP_ROWS,
         plotly_inline=_plotly_js() if plotlyjs == "inline" else None,
         plotly_cdn=PLOTLY_CDN.format(version=plotly.offline.get_plotlyjs_version()),
-        lower_is_better=lower_is_better,
+        directions={m: result_direction(result, m) for m in metrics},
+        direction_text=DIRECTION_TEXT,
+        recipe=recipe_text(result.config),
     )

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 
 from mpaudit.ci.compare import Comparison
 from mpaudit.results.model import AuditResult, GateCheck
+from mpaudit.vocab import OK
 
 SUITE_PREFIX = "mpaudit"
 """Test-case class names are ``mpaudit.<task>.<arm>``, so CI views group them by task and arm."""
@@ -103,7 +104,7 @@ def junit_xml(result: AuditResult) -> str:
         runs = result.runs(name)
         time = sum(r.train_s for r in runs if math.isfinite(r.train_s))
         case = _sub(suite, "testcase", classname=f"{prefix}.{name}", name=STATUS_CASE, time=_seconds(time))
-        bad = [(seed, run) for seed, run in zip(result.seeds, runs, strict=False) if run.status != "ok"]
+        bad = [(seed, run) for seed, run in zip(result.seeds, runs, strict=False) if run.status != OK]
         if bad:
             lines = [f"{name} {run.status} with seed {seed}" + (f": {run.error}" if run.error else "")
                      for seed, run in bad]

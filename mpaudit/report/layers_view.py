@@ -16,12 +16,25 @@ import plotly.graph_objects as go
 from mpaudit.numerics.formats import FORMATS, HIST_MIN_EXP, what_if
 from mpaudit.numerics.layerstats import ACTIVATION, GRAD_OUTPUT, GRAD_PREFIX, TraceSummary
 from mpaudit.results.model import AuditResult
+from mpaudit.vocab import BASELINE
 
 MAX_HEATMAP_ROWS = 300
 """Layers shown in the heatmap and the histogram explorer; the rest are counted and left to layers.csv."""
 
 HEATMAP_SATURATION_PCT = 10.0
-"""Heatmap colours saturate at this percentage, so a 0.5% flush rate is still visible (hover shows exact %)."""
+"""fp16's heatmap colours saturate at most at this percentage, so a 0.5% flush rate is still visible (hover shows
+the exact %)."""
+
+MIN_SATURATION_PCT = 1.0
+"""A family's colour scale saturates at least at this percentage, so a layer whose worst cell is 0.01% does not
+look as alarming as one at 10%."""
+
+FAMILIES: tuple[tuple[str, float, str], ...] = (("fp16", HEATMAP_SATURATION_PCT, "Reds"), ("fp8", 100.0, "Blues"))
+"""Format families of the heatmap, each with its own colour scale: (name, highest saturation %, plotly colorscale).
+bf16 shares fp32's range, so it has no column."""
+
+MAX_LABEL_CHARS = 36
+"""Heatmap row labels are cut to this many characters (the hover text has the full module path)."""
 
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("fp16", "flush"), ("fp16", "subnormal"), ("fp16", "overflow"),
@@ -43,7 +56,7 @@ def reference_arm(result: AuditResult) -> str | None:
     traced = [n for n, a in result.arms.items() if a.trace is not None and a.trace.stats]
     if not traced:
         return None
-    return "fp32" if "fp32" in traced else traced[0]
+    return BASELINE if BASELINE in traced else traced[0]
 
 
 def fp16_scale_log2(result: AuditResult) -> int:
@@ -84,8 +97,28 @@ def shown_layers(result: AuditResult) -> tuple[list[str], int]:
     return [lay for lay in layers if lay in keep], len(layers)
 
 
+def short_labels(layers: list[str], max_chars: int = MAX_LABEL_CHARS) -> list[str]:
+    """Axis labels for module paths: the fewest trailing components that tell the layers apart
+    (``…attention.self.query``), cut to ``max_chars`` from the left; the full path stays in the hover text."""
+    parts = [layer.split(".") for layer in layers]
+    labels = []
+    for path in parts:
+        k = 1
+        while k < len(path) and sum(1 for other in parts if other[-k:] == path[-k:]) > 1:
+            k += 1
+        label = ".".join(path[-k:])
+        if k < len(path) or len(label) > max_chars:
+            label = "…" + label[-(max_chars - 1):]
+        labels.append(label)
+    return labels
+
+
 def heatmap(result: AuditResult) -> go.Figure | None:
-    """Layers (rows, forward order) × format what-ifs (columns), for activations and output gradients."""
+    """Layers (rows, forward order) × format what-ifs (columns), for activations and output gradients.
+
+    Each format family has its own colour scale (fp16 in reds, fp8 in blues), saturating at the family's worst
+    cell (at least :data:`MIN_SATURATION_PCT`, at most its ``FAMILIES`` cap): fp8 without scaling flushes a large
+    share of most tensors, and on a shared scale that drowns fp16's smaller but decisive fractions."""
     ref = reference_arm(result)
     layers, _ = shown_layers(result)
     if ref is None or not layers:
@@ -95,31 +128,75 @@ def heatmap(result: AuditResult) -> go.Figure | None:
     shift = fp16_scale_log2(result) if ref != "fp16" else 0
     panels = [
         ("activations", _rows(trace, ACTIVATION, 0)),
-        (f"output gradients (×2^{shift})", _rows(trace, GRAD_OUTPUT, shift)),
+        (f"output gradients at the fp16 loss scale 2^{shift}", _rows(trace, GRAD_OUTPUT, shift)),
     ]
-    cols = [f"{fmt}<br>{what}" for fmt, what in COLUMNS]
+    y = [plotly_text(lay) for lay in layers]
     fig = go.Figure()
-    for i, (title, rows) in enumerate(panels):
-        z = [rows.get(lay, [math.nan] * len(COLUMNS)) for lay in layers]
-        fig.add_trace(go.Heatmap(
-            z=[[min(v, HEATMAP_SATURATION_PCT) if not math.isnan(v) else None for v in r] for r in z],
-            customdata=[[round(v, 4) if not math.isnan(v) else None for v in r] for r in z],
-            x=cols, y=[plotly_text(lay) for lay in layers],
-            xaxis=f"x{i + 1}", yaxis="y",
-            zmin=0, zmax=HEATMAP_SATURATION_PCT, colorscale="Reds", showscale=i == 0,
-            colorbar={"title": "% of values", "ticksuffix": "%"},
-            hovertemplate="%{y}<br>%{x}: %{customdata}%<extra>" + title + "</extra>",
-        ))
-    height = min(4000, max(340, 180 + 16 * len(layers)))
+    layout: dict[str, Any] = {}
+    axis = 0
+    gap = 0.02
+    total = 2 * len(COLUMNS) + 1  # one column's width between the panels
+    start = 0.0
+    annotations: list[dict[str, Any]] = []
+    for title, rows in panels:
+        panel_start = start
+        for f, (family, cap, colorscale) in enumerate(FAMILIES):
+            idx = [i for i, (fmt, _) in enumerate(COLUMNS) if _family(fmt) == family]
+            axis += 1
+            values = [[rows.get(lay, [math.nan] * len(COLUMNS))[i] for i in idx] for lay in layers]
+            zmax = _saturation(family, panels, cap)
+            width = len(idx) / total
+            domain = [start + (gap if f else 0), start + width]
+            start += width
+            name = "x" if axis == 1 else f"x{axis}"
+            fig.add_trace(go.Heatmap(
+                z=[[min(v, zmax) if not math.isnan(v) else None for v in r] for r in values],
+                customdata=[[round(v, 4) if not math.isnan(v) else None for v in r] for r in values],
+                x=[_column_label(COLUMNS[i]) for i in idx], y=y, xaxis=name, yaxis="y",
+                coloraxis="coloraxis" if f == 0 else "coloraxis2",
+                hovertemplate="%{y}<br>" + title + ", %{x}: %{customdata}%<extra></extra>",
+            ))
+            layout["xaxis" if axis == 1 else f"xaxis{axis}"] = {
+                "domain": domain, "side": "top", "tickangle": -50, "tickfont": {"size": 10}, "fixedrange": True,
+            }
+            layout[f"coloraxis{'' if f == 0 else '2'}"] = {
+                "cmin": 0, "cmax": zmax, "colorscale": colorscale,
+                "colorbar": {"title": {"text": f"{family} %", "side": "top"}, "ticksuffix": "%", "x": 1.02 + 0.12 * f,
+                             "thickness": 12, "len": min(1.0, 300 / _height(layers))},
+            }
+        annotations.append({"text": f"<b>{title}</b>", "xref": "paper", "yref": "paper", "x": (panel_start + start) / 2,
+                            "y": 1.0, "yshift": 92, "showarrow": False, "xanchor": "center", "font": {"size": 12}})
+        start += 1 / total
+    height = _height(layers)
     fig.update_layout(
-        title=f"What-if per layer ({ref} arm): % of nonzero values that would flush / be subnormal / overflow",
-        height=height, margin={"l": 160, "r": 20, "t": 130, "b": 20},
-        xaxis={"domain": [0, 0.47], "title": "activations", "tickangle": 0, "side": "top"},
-        xaxis2={"domain": [0.53, 1.0], "title": f"output gradients at the fp16 loss scale 2^{shift}", "tickangle": 0,
-                "side": "top"},
-        yaxis={"autorange": "reversed", "type": "category"},
+        title={"text": f"What-if per layer ({ref} arm)<br><sub>% of nonzero values that would flush / be subnormal / "
+                       "overflow in each format</sub>", "y": 0.995, "yanchor": "top", "yref": "container"},
+        height=height, margin={"l": 20, "r": 130, "t": 190, "b": 20}, annotations=annotations,
+        yaxis={"autorange": "reversed", "type": "category", "automargin": True, "tickmode": "array",
+               "tickvals": y, "ticktext": [plotly_text(lab) for lab in short_labels(layers)], "tickfont": {"size": 11}},
+        **layout,
     )
     return fig
+
+
+def _family(fmt: str) -> str:
+    return "fp16" if fmt == "fp16" else "fp8"
+
+
+def _column_label(column: tuple[str, str]) -> str:
+    fmt, what = column
+    return f"{fmt} {what}"
+
+
+def _saturation(family: str, panels: list[tuple[str, dict[str, list[float]]]], cap: float) -> float:
+    """Where a family's colour scale saturates: its largest cell in either panel, within [MIN_SATURATION_PCT, cap]."""
+    idx = [i for i, (fmt, _) in enumerate(COLUMNS) if _family(fmt) == family]
+    cells = [row[i] for _, rows in panels for row in rows.values() for i in idx if not math.isnan(row[i])]
+    return max(MIN_SATURATION_PCT, min(cap, max(cells, default=0.0)))
+
+
+def _height(layers: list[str]) -> int:
+    return min(4000, max(380, 220 + 16 * len(layers)))
 
 
 def _sparse(hist: Any) -> list[int]:

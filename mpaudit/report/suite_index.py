@@ -10,41 +10,28 @@ autoescape; link targets are also percent-encoded.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
-import jinja2
-
-from mpaudit.arms import BASELINE
-from mpaudit.ci.compare import gap_to_fp32
-from mpaudit.ci.gate import lower_is_better
+from mpaudit.ci.gaps import gap_to_fp32, lower_is_better, result_direction
 from mpaudit.ci.verdict import verdicts
-from mpaudit.report.html import fmt
-from mpaudit.results.model import ArmResult, AuditResult, to_jsonable
-
-if TYPE_CHECKING:
-    from mpaudit.ci.suite import SuiteResult, WorkloadRun
+from mpaudit.report.templates import ENV
+from mpaudit.results.codec import dumps_plain
+from mpaudit.results.model import ArmResult, AuditResult
+from mpaudit.results.suite import SuiteResult, WorkloadRun
+from mpaudit.text import fmt
+from mpaudit.vocab import BASELINE, SEVERITIES
 
 INDEX_SCHEMA_VERSION = 1
 """Bumped when a key of ``index.json`` changes meaning or moves."""
-SEVERITIES = ("error", "warning", "info")
-"""Flag severities counted per workload, worst first (any other severity is counted under its own name)."""
 STEP_SOURCE_BENCH = "measured"
 STEP_SOURCE_LOOP = "training loop"
 """Where a step-time ratio comes from: the separate speed measurement (``speed``), or, when that was skipped
 (``--no-bench``), the audited training loop itself (``train_step_s``, which includes per-step overhead)."""
 
-_ENV = jinja2.Environment(
-    loader=jinja2.PackageLoader("mpaudit.report", "templates"),
-    autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
-    undefined=jinja2.StrictUndefined,
-    trim_blocks=True,
-    lstrip_blocks=True,
-)
 
 
 def _step_s(arm: ArmResult) -> tuple[float | None, str | None]:
@@ -71,8 +58,9 @@ def _arm_cells(result: AuditResult) -> dict[str, dict[str, Any]]:
         if name != BASELINE and step and base_step and source == base_source:
             ratio = step / base_step
         worse = None
-        if gap is not None and gap.delta != 0:
-            worse = gap.delta > 0 if lower_is_better(metric or "") else gap.delta < 0
+        lower = lower_is_better(metric, result.metric_directions) if metric else None
+        if gap is not None and gap.delta != 0 and lower is not None:
+            worse = gap.delta > 0 if lower else gap.delta < 0
         speedup = result.speedups.get(name)
         cells[name] = {
             "status": arm.status,
@@ -93,7 +81,7 @@ def _arm_cells(result: AuditResult) -> dict[str, dict[str, Any]]:
 
 def _flag_counts(result: AuditResult) -> dict[str, int]:
     counts = Counter(flag.severity for flag in result.flags)
-    ordered = {s: counts.pop(s, 0) for s in SEVERITIES}
+    ordered: dict[str, int] = {s: counts.pop(s, 0) for s in SEVERITIES}
     return {**ordered, **dict(sorted(counts.items()))}
 
 
@@ -117,6 +105,7 @@ def _row(run: WorkloadRun, suite: SuiteResult) -> dict[str, Any]:
         "report_json": _relative(run.report_dir / "report.json", suite) if result is not None else None,
         "primary_metric": None,
         "lower_is_better": None,
+        "metric_direction": None,
         "arms": {},
         "flags": {},
         "gate": None,
@@ -127,7 +116,8 @@ def _row(run: WorkloadRun, suite: SuiteResult) -> dict[str, Any]:
     metric = result.primary_metric
     row.update(
         primary_metric=metric,
-        lower_is_better=lower_is_better(metric) if metric else None,
+        lower_is_better=lower_is_better(metric, result.metric_directions) if metric else None,
+        metric_direction=result_direction(result, metric) if metric else None,
         arms=_arm_cells(result),
         flags=_flag_counts(result),
         gate={"given": result.gate.given, "passed": result.gate.passed,
@@ -152,7 +142,7 @@ def render_index_json(suite: SuiteResult) -> str:
         "exit_code": suite.exit_code,
         "workloads": index_rows(suite),
     }
-    return json.dumps(to_jsonable(data), indent=1, allow_nan=False, ensure_ascii=False)
+    return dumps_plain(data)
 
 
 def render_index_html(suite: SuiteResult) -> str:
@@ -160,7 +150,7 @@ def render_index_html(suite: SuiteResult) -> str:
     rows = index_rows(suite)
     arms = list(dict.fromkeys(a for row in rows for a in row["arms"]))
     counts = Counter(row["status"] for row in rows)
-    return _ENV.get_template("index.html.j2").render(
+    return ENV.get_template("index.html.j2").render(
         suite=suite, rows=rows, arms=arms, counts=counts, fmt=fmt, href=_href, ratio=_ratio, created=_now(),
     )
 

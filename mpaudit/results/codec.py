@@ -1,15 +1,32 @@
-"""Non-finite floats in JSON: strict JSON has no NaN/Infinity literal, so results write them as strings.
+"""The one JSON codec of every result class: pydantic dataclasses, non-finite floats as strings.
 
-Every result class (run, trace, speed and memory) encodes and decodes floats through these two functions.
+Strict JSON has no NaN/Infinity literal, so results write them as the strings ``"NaN"``, ``"Infinity"`` and
+``"-Infinity"`` (anywhere, evidence dictionaries included) and read them back as floats. A result survives
+write → read → write byte for byte. The JSON Schema of a result admits those three strings wherever a float may
+be non-finite (:data:`JsonFloat`).
+
+Result classes are ``pydantic.dataclasses.dataclass(frozen=True, config=RESULT_CONFIG)``: plain frozen
+dataclasses that validate on construction and ignore keys they do not know (older and newer readers). Numbers
+derived from others are ``@computed_field`` properties: written for readers outside Python, never stored twice,
+ignored on reading.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Any
+from typing import Annotated, Any, TypeVar
+
+from pydantic import BeforeValidator, ConfigDict, TypeAdapter, ValidationError, WithJsonSchema
 
 NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 """The strings written for non-finite floats, and the values they are read back as."""
+
+RESULT_CONFIG = ConfigDict(ser_json_inf_nan="strings", extra="ignore", arbitrary_types_allowed=False)
+"""The pydantic configuration of every result dataclass."""
+
+FLOAT_SCHEMA: dict[str, Any] = {"anyOf": [{"type": "number"}, {"enum": list(NONFINITE)}]}
+"""JSON Schema of a float that may be non-finite."""
 
 
 def encode_float(x: float) -> float | str:
@@ -28,3 +45,54 @@ def decode_float(x: Any) -> float:
             return NONFINITE[x]
         raise ValueError(f"not a number: {x!r}")
     return math.nan if x is None else float(x)
+
+
+def _null_as_nan(x: Any) -> Any:
+    return math.nan if x is None else x
+
+
+JsonFloat = Annotated[float, BeforeValidator(_null_as_nan), WithJsonSchema(FLOAT_SCHEMA)]
+"""A float field that may hold NaN or ±Inf (written as strings; a JSON null reads as NaN, "not measured")."""
+
+T = TypeVar("T")
+_PLAIN: TypeAdapter[Any] = TypeAdapter(Any, config=RESULT_CONFIG)
+
+
+_ADAPTERS: dict[Any, TypeAdapter[Any]] = {}
+
+
+def adapter(cls: type[T]) -> TypeAdapter[T]:
+    """The (cached) pydantic adapter of a result class."""
+    found = _ADAPTERS.get(cls)
+    if found is None:
+        found = _ADAPTERS[cls] = TypeAdapter(cls)
+    return found
+
+
+def to_plain(obj: Any) -> Any:
+    """JSON-ready data (dicts, lists, numbers, strings) of a result object, derived numbers included."""
+    return json.loads(adapter(type(obj)).dump_json(obj))
+
+
+def dumps(obj: Any, indent: int | None = 1) -> str:
+    """The JSON text of a result object: non-finite floats as strings, UTF-8 text kept as it is."""
+    return json.dumps(to_plain(obj), indent=indent, allow_nan=False, ensure_ascii=False)
+
+
+def dumps_plain(data: Any, indent: int | None = 1) -> str:
+    """JSON text of plain data (dicts, lists, numbers, result objects inside): non-finite floats as strings."""
+    return json.dumps(json.loads(_PLAIN.dump_json(data)), indent=indent, allow_nan=False, ensure_ascii=False)
+
+
+def from_plain(cls: type[T], data: Any) -> T:
+    """A result object from JSON-ready data; ``ValueError`` (pydantic's ``ValidationError``) when malformed."""
+    return adapter(cls).validate_python(data)
+
+
+def json_schema(cls: type[Any]) -> dict[str, Any]:
+    """The JSON Schema of what :func:`dumps` writes for ``cls``."""
+    return adapter(cls).json_schema(mode="serialization")
+
+
+__all__ = ["FLOAT_SCHEMA", "NONFINITE", "RESULT_CONFIG", "JsonFloat", "ValidationError", "decode_float", "dumps",
+           "dumps_plain", "encode_float", "from_plain", "json_schema", "to_plain"]

@@ -1,106 +1,148 @@
-"""The one result model every renderer, the gate and ``compare`` read: plain frozen dataclasses.
+"""The one result model every renderer, the gate and ``compare`` read: frozen dataclasses, no torch.
 
 ``AuditResult.to_json()`` writes the versioned ``report.json`` (documented in the README) and
-``AuditResult.from_json()`` reads it back, so a report can be re-rendered or gated without torch
-objects. Non-finite floats are written as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``
-(strict JSON has no literal for them) and read back as floats. Derived numbers (``final_loss``,
-``loss_scale.skipped``, ``fingerprints_match``) are written for readers outside Python but are
-computed properties here, never stored twice.
+``AuditResult.from_json()`` reads it back, so a report can be re-rendered or gated without torch objects.
+Serialisation is :mod:`mpaudit.results.codec`'s: non-finite floats are written as the strings ``"NaN"``,
+``"Infinity"``, ``"-Infinity"`` and read back as floats; derived numbers (``final_loss``, ``loss_scale.skipped``,
+``fingerprints_match``, ...) are written for readers outside Python but are computed properties here, never
+stored twice. ``mpaudit schema`` prints the JSON Schema of ``report.json``.
+
+When ``schema_version`` is bumped: when a key that CI scripts read changes meaning, changes type or moves.
+Adding a key is not a bump (readers ignore keys they do not know; a missing key reads as its default), and
+readers accept every older version.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
-import pandas as pd
+from pydantic import ValidationError, computed_field, model_validator
+from pydantic.dataclasses import dataclass
 
 from mpaudit.errors import ResultError
 from mpaudit.numerics.layerstats import TraceSummary
-from mpaudit.results.codec import decode_float, encode_float
+from mpaudit.results.codec import RESULT_CONFIG, JsonFloat, dumps, from_plain, json_schema, to_plain
 from mpaudit.results.perf import MemoryResult, SpeedResult, Speedup, activation_savings
+from mpaudit.vocab import BASELINE, FAILED, FlagKind, MetricDirection, Severity, Status
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SCHEMA_VERSION = 1
-"""Bumped whenever a key CI scripts read changes meaning or moves; readers accept every older version."""
+"""Bumped whenever a key CI scripts read changes meaning, type or place; readers accept every older version."""
 
-STATUSES = ("ok", "diverged", "failed")
 FINAL_LOSS_WINDOW = 0.1
 """``final_loss`` is the mean training loss over this last fraction of steps (at least one step)."""
 
-def to_jsonable(obj: Any) -> Any:
-    """Plain JSON-ready data from dataclasses, dicts, lists and floats (non-finite as strings)."""
-    if is_dataclass(obj) and type(obj).__module__ != __name__ and callable(getattr(obj, "to_dict", None)):
-        return to_jsonable(obj.to_dict())  # type: ignore[union-attr]  # perf and trace results serialise themselves
-    if is_dataclass(obj) and not isinstance(obj, type):
-        out = {f.name: to_jsonable(getattr(obj, f.name)) for f in fields(obj)}
-        for name in getattr(type(obj), "_derived", ()):
-            out[name] = to_jsonable(getattr(obj, name))
-        return out
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, float):
-        return encode_float(obj)
-    return obj
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=RESULT_CONFIG)
 class LossScale:
     """GradScaler trajectory of an fp16 arm: the scale in force at each step and the skipped steps."""
 
-    history: list[float]
+    history: list[JsonFloat]
     skipped_steps: list[int]
 
-    _derived = ("skipped",)
-
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def skipped(self) -> int:
         return len(self.skipped_steps)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LossScale:
-        return cls(history=[decode_float(x) for x in d["history"]], skipped_steps=[int(s) for s in d["skipped_steps"]])
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=RESULT_CONFIG)
 class Fingerprints:
     """Hashes of an arm's initial weights and first training batches; equal across arms or the comparison is void."""
 
     weights: str
     batches: str
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Fingerprints:
-        return cls(weights=str(d["weights"]), batches=str(d["batches"]))
+
+@dataclass(frozen=True, config=RESULT_CONFIG)
+class Site:
+    """Where an arm's trouble started: the first op whose inputs were finite and whose output was not.
+
+    Found by replaying the first failing step (:mod:`mpaudit.trace.sites`). ``module`` is the innermost module
+    whose forward was running (for a backward op: the module whose forward created its autograd node),
+    ``(loss_fn)`` outside the model; ``source`` the ``file:line`` of the user's code that ran it and ``code`` that
+    line; ``feeds`` the ops that ran next in the forward (does a softmax consume the overflowing scores?).
+    """
+
+    phase: Literal["forward", "backward"]
+    module: str
+    module_class: str
+    op: str
+    source: str
+    code: str
+    step: int
+    dtype: str
+    detail: str
+    feeds: list[str] = field(default_factory=list)
+
+    @property
+    def where(self) -> str:
+        """``aten.bmm.default in block.attn (SelfAttention) at model.py:52`` for people."""
+        cls = f" ({self.module_class})" if self.module_class else ""
+        return f"{self.op} in {self.module}{cls}" + (f" at {self.short_source}" if self.source else "")
+
+    @property
+    def short_source(self) -> str:
+        """``model.py:52``: the file's name and the line."""
+        path, _, line = self.source.rpartition(":")
+        return f"{Path(path).name}:{line}" if path else self.source
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=RESULT_CONFIG)
 class ArmResult:
     """What one arm did: status, per-step losses, final metrics, loss-scale history, fingerprints."""
 
     name: str
-    status: str
-    loss: list[float]
-    metrics: dict[str, float]
-    steps: int
-    train_s: float
+    status: Status
+    loss: list[JsonFloat] = field(default_factory=list, kw_only=True)
+    metrics: dict[str, JsonFloat] = field(default_factory=dict, kw_only=True)
+    steps: int = field(default=0, kw_only=True)
+    train_s: JsonFloat = field(default=math.nan, kw_only=True)
     error: str | None = None
     loss_scale: LossScale | None = None
     fingerprints: Fingerprints | None = None
-    train_step_s: float | None = None
+    train_step_s: JsonFloat | None = None
     speed: SpeedResult | None = None
     memory: MemoryResult | None = None
     fp16_mode: str | None = None
+    autocast_policy: str | None = None
+    """Whose autocast op lists the arm followed (``cuda`` or ``cpu``); None for fp32 and older results."""
     notes: list[str] = field(default_factory=list)
     trace: TraceSummary | None = None
+    sites: list[Site] = field(default_factory=list)
+    """Where the arm's first non-finite values came from (forward and/or backward), when a step failed."""
+    recipe: str = ""
+    """The arm's recipe in words (its keep-list and loss scale included), how a resumed audit recognises it."""
+    resumed: bool = False
+    """True when this run was kept from a saved result (``--resume``) instead of trained again."""
+    observed: bool = False
+    """True for a run mpaudit watched (:func:`mpaudit.watch`, the Trainer and Lightning callbacks) rather than
+    trained itself: the user's own loop, one precision, no matched fp32 arm to compare with."""
+    weights_dtype: str | None = None
+    """The dtype the arm stored its weights, gradients and optimizer state in (``bfloat16`` for ``bf16-pure``); None
+    for arms with fp32 (master) weights and older results."""
+    fp32_master: list[str] = field(default_factory=list)
+    """Modules of a half-weight arm whose parameters kept an fp32 master copy (a recommendation under test)."""
+    update_rounding: str | None = None
+    """How a half-weight arm rounded updates into its bf16 weights: ``stochastic``, ``kahan``, or None (to nearest)."""
 
-    _derived = ("final_loss",)
+    @model_validator(mode="before")
+    @classmethod
+    def _older_files(cls, data: Any) -> Any:
+        """Minimal and older files may leave out the step count: it is the number of losses."""
+        if isinstance(data, dict) and "steps" not in data:
+            data = {"steps": len(data.get("loss") or []), **data}
+        return data
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
-    def final_loss(self) -> float | None:
+    def final_loss(self) -> JsonFloat | None:
         """Mean training loss over the last :data:`FINAL_LOSS_WINDOW` of steps; None without steps."""
         if not self.loss:
             return None
@@ -108,81 +150,60 @@ class ArmResult:
         tail = self.loss[-n:]
         return sum(tail) / len(tail)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ArmResult:
-        return cls(
-            name=str(d["name"]),
-            status=str(d["status"]),
-            loss=[decode_float(x) for x in d.get("loss", [])],
-            metrics={str(k): decode_float(v) for k, v in d.get("metrics", {}).items()},
-            steps=int(d.get("steps", len(d.get("loss", [])))),
-            train_s=decode_float(d.get("train_s", math.nan)),
-            error=d.get("error"),
-            loss_scale=LossScale.from_dict(d["loss_scale"]) if d.get("loss_scale") else None,
-            fingerprints=Fingerprints.from_dict(d["fingerprints"]) if d.get("fingerprints") else None,
-            train_step_s=None if d.get("train_step_s") is None else decode_float(d["train_step_s"]),
-            speed=SpeedResult.from_dict(d["speed"]) if d.get("speed") else None,
-            memory=MemoryResult.from_dict(d["memory"]) if d.get("memory") else None,
-            fp16_mode=d.get("fp16_mode"),
-            notes=[str(n) for n in d.get("notes", [])],
-            trace=TraceSummary.from_dict(d["trace"]) if d.get("trace") else None,
-        )
+
+@dataclass(frozen=True, config=RESULT_CONFIG)
+class Cause:
+    """The flag another flag follows from: its layer and kind (same arm)."""
+
+    layer: str
+    kind: FlagKind
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=RESULT_CONFIG)
 class Flag:
-    """A rule that fired: which layer, in which arm, what kind, how bad, the numbers, and what to do."""
+    """A rule that fired: which layer, in which arm, what kind, how bad, the numbers, and what to do.
+
+    ``caused_by`` is None for a root cause; a consequence names the flag it follows from and carries no
+    recommendation of its own. ``site`` says where the trouble started, down to the op and the line, when the
+    failing step was replayed.
+    """
 
     layer: str
     arm: str
-    kind: str
-    severity: str
+    kind: FlagKind
+    severity: Severity
     evidence: dict[str, Any]
-    recommendation: str
+    recommendation: str = ""
     rule: str = ""
+    site: Site | None = None
+    caused_by: Cause | None = None
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Flag:
-        return cls(
-            layer=str(d["layer"]),
-            arm=str(d["arm"]),
-            kind=str(d["kind"]),
-            severity=str(d["severity"]),
-            evidence=dict(d.get("evidence", {})),
-            recommendation=str(d.get("recommendation", "")),
-            rule=str(d.get("rule", "")),
-        )
+    @property
+    def is_root(self) -> bool:
+        return self.caused_by is None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=RESULT_CONFIG)
 class Recommendation:
     """A change to one arm's recipe, tried by training it: the modules to keep in fp32 and/or the
-    GradScaler's initial scale, the extra arm that tested it, whether it passed, and why."""
+    GradScaler's initial scale (autocast arms), or the modules that keep an fp32 master copy and/or how updates are
+    rounded into bf16 weights (half-weight arms), the extra arm that tested it, whether it passed, and why."""
 
     arm: str
-    keep_fp32: list[str]
-    init_scale: float | None
-    verified_arm: str | None
-    passed: bool
-    metrics: dict[str, float]
-    runs_used: int
-    reason: str
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Recommendation:
-        return cls(
-            arm=str(d["arm"]),
-            keep_fp32=[str(p) for p in d.get("keep_fp32", [])],
-            init_scale=None if d.get("init_scale") is None else decode_float(d["init_scale"]),
-            verified_arm=None if d.get("verified_arm") is None else str(d["verified_arm"]),
-            passed=bool(d.get("passed", False)),
-            metrics={str(k): decode_float(v) for k, v in d.get("metrics", {}).items()},
-            runs_used=int(d.get("runs_used", 0)),
-            reason=str(d.get("reason", "")),
-        )
+    keep_fp32: list[str] = field(default_factory=list)
+    init_scale: JsonFloat | None = None
+    fp32_master: list[str] = field(default_factory=list)
+    """Modules whose parameters keep a persistent fp32 master copy the optimizer steps (``mpaudit.bf16_optimizer``)."""
+    update_rounding: str | None = None
+    """``stochastic`` or ``kahan``: how the other bf16 parameters' updates are rounded (``mpaudit.bf16_optimizer``)."""
+    verified_arm: str | None = None
+    passed: bool = False
+    metrics: dict[str, JsonFloat] = field(default_factory=dict)
+    runs_used: int = 0
+    reason: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=RESULT_CONFIG)
 class RankFailure:
     """The rank of a distributed audit that failed first, the arm (or phase) it was in, and its error."""
 
@@ -190,12 +211,8 @@ class RankFailure:
     arm: str | None
     error: str
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RankFailure:
-        return cls(rank=int(d["rank"]), arm=None if d.get("arm") is None else str(d["arm"]), error=str(d["error"]))
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=RESULT_CONFIG)
 class DistributedInfo:
     """How a distributed audit ran: world size, backend, parallelism, and every rank's speed and memory.
 
@@ -204,160 +221,130 @@ class DistributedInfo:
     """
 
     world_size: int
-    backend: str
-    parallel: str
-    step_s_per_rank: dict[str, list[float]] = field(default_factory=dict)
+    backend: str = ""
+    parallel: str = ""
+    step_s_per_rank: dict[str, list[JsonFloat]] = field(default_factory=dict)
     """Median step time of each timed arm on each rank, seconds."""
     speed_rank: int | None = None
     peak_bytes_per_rank: dict[str, list[int]] = field(default_factory=dict)
-    job_samples_per_s: dict[str, float] = field(default_factory=dict)
+    job_samples_per_s: dict[str, JsonFloat] = field(default_factory=dict)
     """Training samples per second of the whole job per arm: every rank's batch at the slowest rank's pace."""
     failure: RankFailure | None = None
 
-    _derived = ("peak_bytes_max", "peak_bytes_mean")
-
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def peak_bytes_max(self) -> dict[str, int]:
         """Per arm, the highest peak over ranks."""
         return {k: max(v) for k, v in self.peak_bytes_per_rank.items() if v}
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
-    def peak_bytes_mean(self) -> dict[str, float]:
+    def peak_bytes_mean(self) -> dict[str, JsonFloat]:
         """Per arm, the mean peak over ranks."""
         return {k: sum(v) / len(v) for k, v in self.peak_bytes_per_rank.items() if v}
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DistributedInfo:
-        return cls(
-            world_size=int(d["world_size"]),
-            backend=str(d.get("backend", "")),
-            parallel=str(d.get("parallel", "")),
-            step_s_per_rank={str(k): [decode_float(x) for x in v] for k, v in d.get("step_s_per_rank", {}).items()},
-            speed_rank=None if d.get("speed_rank") is None else int(d["speed_rank"]),
-            peak_bytes_per_rank={str(k): [int(x) for x in v] for k, v in d.get("peak_bytes_per_rank", {}).items()},
-            job_samples_per_s={str(k): decode_float(v) for k, v in d.get("job_samples_per_s", {}).items()},
-            failure=None if d.get("failure") is None else RankFailure.from_dict(d["failure"]),
-        )
+
+def fingerprints_match(arms: Mapping[str, ArmResult],
+                       replicates: Mapping[str, Sequence[ArmResult]] | None = None) -> bool:
+    """True when the arms' runs with the same seed (the main runs, then each replicate) all started from the same
+    initial weights and first batches: the one condition under which comparing arms means anything."""
+    groups: list[list[ArmResult]] = [list(arms.values())]
+    for runs in (replicates or {}).values():
+        for i, run in enumerate(runs):
+            while len(groups) <= i + 1:
+                groups.append([])
+            groups[i + 1].append(run)
+    return all(len({(r.fingerprints.weights, r.fingerprints.batches) for r in group if r.fingerprints}) <= 1
+               for group in groups)
 
 
-@dataclass(frozen=True)
+POOR_SQNR_DB = 20.0
+"""An own-error SQNR below this (noise above 1% of the signal's power) is highlighted in the report: far worse
+than the format's rounding alone, the layer itself loses precision or range."""
+
+
+@dataclass(frozen=True, config=RESULT_CONFIG)
 class LayerError:
     """The error one layer introduces in an arm (its fp32 inputs run at the arm's precision) and the error
     accumulated up to it (the whole model at the arm's precision), against fp32: SQNR in dB and relative."""
 
     layer: str
-    sqnr_db: float
-    rel_error: float
-    drift_sqnr_db: float
-    drift_rel_error: float
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LayerError:
-        return cls(layer=str(d["layer"]), sqnr_db=decode_float(d["sqnr_db"]), rel_error=decode_float(d["rel_error"]),
-                   drift_sqnr_db=decode_float(d["drift_sqnr_db"]), drift_rel_error=decode_float(d["drift_rel_error"]))
+    sqnr_db: JsonFloat
+    rel_error: JsonFloat
+    drift_sqnr_db: JsonFloat
+    drift_rel_error: JsonFloat
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=RESULT_CONFIG)
 class NoiseFloor:
     """Seed-to-seed spread of one fp32 metric over ``n`` seeds: what "no real change" looks like."""
 
-    mean: float
-    std: float
-    min: float
-    max: float
+    mean: JsonFloat
+    std: JsonFloat
+    min: JsonFloat
+    max: JsonFloat
     n: int
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> NoiseFloor:
-        return cls(mean=decode_float(d["mean"]), std=decode_float(d["std"]), min=decode_float(d["min"]),
-                   max=decode_float(d["max"]), n=int(d["n"]))
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=RESULT_CONFIG)
 class GateCheck:
     """One comparison of an arm against the fp32 baseline under a limit given by the user."""
 
     arm: str
     metric: str
     kind: str
-    limit: float
+    limit: JsonFloat
     passed: bool
-    message: str
-    baseline: float | None = None
-    value: float | None = None
-    delta: float | None = None
-    delta_low: float | None = None
-    delta_high: float | None = None
+    message: str = ""
+    baseline: JsonFloat | None = None
+    value: JsonFloat | None = None
+    delta: JsonFloat | None = None
+    delta_low: JsonFloat | None = None
+    delta_high: JsonFloat | None = None
     seeds: int = 1
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GateCheck:
-        def opt(k: str) -> float | None:
-            return None if d.get(k) is None else decode_float(d[k])
 
-        return cls(
-            arm=str(d["arm"]),
-            metric=str(d["metric"]),
-            kind=str(d["kind"]),
-            limit=decode_float(d["limit"]),
-            passed=bool(d["passed"]),
-            message=str(d.get("message", "")),
-            baseline=opt("baseline"),
-            value=opt("value"),
-            delta=opt("delta"),
-            delta_low=opt("delta_low"),
-            delta_high=opt("delta_high"),
-            seeds=int(d.get("seeds", 1)),
-        )
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=RESULT_CONFIG)
 class Gate:
     """The CI gate: every check, and whether all passed (true when no gate was asked for)."""
 
     checks: list[GateCheck] = field(default_factory=list)
-    max_drop: dict[str, float | str] = field(default_factory=dict)
-    max_loss_gap: float | None = None
+    max_drop: dict[str, JsonFloat | str] = field(default_factory=dict)
+    """Per metric, the allowed drop, or ``"auto"`` (k·σ of fp32's seed noise)."""
+    max_loss_gap: JsonFloat | None = None
     noise_floor: dict[str, NoiseFloor] = field(default_factory=dict)
-    noise_k: float | None = None
+    noise_k: JsonFloat | None = None
 
-    _derived = ("passed", "given")
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def given(self) -> bool:
         return bool(self.max_drop) or self.max_loss_gap is not None
 
     @property
-    def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
-
-    @property
     def failures(self) -> list[GateCheck]:
         return [c for c in self.checks if not c.passed]
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Gate:
-        mlg = d.get("max_loss_gap")
-        k = d.get("noise_k")
-        return cls(
-            checks=[GateCheck.from_dict(c) for c in d.get("checks", [])],
-            max_drop={str(m): (v if v == "auto" else decode_float(v)) for m, v in d.get("max_drop", {}).items()},
-            max_loss_gap=None if mlg is None else decode_float(mlg),
-            noise_floor={str(m): NoiseFloor.from_dict(v) for m, v in d.get("noise_floor", {}).items()},
-            noise_k=None if k is None else decode_float(k),
-        )
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=RESULT_CONFIG)
 class AuditResult:
     """Everything one ``mpaudit run`` found. Renderers read only this."""
 
+    schema_version: int = field(default=SCHEMA_VERSION, kw_only=True)
+    """Written first, for people reading the file; see the module docstring for when it is bumped."""
     task: str
-    env: dict[str, Any]
-    config: dict[str, Any]
+    env: dict[str, Any] = field(default_factory=dict, kw_only=True)
+    config: dict[str, Any] = field(default_factory=dict, kw_only=True)
     arms: dict[str, ArmResult]
     gate: Gate = field(default_factory=Gate)
     flags: list[Flag] = field(default_factory=list)
+    metric_directions: dict[str, MetricDirection] = field(default_factory=dict)
+    """Per metric ``evaluate`` returned: ``min`` (lower is better), ``max`` or ``unknown`` (neither declared nor
+    known by name). Older results have none: readers fall back to declarations and the metric's name."""
     replicates: dict[str, list[ArmResult]] = field(default_factory=dict)
     speedups: dict[str, Speedup] = field(default_factory=dict)
     compiled: dict[str, SpeedResult] = field(default_factory=dict)
@@ -371,14 +358,44 @@ class AuditResult:
     """Set when the audit ran on several ranks (``torchrun``): world size, backend, per-rank figures."""
     created: str = ""
     mpaudit_version: str = ""
-    schema_version: int = SCHEMA_VERSION
+    complete: bool = True
+    """False while the audit is still running or was interrupted (a result written as it goes); a result without
+    the key (older mpaudit) reads as complete."""
 
-    _derived = ("fingerprints_match", "activation_savings")
+    @model_validator(mode="before")
+    @classmethod
+    def _named_arms(cls, data: Any) -> Any:
+        """Arm entries of older, minimal files may leave out their ``name``: it is their key."""
+        if isinstance(data, dict):
+            for group in ("arms", "verification"):
+                entries: Any = data.get(group)
+                for key, entry in entries.items() if isinstance(entries, dict) else []:
+                    if isinstance(entry, dict) and "name" not in entry:
+                        entries[key] = {"name": key, **entry}
+            replicates: Any = data.get("replicates")
+            for key, runs in replicates.items() if isinstance(replicates, dict) else []:
+                if isinstance(runs, list):
+                    replicates[key] = [{"name": key, **r} if isinstance(r, dict) and "name" not in r else r
+                                       for r in runs]
+        return data
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
-    def activation_savings(self) -> dict[str, float]:
+    def fingerprints_match(self) -> bool:
+        """True when every arm that started saw the same initial weights and first batches (with ``--seeds``:
+        every arm's run with the same seed)."""
+        return fingerprints_match(self.arms, self.replicates)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def activation_savings(self) -> dict[str, JsonFloat]:
         """Fraction of fp32's activation memory each mixed-precision arm saves (the part autocast shrinks)."""
         return activation_savings({n: a.memory for n, a in self.arms.items() if a.memory is not None})
+
+    @property
+    def observed(self) -> bool:
+        """True when the result is an observed run (:func:`mpaudit.watch`), not a matched comparison of arms."""
+        return any(arm.observed for arm in self.arms.values())
 
     @property
     def seeds(self) -> list[int]:
@@ -394,8 +411,8 @@ class AuditResult:
     @property
     def baseline(self) -> ArmResult | None:
         """The fp32 arm, when it ran and finished (ok or diverged)."""
-        arm = self.arms.get("fp32")
-        return arm if arm is not None and arm.status != "failed" else None
+        arm = self.arms.get(BASELINE)
+        return arm if arm is not None and arm.status != FAILED else None
 
     @property
     def primary_metric(self) -> str | None:
@@ -409,65 +426,61 @@ class AuditResult:
         """The per-layer table of every traced arm: one row per arm × layer × tensor (``layers.csv``).
 
         Gradient what-if columns are at the scale each arm actually trained with (fp16: the loss scale)."""
+        import pandas as pd  # only the tables need it; reading and gating results stays light
         frames = [a.trace.to_frame().assign(arm=name) for name, a in self.arms.items() if a.trace is not None]
         if not frames:
             return pd.DataFrame()
         frame = pd.concat(frames, ignore_index=True)
         return frame[["arm", *[c for c in frame.columns if c != "arm"]]]
 
-    @property
-    def fingerprints_match(self) -> bool:
-        """True when every arm that started saw the same initial weights and first batches."""
-        prints = {(a.fingerprints.weights, a.fingerprints.batches) for a in self.arms.values() if a.fingerprints}
-        return len(prints) <= 1
-
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = to_jsonable(self)
-        # schema_version first, for humans reading the file
-        return {"schema_version": d.pop("schema_version"), **d}
+        """JSON-ready data of this result (derived numbers included), as ``report.json`` holds it."""
+        data: dict[str, Any] = to_plain(self)
+        return data
 
     def to_json(self, indent: int | None = 1) -> str:
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
+        """The text of ``report.json``."""
+        return dumps(self, indent=indent)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> AuditResult:
+    def from_dict(cls, d: Any) -> AuditResult:
+        """Read a result of any known schema version; ResultError when it is not one or is malformed."""
         if not isinstance(d, dict) or "schema_version" not in d:
             raise ResultError("This file is not an mpaudit result: it has no schema_version.")
         version = d["schema_version"]
-        if not isinstance(version, int) or version < 1 or version > SCHEMA_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1 or version > SCHEMA_VERSION:
             raise ResultError(
                 f"This result has schema_version {version!r}, which this mpaudit (reads 1..{SCHEMA_VERSION}) "
                 "does not know; upgrade mpaudit."
             )
         try:
-            return cls(
-                task=str(d["task"]),
-                env=dict(d.get("env", {})),
-                config=dict(d.get("config", {})),
-                arms={k: ArmResult.from_dict(v) for k, v in d["arms"].items()},
-                gate=Gate.from_dict(d.get("gate", {})),
-                flags=[Flag.from_dict(f) for f in d.get("flags", [])],
-                replicates={k: [ArmResult.from_dict(a) for a in v] for k, v in d.get("replicates", {}).items()},
-                speedups={k: Speedup.from_dict(v) for k, v in d.get("speedups", {}).items()},
-                compiled={k: SpeedResult.from_dict(v) for k, v in d.get("compiled", {}).items()},
-                max_batch={str(k): int(v) for k, v in d.get("max_batch", {}).items()},
-                perf_notes=[str(n) for n in d.get("perf_notes", [])],
-                warnings=[str(w) for w in d.get("warnings", [])],
-                recommendations=[Recommendation.from_dict(r) for r in d.get("recommendations", [])],
-                verification={k: ArmResult.from_dict(v) for k, v in d.get("verification", {}).items()},
-                layer_errors={k: [LayerError.from_dict(e) for e in v] for k, v in d.get("layer_errors", {}).items()},
-                distributed=None if d.get("distributed") is None else DistributedInfo.from_dict(d["distributed"]),
-                created=str(d.get("created", "")),
-                mpaudit_version=str(d.get("mpaudit_version", "")),
-                schema_version=version,
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ResultError(f"This mpaudit result is malformed: {type(exc).__name__}: {exc}.") from exc
+            return from_plain(cls, d)
+        except (ValidationError, ValueError, TypeError) as exc:
+            raise ResultError(f"This mpaudit result is malformed: {_first_problem(exc)}.") from exc
 
     @classmethod
     def from_json(cls, text: str) -> AuditResult:
+        """Read ``report.json`` text; ResultError when it is not JSON or not a result this mpaudit reads."""
+        import json
+
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ResultError(f"This file is not valid JSON: {exc}.") from exc
         return cls.from_dict(data)
+
+    @staticmethod
+    def json_schema() -> dict[str, Any]:
+        """The JSON Schema of ``report.json`` (every float that may be non-finite admits the three strings)."""
+        schema = json_schema(AuditResult)
+        return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "mpaudit report.json",
+                **{k: v for k, v in schema.items() if k != "title"}}
+
+
+def _first_problem(exc: Exception) -> str:
+    """One line naming where a result is malformed: ``arms.fp16.status: Input should be 'ok', ...``."""
+    if isinstance(exc, ValidationError) and exc.errors():
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        return f"{where}: {err.get('msg', '')}" if where else str(err.get("msg", ""))
+    return f"{type(exc).__name__}: {exc}"

@@ -1,19 +1,22 @@
-"""``audit()``: the whole flow of ``design.md`` as one call — load, check, train each arm, gate."""
+"""``audit()``: the whole flow as one call — load, check, train each arm, measure, flag, verify, gate."""
 
 from __future__ import annotations
 
 import datetime as _dt
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mpaudit.arms import BASELINE, DEFAULT_ARMS, FP16_CPU_MODES, Arm, parse_arms, step_context
-from mpaudit.ci.gate import AUTO, DEFAULT_NOISE_K, evaluate_gate, lower_is_better
+from mpaudit.arms import DEFAULT_ARMS, Arm, parse_arms
+from mpaudit.ci.gaps import check_declared_directions, directions_for, lower_is_better
+from mpaudit.ci.gate import AUTO, DEFAULT_NOISE_K, check_declared_metrics, check_gated_metrics, evaluate_gate
 from mpaudit.ci.recommend import DEFAULT_VERIFY_BUDGET
+from mpaudit.defaults import DEFAULT_STEPS
 from mpaudit.errors import UsageError
+from mpaudit.numerics.causes import link, settle
 from mpaudit.numerics.rules import Thresholds, flag
 from mpaudit.perf.memory import parse_bytes
 from mpaudit.perf.speed import DEFAULT_BENCH_SECONDS
@@ -22,6 +25,7 @@ from mpaudit.results.model import (
     AuditResult,
     DistributedInfo,
     Flag,
+    Gate,
     LayerError,
     RankFailure,
     Recommendation,
@@ -29,12 +33,14 @@ from mpaudit.results.model import (
 from mpaudit.results.perf import MemoryResult, SpeedResult, Speedup
 from mpaudit.run.distributed import DEFAULT_DIST_TIMEOUT_S, Parallel, RankFailed, check_options
 from mpaudit.run.env import collect_env, resolve_device, tf32_setting
+from mpaudit.run.interrupt import Interrupted
+from mpaudit.run.prepare import RunContext
+from mpaudit.run.resume import Resumable
+from mpaudit.run.step import Recipe
 from mpaudit.run.task import Task, load_task, preflight
 from mpaudit.run.train import Progress, TrainSpec, train_arm
 from mpaudit.trace.tracer import DEFAULT_TRACE_EVERY, select_modules
-
-DEFAULT_STEPS = 200
-"""Optimizer steps per arm when neither ``steps`` nor ``epochs`` is given: under a minute for a small model on a CPU."""
+from mpaudit.vocab import AUTOCAST_POLICIES, BASELINE, FAILED, FP16_CPU_MODES, OK, MetricDirection
 
 
 @dataclass(frozen=True)
@@ -48,8 +54,11 @@ class AuditConfig:
     device: str = "auto"
     tf32: bool = False
     fp16_cpu: str = "emulate"
+    autocast_policy: str = "cuda"
     max_drop: dict[str, float | str] = field(default_factory=dict)
     max_loss_gap: float | None = None
+    metric_directions: dict[str, str] = field(default_factory=dict)
+    """Declared metric directions (``--metric-direction NAME=min|max``), overriding the task's ``METRICS``."""
     seeds: int = 1
     noise_k: float = DEFAULT_NOISE_K
     trace_every: int = DEFAULT_TRACE_EVERY
@@ -64,6 +73,10 @@ class AuditConfig:
     verify_budget: int = DEFAULT_VERIFY_BUDGET
     parallel: str = "auto"
     dist_timeout: float = DEFAULT_DIST_TIMEOUT_S
+    clip_grad_norm: float | None = None
+    """Overrides the task's ``clip_grad_norm`` (``--clip-grad-norm``); None keeps the task's."""
+    grad_accumulation: int | None = None
+    """Overrides the task's ``grad_accumulation`` (``--grad-accumulation``); None keeps the task's."""
 
     @property
     def seed_list(self) -> list[int]:
@@ -86,6 +99,11 @@ class AuditConfig:
             raise UsageError("A gate needs at least one mixed-precision arm beside fp32.")
         if self.fp16_cpu not in FP16_CPU_MODES:
             raise UsageError(f"--fp16-cpu must be one of {', '.join(FP16_CPU_MODES)}, not {self.fp16_cpu!r}.")
+        if self.autocast_policy not in AUTOCAST_POLICIES:
+            raise UsageError(
+                f"--autocast-policy must be one of {', '.join(AUTOCAST_POLICIES)}, not {self.autocast_policy!r}."
+            )
+        check_declared_directions(self.metric_directions, "--metric-direction")
         if self.max_loss_gap is not None and self.max_loss_gap < 0:
             raise UsageError("--max-loss-gap must be >= 0.")
         if self.seeds < 1:
@@ -106,6 +124,12 @@ class AuditConfig:
         if self.verify_budget < 1:
             raise UsageError("--verify-budget must be at least 1.")
         check_options(self.parallel, self.dist_timeout)
+        if self.clip_grad_norm is not None and not (math.isfinite(self.clip_grad_norm) and self.clip_grad_norm > 0):
+            raise UsageError("--clip-grad-norm must be a positive number (the max gradient norm).")
+        if self.grad_accumulation is not None and (isinstance(self.grad_accumulation, bool)
+                                                   or int(self.grad_accumulation) != self.grad_accumulation
+                                                   or self.grad_accumulation < 1):
+            raise UsageError("--grad-accumulation must be a whole number of micro-batches per step, at least 1.")
         if not (math.isfinite(self.noise_k) and self.noise_k > 0):
             raise UsageError("--noise-k must be a positive number.")
         for metric, limit in self.max_drop.items():
@@ -122,6 +146,8 @@ def audit(
     progress: Progress | None = None,
     command: Sequence[str] | None = None,
     parallel: Parallel | None = None,
+    on_update: Callable[[AuditResult], None] | None = None,
+    resume: AuditResult | None = None,
     **overrides: Any,
 ) -> AuditResult:
     """Train ``task`` once per arm from identical weights on identical batches, and return the result.
@@ -133,10 +159,17 @@ def audit(
         command: the command line recorded for reproduction (defaults to ``sys.argv``).
         parallel: the distributed job; by default read from torchrun's environment (a single process
             without it). Every rank calls ``audit`` and gets the same result; only rank 0 should write it.
+        on_update: called with the result so far (``complete`` false) after every arm, seed replicate,
+            measurement and verification run, so a caller can keep it on disk as the audit goes.
+        resume: a partial (or complete) earlier result of the same task and options: its finished runs
+            whose initial fingerprints still match are kept (``resumed``) instead of trained again, and only
+            missing speed and memory figures are measured (:mod:`mpaudit.run.resume`).
 
     Raises:
         TaskError: the task file breaks the contract (checked before any arm trains).
-        UsageError: the options contradict each other.
+        UsageError: the options contradict each other, or ``resume`` does not match them.
+        Interrupted: SIGINT or SIGTERM arrived (under :func:`mpaudit.run.interrupt.interruptible`); its
+            ``result`` holds the audit so far, the arm in flight ``interrupted`` with its steps.
     """
     base = config or AuditConfig()
     if overrides:
@@ -149,83 +182,155 @@ def audit(
         parallel = Parallel.from_env(cfg.parallel, cfg.dist_timeout, device.type)
     device = parallel.device(device)
     arms = parse_arms(cfg.arms)
-    failure: RankFailed | None = None
+
+    if task.has_custom_step and (cfg.clip_grad_norm is not None or cfg.grad_accumulation is not None):
+        given = "--clip-grad-norm" if cfg.clip_grad_norm is not None else "--grad-accumulation"
+        raise UsageError(f"{given} cannot apply to {task.path.name}: its custom_step() owns clipping and "
+                         "accumulation itself.")
 
     with tf32_setting(cfg.tf32):
         env = collect_env(device, cfg.seed, task.path, task.sha256, list(command or sys.argv))
-        metric_names = preflight(task, device)
-        _check_metrics_requested(cfg, metric_names)
+        found: dict[str, Any] = {}
+        metric_names = preflight(task, device, found)
+        declared = {**task.metric_directions, **cfg.metric_directions}
+        check_declared_metrics(cfg.metric_directions, metric_names)
+        check_gated_metrics(cfg.max_drop, metric_names, declared)  # a typo or an unknown direction fails now
         if cfg.trace or cfg.trace_depth is not None:
             select_modules(task.build_model(), cfg.trace, cfg.trace_depth)  # a wrong module path fails now
-        results: dict[str, ArmResult] = {}
-        layer_errors: dict[str, list[LayerError]] = {}
-        shadow_notes: list[str] = []
-        replicates: dict[str, list[ArmResult]] = {}
-        perf = _Perf()
+        run = RunContext(task=task, device=device, fp16_cpu=cfg.fp16_cpu, autocast_policy=cfg.autocast_policy,
+                         parallel=parallel, clip_grad_norm=cfg.clip_grad_norm, grad_accumulation=cfg.grad_accumulation)
+        config_dict = _config_dict(cfg, run.recipe, found.get("scheduler"))
+        saved = Resumable.check(resume, task, config_dict) if resume is not None else None
+        state = _State(task=task, cfg=cfg, env=env, config=config_dict, parallel=parallel,
+                       metric_names=metric_names, declared=declared, on_update=on_update)
         try:
             for i, seed in enumerate(cfg.seed_list):
-                spec = TrainSpec(device=device, seed=seed, steps=cfg.steps, epochs=cfg.epochs,
-                                 fp16_cpu=cfg.fp16_cpu, data_seed=cfg.seed,
+                spec = TrainSpec(seed=seed, steps=cfg.steps, epochs=cfg.epochs, data_seed=cfg.seed,
                                  trace_every=cfg.trace_every if i == 0 else 0,  # replicates measure noise only
-                                 trace_include=cfg.trace, trace_depth=cfg.trace_depth, parallel=parallel)
+                                 trace_include=cfg.trace, trace_depth=cfg.trace_depth)
                 for arm in arms:
                     label = arm.name if i == 0 else f"{arm.name} s{seed}"
-                    keeps_model = i == 0 and arm.name == BASELINE and cfg.verify
-                    source = _KeepsModel(task.path, task.sha256, task.module) if keeps_model else task
+                    keep_model = i == 0 and arm.name == BASELINE and cfg.verify
+                    kept = saved.run(arm.name, i, run, spec) if saved is not None else None
+                    needs_model = keep_model and (saved is None or not saved.layer_errors)  # for the attribution
+                    if kept is not None and saved is not None and not (needs_model and kept.status == OK):
+                        if progress is not None:
+                            progress.arm_resumed(label, kept)
+                        state.add_run(arm.name, i, kept)
+                        if keep_model:
+                            state.layer_errors = saved.layer_errors
+                        continue
                     try:
-                        run = train_arm(source, arm, spec, progress, label=label)
-                    except RankFailed as exc:  # keep the failed arm's partial result, then stop
+                        trained = train_arm(run, arm, spec, progress, label=label, keep_model=keep_model)
+                    except (RankFailed, Interrupted) as exc:  # keep the arm's partial result, then stop
                         if exc.result is not None and i == 0:
-                            results[arm.name] = exc.result
+                            state.results[arm.name] = exc.result
                         raise
-                    if isinstance(source, _KeepsModel):  # attribute errors now, then let the trained model go
-                        if source.built and run.status == "ok":
-                            layer_errors, note = _shadow(task, source.built[-1], arms, device, cfg, parallel)
-                            shadow_notes += [note] if note else []
-                        source.built.clear()
-                    if i == 0:
-                        results[arm.name] = run
-                    else:
-                        replicates.setdefault(arm.name, []).append(run)
+                    if trained.model is not None:  # attribute errors on the trained weights, then let them go
+                        state.layer_errors, note = _shadow(run, trained.model, arms, cfg)
+                        state.shadow_notes += [note] if note else []
+                        trained.model = None
+                    state.add_run(arm.name, i, trained.result)
             if cfg.bench:
-                perf = _measure(task, arms, device, cfg, results, progress, parallel)
+                state.perf = _measure(run, arms, cfg, state.results, progress, saved)
+                state.update()
         except RankFailed as exc:  # the job cannot go on: keep what finished and say who failed
-            failure = exc
+            state.failure = exc
+        except Interrupted as exc:
+            exc.result = state.assemble(complete=False)
+            raise
 
-    gate = evaluate_gate(results, cfg.max_drop, cfg.max_loss_gap, replicates, cfg.noise_k)
-    traces = {name: r.trace for name, r in results.items() if r.trace is not None}
-    flags = flag(traces, results, Thresholds.from_mapping(cfg.thresholds)) if traces else []
-    recommendations: list[Recommendation] = []
-    verification: dict[str, ArmResult] = {}
-    if cfg.verify and failure is None:
+    directions = state.directions()
+    flags = state.flags()
+    if cfg.verify and state.failure is None:
         try:
             with tf32_setting(cfg.tf32):
-                recommendations, verification = _verify(task, arms, device, cfg, results, replicates, flags,
-                                                        progress, layer_errors, parallel)
+                state.recommendations, state.verification = _verify(
+                    run, arms, cfg, state.results, state.replicates, flags, progress, state.layer_errors, directions,
+                    saved, state)
         except RankFailed as exc:
-            failure = exc
-    from mpaudit import __version__
+            state.failure = exc
+        except Interrupted as exc:
+            exc.result = state.assemble(complete=False)
+            raise
+    return state.assemble(complete=True)
 
-    return AuditResult(
-        task=task.name,
-        env=env,
-        config=_config_dict(cfg),
-        arms=results,
-        gate=gate,
-        flags=flags,
-        replicates=replicates,
-        speedups=perf.speedups,
-        compiled=perf.compiled,
-        max_batch=perf.max_batch,
-        perf_notes=[*perf.notes, *shadow_notes],
-        warnings=_warnings(results, replicates),
-        recommendations=recommendations,
-        verification=verification,
-        layer_errors=layer_errors,
-        distributed=_distributed_info(parallel, perf, results, failure) if parallel.active else None,
-        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        mpaudit_version=__version__,
-    )
+
+@dataclass
+class _State:
+    """What an audit has found so far, and how to turn it into a result at any moment."""
+
+    task: Task
+    cfg: AuditConfig
+    env: dict[str, Any]
+    config: dict[str, Any]
+    parallel: Parallel
+    metric_names: list[str]
+    declared: dict[str, str]
+    on_update: Callable[[AuditResult], None] | None = None
+    results: dict[str, ArmResult] = field(default_factory=dict)
+    replicates: dict[str, list[ArmResult]] = field(default_factory=dict)
+    layer_errors: dict[str, list[LayerError]] = field(default_factory=dict)
+    shadow_notes: list[str] = field(default_factory=list)
+    perf: _Perf = field(default_factory=lambda: _Perf())
+    recommendations: list[Recommendation] = field(default_factory=list)
+    verification: dict[str, ArmResult] = field(default_factory=dict)
+    failure: RankFailed | None = None
+
+    def add_run(self, arm: str, seed_index: int, result: ArmResult) -> None:
+        if seed_index == 0:
+            self.results[arm] = result
+        else:
+            self.replicates.setdefault(arm, []).append(result)
+        self.update()
+
+    def update(self) -> None:
+        """Hand the result so far to ``on_update`` (the CLI writes it to disk)."""
+        if self.on_update is not None and self.parallel.is_main:
+            self.on_update(self.assemble(complete=False))
+
+    def directions(self) -> dict[str, MetricDirection]:
+        returned = [*self.metric_names, *(m for r in self.results.values() for m in r.metrics)]
+        return directions_for(returned, self.declared)
+
+    def flags(self) -> list[Flag]:
+        return _flags(self.results, self.replicates, self.cfg, self.directions())
+
+    def assemble(self, complete: bool) -> AuditResult:
+        """The result of what has run so far; ``complete`` says whether every phase asked for has finished."""
+        from mpaudit import __version__
+
+        cfg, perf, directions = self.cfg, self.perf, self.directions()
+        try:
+            gate = evaluate_gate(self.results, cfg.max_drop, cfg.max_loss_gap, self.replicates, cfg.noise_k,
+                                 directions)
+        except UsageError:
+            if complete:
+                raise
+            gate = Gate(max_drop=dict(cfg.max_drop), max_loss_gap=cfg.max_loss_gap)  # e.g. auto before the seeds ran
+        return AuditResult(
+            task=self.task.name,
+            env=self.env,
+            config=self.config,
+            arms=dict(self.results),
+            gate=gate,
+            flags=self.flags(),
+            metric_directions=directions,
+            replicates={k: list(v) for k, v in self.replicates.items()},
+            speedups=perf.speedups,
+            compiled=perf.compiled,
+            max_batch=perf.max_batch,
+            perf_notes=[*perf.notes, *self.shadow_notes],
+            warnings=_warnings(self.results, self.replicates),
+            recommendations=list(self.recommendations),
+            verification=dict(self.verification),
+            layer_errors=self.layer_errors,
+            distributed=(_distributed_info(self.parallel, perf, self.results, self.failure)
+                         if self.parallel.active else None),
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            mpaudit_version=__version__,
+            complete=complete,
+        )
 
 
 @dataclass
@@ -240,8 +345,8 @@ class _Perf:
 
 
 def _measure(
-    task: Task, arms: list[Arm], device: Any, cfg: AuditConfig, results: dict[str, ArmResult],
-    progress: Progress | None, parallel: Parallel,
+    run: RunContext, arms: list[Arm], cfg: AuditConfig, results: dict[str, ArmResult], progress: Progress | None,
+    saved: Resumable | None = None,
 ) -> _Perf:
     """The speed and memory phase: fresh models, no tracing, arms interleaved. Never loses the training results.
 
@@ -249,22 +354,37 @@ def _measure(
     timings and the largest rank's memory are reported, with every rank's figures beside them. A failure
     there ends the job (:class:`RankFailed`): a rank cannot skip a measurement its peers are stepping through.
     """
-    from mpaudit.perf.memory import max_batch_for_budget, measure_memory
-    from mpaudit.perf.speed import measure_speed
-
     perf = _Perf()
-    ran = [a for a in arms if results[a.name].status != "failed"]
+    ran = [a for a in arms if results[a.name].status != FAILED]
     if not ran:
         return perf
-
-    def ctx(arm: Arm) -> Any:
-        return step_context(arm, device.type, cfg.fp16_cpu)
 
     if progress is not None:
         progress.arm_started("bench", None)
     try:
-        speed, speedups = measure_speed(task, ran, device, cfg.seed, budget_s=cfg.bench_seconds,
-                                        compile=cfg.compile, step_context=ctx, parallel=parallel)
+        return _measure_into(perf, run, ran, cfg, results, saved)
+    except Interrupted:
+        perf.notes.append("The audit was interrupted during the speed and memory phase: the figures missing here "
+                          "were not measured (run again with --resume to measure only them).")
+        raise
+
+
+def _measure_into(
+    perf: _Perf, run: RunContext, ran: list[Arm], cfg: AuditConfig, results: dict[str, ArmResult],
+    saved: Resumable | None,
+) -> _Perf:
+    """Measure speed, then memory, into ``perf`` and ``results`` (kept from ``saved`` where they can be)."""
+    from mpaudit.perf.memory import max_batch_for_budget, measure_memory
+    from mpaudit.perf.speed import measure_speed
+
+    parallel = run.parallel
+    try:
+        if saved is not None and saved.speed(ran, cfg.compile):
+            speed = {a.name: sr for a in ran if (sr := saved.saved.arms[a.name].speed) is not None}
+            speed.update(saved.saved.compiled)
+            speedups = dict(saved.saved.speedups)
+        else:
+            speed, speedups = measure_speed(run, ran, cfg.seed, budget_s=cfg.bench_seconds, compile=cfg.compile)
         if parallel.active:
             speed, speedups = _slowest_rank(parallel, speed, speedups, perf)
         perf.speedups = speedups
@@ -282,7 +402,9 @@ def _measure(
                           "full parameters gathered for forward and backward count as other (as activations where "
                           "autograd saves them).")
     try:
-        memory = measure_memory(task, ran, device, cfg.seed, step_context=ctx, parallel=parallel)
+        kept = {a.name: saved.memory(a.name) for a in ran} if saved is not None else {}
+        memory = {name: mr for name, mr in kept.items() if mr is not None}
+        memory.update(measure_memory(run, [a for a in ran if a.name not in memory], cfg.seed))
         if parallel.active:
             memory = _largest_rank(parallel, memory, perf)
         for key, mr in memory.items():
@@ -340,43 +462,44 @@ def _distributed_info(
 
 
 def _verify(
-    task: Task, arms: list[Arm], device: Any, cfg: AuditConfig, results: dict[str, ArmResult],
+    run: RunContext, arms: list[Arm], cfg: AuditConfig, results: dict[str, ArmResult],
     replicates: dict[str, list[ArmResult]], flags: list[Flag], progress: Progress | None,
-    layer_errors: dict[str, list[LayerError]], parallel: Parallel,
+    layer_errors: dict[str, list[LayerError]], directions: dict[str, MetricDirection],
+    saved: Resumable | None = None, state: _State | None = None,
 ) -> tuple[list[Recommendation], dict[str, ArmResult]]:
     """The verification phase: each recommendation trained as an extra arm (main seed, same batches, no
     tracing), at most ``verify_budget`` runs in all."""
     from mpaudit.ci.recommend import Criteria, recommend
 
     baseline = results.get(BASELINE)
-    if baseline is None or baseline.status != "ok":
+    if baseline is None or baseline.status != OK:
         return [], {}
-    spec = TrainSpec(device=device, seed=cfg.seed, steps=cfg.steps, epochs=cfg.epochs, fp16_cpu=cfg.fp16_cpu,
-                     data_seed=cfg.seed, trace_every=0, parallel=parallel)
+    spec = TrainSpec(seed=cfg.seed, steps=cfg.steps, epochs=cfg.epochs, data_seed=cfg.seed, trace_every=0)
     criteria = Criteria(baseline=baseline, max_drop=cfg.max_drop, max_loss_gap=cfg.max_loss_gap,
-                        baseline_replicates=replicates.get(BASELINE, []), noise_k=cfg.noise_k)
+                        baseline_replicates=replicates.get(BASELINE, []), noise_k=cfg.noise_k,
+                        directions=directions)
 
     def train(arm: Arm) -> ArmResult:
-        return train_arm(task, arm, spec, progress)
+        done = saved.verification_run(arm) if saved is not None else None
+        if done is not None:
+            if progress is not None:
+                progress.arm_resumed(arm.name, done)
+        else:
+            done = train_arm(run, arm, spec, progress).result
+        if state is not None:  # on disk as it goes, each trial under its own name
+            key = arm.name
+            while key in state.verification and state.verification[key].recipe != arm.description:
+                key += "'"
+            state.verification[key] = done
+            state.update()
+        return done
 
     sqnr = {arm: {e.layer: e.sqnr_db for e in errors} for arm, errors in layer_errors.items()}
     return recommend(arms, results, flags, criteria, train, budget=cfg.verify_budget, layer_error_db=sqnr)
 
 
-@dataclass(frozen=True)
-class _KeepsModel(Task):
-    """The task, holding on to the model it builds: the fp32 arm's trained weights, for the shadow comparison."""
-
-    built: list[Any] = field(default_factory=list)
-
-    def build_model(self) -> Any:
-        model = super().build_model()
-        self.built.append(model)
-        return model
-
-
 def _shadow(
-    task: Task, model: Any, arms: list[Arm], device: Any, cfg: AuditConfig, parallel: Parallel,
+    run: RunContext, model: Any, arms: list[Arm], cfg: AuditConfig,
 ) -> tuple[dict[str, list[LayerError]], str | None]:
     """Per-layer error attribution on the trained fp32 model; a failure costs only this table.
 
@@ -384,32 +507,49 @@ def _shadow(
     weights are sharded across ranks, so it is left out."""
     from mpaudit.trace.shadow import layer_errors
 
-    if parallel.active and not parallel.params_replicated:
+    if run.parallel.active and not run.parallel.params_replicated:
         return {}, "Per-layer error attribution is not run under FSDP (each rank holds a shard of the weights)."
     try:
         paths = select_modules(model, cfg.trace, cfg.trace_depth)
-        return layer_errors(task, model, arms, paths, device, cfg.fp16_cpu), None
+        return layer_errors(run, model, arms, paths), None
     except Exception as exc:  # the user's model may not run module by module; the audit stands without it
         return {}, f"Per-layer error attribution failed: {type(exc).__name__}: {exc}"
 
 
-def _config_dict(cfg: AuditConfig) -> dict[str, Any]:
+def _flags(results: dict[str, ArmResult], replicates: dict[str, list[ArmResult]], cfg: AuditConfig,
+           directions: Mapping[str, str]) -> list[Flag]:
+    """The rules' flags, causes linked to their consequences, noise told from harm, in severity and forward order."""
+    from mpaudit.ci.recommend import Criteria
+
+    traces = {name: r.trace for name, r in results.items() if r.trace is not None}
+    half_weights = frozenset(a.name for a in parse_arms(cfg.arms) if a.rounds_updates_to_nearest)
+    flags = link(flag(traces, results, Thresholds.from_mapping(cfg.thresholds), half_weights), results)
+    baseline = results.get(BASELINE)
+    matching: set[str] = set()
+    if baseline is not None and baseline.status == OK:
+        criteria = Criteria(baseline=baseline, max_drop=cfg.max_drop, max_loss_gap=cfg.max_loss_gap,
+                            baseline_replicates=replicates.get(BASELINE, []), noise_k=cfg.noise_k,
+                            directions=directions)
+        try:
+            matching = {name for name, run in results.items() if name != BASELINE and criteria.passes(run)}
+        except UsageError:  # a partial result: `auto` before fp32's seed replicates have run
+            matching = set()
+    order = {name: trace.layers for name, trace in traces.items()}
+    return settle(flags, matching, order, list(results))
+
+
+def _config_dict(cfg: AuditConfig, recipe: Recipe, scheduler: str | None) -> dict[str, Any]:
+    """The options as ``report.json``'s ``config``; the recipe keys hold what every arm trained with (the task's
+    values, or the command line's overrides)."""
     d = asdict(cfg)
     d["arms"] = list(cfg.arms)
     d["seeds"] = cfg.seed_list
     d["trace"] = list(cfg.trace)
+    d["clip_grad_norm"] = recipe.clip_grad_norm
+    d["grad_accumulation"] = recipe.grad_accumulation
+    d["scheduler"] = scheduler
+    d["custom_step"] = recipe.custom_step
     return d
-
-
-def _check_metrics_requested(cfg: AuditConfig, metric_names: list[str]) -> None:
-    """A --max-drop on a metric evaluate() never returns is a typo: say so before training, not after."""
-    for metric in cfg.max_drop:
-        if not metric_names:
-            raise UsageError(f"--max-drop names metric {metric!r}, but the task has no evaluate() to compute it.")
-        if metric not in metric_names:
-            raise UsageError(
-                f"--max-drop names metric {metric!r}, but evaluate() returns only: {', '.join(metric_names)}."
-            )
 
 
 def _warnings(results: dict[str, ArmResult], replicates: dict[str, list[ArmResult]]) -> list[str]:

@@ -38,19 +38,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from mpaudit.errors import EXIT_INTERNAL, EXIT_RANK_FAILED, MpauditError, UsageError, error_text
+from mpaudit.defaults import DEFAULT_DIST_TIMEOUT_S
+from mpaudit.errors import EXIT_FILE_ENV, EXIT_INTERNAL, EXIT_RANK_FAILED, MpauditError, UsageError, error_text
 
 PARALLEL_KINDS = ("auto", "none", "ddp", "fsdp")
 """``--parallel``: ``auto`` is DDP when the world has more than one rank, none otherwise."""
 
-DEFAULT_DIST_TIMEOUT_S = 300.0
-"""Process-group timeout: how long a collective may wait for a rank that neither answers nor fails."""
 
 FAILURE_LOOKUP_S = 5.0
 """How long a rank whose collective broke waits for the failing rank's error to appear in the store."""
-
-EXIT_FILE_ENV = "MPAUDIT_EXIT_FILE"
-"""Set by :func:`launch`: the file rank 0 writes its exit code to (torchrun reports every failure as 1)."""
 
 _FAILURE_KEY = "mpaudit/failure/"
 

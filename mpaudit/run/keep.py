@@ -11,6 +11,7 @@ does not fit fp16 (an amplifying layer) hands it on intact to the next kept modu
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
@@ -40,16 +41,19 @@ class _Region:
 
     def __init__(self, cast_back: bool) -> None:
         self.cast_back = cast_back
-        self.stack: list[tuple[torch.autocast | None, torch.dtype | None]] = []
+        self.stack: list[tuple[contextlib.ExitStack | None, torch.dtype | None]] = []
 
     def enter(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        device_type = _active_autocast_device()
-        if device_type is None:
+        device_types = _active_autocast_devices()
+        if not device_types:
             self.stack.append((None, None))  # not under autocast: nothing to change
             return None
-        dtype = torch.get_autocast_dtype(device_type)
-        ctx = torch.autocast(device_type=device_type, enabled=False)
-        ctx.__enter__()
+        dtype = torch.get_autocast_dtype(device_types[0])
+        # Every autocast that is on goes off: a CPU arm under CUDA's op policy has CPU autocast on and shows
+        # CUDA autocast on too (mpaudit.run.autocast_policy).
+        ctx = contextlib.ExitStack()
+        for device_type in device_types:
+            ctx.enter_context(torch.autocast(device_type=device_type, enabled=False))
         self.stack.append((ctx, dtype))
         return _cast(args, torch.float32), _cast(kwargs, torch.float32)
 
@@ -59,21 +63,22 @@ class _Region:
         ctx, dtype = self.stack.pop()
         if ctx is None:
             return None
-        ctx.__exit__(None, None, None)
+        ctx.close()
         if self.cast_back and dtype is not None and output is not None:
             return _cast(output, dtype)
         return None
 
 
-def _active_autocast_device() -> str | None:
-    """The device type whose autocast is on in this thread (CUDA first), None when none is."""
+def _active_autocast_devices() -> list[str]:
+    """The device types whose autocast is on in this thread (CUDA first)."""
+    active = []
     for device_type in ("cuda", "cpu", "xpu", "mps"):
         try:
             if torch.is_autocast_enabled(device_type):
-                return device_type
+                active.append(device_type)
         except (RuntimeError, TypeError):  # a device type this build does not know
             continue
-    return None
+    return active
 
 
 class KeepFp32:

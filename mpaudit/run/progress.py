@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from mpaudit.results.model import ArmResult
+from mpaudit.vocab import OK
 
 
 class RichProgress:
@@ -45,8 +46,13 @@ class RichProgress:
         task_id = self._ids.get(arm)
         if task_id is not None:
             self._bar.update(task_id, total=result.steps, completed=result.steps)  # type: ignore[arg-type]
-        if result.status != "ok":
+        if result.status != OK:
             self.console.print(f"[red]{arm}: {result.status}[/red] {result.error or ''}", markup=True)
+
+
+
+    def arm_resumed(self, arm: str, result: ArmResult) -> None:
+        self.console.print(f"{arm}: resumed from the saved result ({result.status}, {result.steps} steps)")
 
 
 def progress_enabled(quiet: bool) -> bool:

@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
-from mpaudit.arms import Arm, fp16_mode, step_context
+from mpaudit.arms import Arm
+from mpaudit.defaults import DEFAULT_TRACE_EVERY
 from mpaudit.errors import error_text
 from mpaudit.numerics.layerstats import TraceSummary
-from mpaudit.results.model import ArmResult, Fingerprints, LossScale
+from mpaudit.results.model import ArmResult, Fingerprints, LossScale, Site
 from mpaudit.run.batches import move_to_device
-from mpaudit.run.distributed import SINGLE, Parallel, RankFailed
-from mpaudit.run.keep import keep_fp32
-from mpaudit.run.seeding import BatchFingerprint, fingerprint_model, seed_everything
-from mpaudit.run.task import Task
-from mpaudit.trace.tracer import DEFAULT_TRACE_EVERY, Tracer, TraceSchedule
+from mpaudit.run.distributed import RankFailed
+from mpaudit.run.interrupt import Interrupted
+from mpaudit.run.prepare import PreparedArm, RunContext, prepare_arm, release
+from mpaudit.run.seeding import FINGERPRINT_BATCHES, BatchFingerprint, fingerprint_model, seed_everything
+from mpaudit.trace.sites import RngState, locate
+from mpaudit.trace.tracer import Tracer, TraceSchedule
+from mpaudit.vocab import DIVERGED, FAILED, INTERRUPTED, OK, Status
 
 DIVERGE_PATIENCE = 25
 """An fp16 arm is called diverged after this many consecutive non-finite losses (GradScaler skips each
@@ -37,6 +41,7 @@ class Progress(Protocol):
     def arm_started(self, arm: str, total: int | None) -> None: ...
     def step(self, arm: str, step: int, loss: float) -> None: ...
     def arm_finished(self, arm: str, result: ArmResult) -> None: ...
+    def arm_resumed(self, arm: str, result: ArmResult) -> None: ...
 
 
 class NoProgress:
@@ -51,26 +56,25 @@ class NoProgress:
     def arm_finished(self, arm: str, result: ArmResult) -> None:
         pass
 
+    def arm_resumed(self, arm: str, result: ArmResult) -> None:
+        pass
+
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """How long and where an arm trains. Exactly one of ``steps`` / ``epochs`` is set.
+    """How long an arm trains and what is traced. Exactly one of ``steps`` / ``epochs`` is set.
 
     ``seed`` seeds the model's initial weights and training randomness (dropout); ``data_seed`` seeds the
     loaders, so noise-floor replicates with other seeds still see the same batches in the same order.
     """
 
-    device: torch.device
     seed: int
     steps: int | None
     epochs: int | None
-    fp16_cpu: str = "emulate"
     data_seed: int | None = None
     trace_every: int = DEFAULT_TRACE_EVERY
     trace_include: tuple[str, ...] = ()
     trace_depth: int | None = None
-    parallel: Parallel = SINGLE
-    """The distributed job (a single process by default): how the model is wrapped and the data sharded."""
 
     @property
     def loader_seed(self) -> int:
@@ -83,7 +87,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _epoch_batches(task: Task, first: Any, spec: TrainSpec) -> Iterator[Any]:
+def _epoch_batches(run: RunContext, first: Any, spec: TrainSpec) -> Iterator[Any]:
     """Batches epoch after epoch, in the same order for every arm and every seed.
 
     Each epoch's iterator is created and its first batch drawn under ``data_seed + epoch`` (a shuffling
@@ -96,8 +100,8 @@ def _epoch_batches(task: Task, first: Any, spec: TrainSpec) -> Iterator[Any]:
     while spec.epochs is None or epoch < spec.epochs:
         seed_everything(spec.loader_seed + epoch)
         if epoch > 0 and iter(loader) is loader:  # a one-shot iterator: ask the task for a fresh one
-            loader = task.train_loader()
-        it = iter(spec.parallel.shard(loader))
+            loader = run.task.train_loader()
+        it = iter(run.parallel.shard(loader))
         head = next(it, _END)
         seed_everything(spec.seed + epoch)
         if head is _END:
@@ -110,128 +114,113 @@ def _epoch_batches(task: Task, first: Any, spec: TrainSpec) -> Iterator[Any]:
 _END = object()
 
 
-def train_step(
-    task: Task,
-    arm: Arm,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-    batch: Any,
-    device_type: str,
-    after_backward: Callable[[], None] | None = None,
-    after_step: Callable[[], None] | None = None,
-) -> torch.Tensor:
-    """One real optimizer step of ``arm``: forward under its autocast, backward (scaled for fp16),
-    optimizer step (through the GradScaler for fp16), zero grads. Returns the detached loss; no host sync.
-
-    ``after_backward`` runs between backward and the optimizer step (gradients are populated and, in the
-    fp16 arm, still multiplied by the loss scale); ``after_step`` right after the optimizer step.
-    """
-    with arm.autocast(device_type):
-        loss = task.loss(model, batch)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        if after_backward is not None:
-            after_backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        if after_backward is not None:
-            after_backward()
-        optimizer.step()
-    if after_step is not None:
-        after_step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+def _groups(batches: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    """The micro-batches of each optimizer step: ``size`` batches at a time (the last group of a run that ends
+    with ``--epochs`` may be shorter; its losses are then divided by its own length)."""
+    while True:
+        group = list(itertools.islice(batches, size))
+        if not group:
+            return
+        yield group
 
 
-def _planned_steps(loader: Any, spec: TrainSpec) -> int | None:
+def _planned_steps(loader: Any, spec: TrainSpec, accumulation: int = 1) -> int | None:
     if spec.steps is not None:
         return spec.steps
     try:
-        return len(loader) * (spec.epochs or 1)
+        return math.ceil(len(loader) * (spec.epochs or 1) / accumulation)
     except TypeError:
         return None
 
 
+@dataclass
+class TrainedArm:
+    """An arm's result and, when asked for (``keep_model=True``), its trained model (the bare module)."""
+
+    result: ArmResult
+    model: torch.nn.Module | None = None
+
+
 def train_arm(
-    task: Task, arm: Arm, spec: TrainSpec, progress: Progress | None = None, label: str | None = None
-) -> ArmResult:
+    run: RunContext, arm: Arm, spec: TrainSpec, progress: Progress | None = None, label: str | None = None,
+    *, keep_model: bool = False,
+) -> TrainedArm:
     """Train ``arm`` from the seeded initial weights on the seeded batches and evaluate it in fp32.
 
     Never raises for the user's errors: an exception marks the arm ``failed`` with its message, so the
-    other arms still run. A non-finite loss marks it ``diverged``.
+    other arms still run. A non-finite loss marks it ``diverged``. With ``keep_model`` the trained model is
+    returned beside the result (when the arm finished ``ok``), for analyses on the trained weights.
 
-    In a distributed job (``spec.parallel``) a failure on any rank ends the audit instead (the ranks can no
+    In a distributed job (``run.parallel``) a failure on any rank ends the audit instead (the ranks can no
     longer agree on their collectives): :class:`~mpaudit.run.distributed.RankFailed` is raised, naming the rank
     that failed and carrying this arm's partial result.
     """
     progress = progress or NoProgress()
     label = label or arm.name
-    device = spec.device
     losses: list[float] = []
+    sites: list[Site] = []
+    notes: list[str] = []
     scales: list[float] = []
     skipped: list[int] = []
     step_times: list[float] = []
     fingerprints: Fingerprints | None = None
-    status, error = "ok", None
+    status: Status = OK
+    error: str | None = None
     metrics: dict[str, float] = {}
-    notes: list[str] = []
     t_start = time.perf_counter()
-    parallel = spec.parallel
-    model = wrapped = optimizer = None
+    parallel = run.parallel
+    prepared: PreparedArm | None = None
     tracer: Tracer | None = None
     trace: TraceSummary | None = None
     failure: RankFailed | None = None
+    kept: torch.nn.Module | None = None
+    batch_fp: BatchFingerprint | None = None
+    stopped: Interrupted | None = None
     try:
-        seed_everything(spec.seed)
-        model = task.build_model()
-        weights_fp = fingerprint_model(model)
-        model.to(device)
-        if arm.keep_fp32:  # a recommendation under test: the same weights, some modules kept in fp32
-            keep_fp32(model, arm.keep_fp32)
-        wrapped = parallel.wrap(model, device)  # what training calls: DDP, FSDP2-sharded, or the model itself
-        optimizer = task.build_optimizer(model)
-        scaler = arm.make_scaler(device.type, parallel.scaler_cls)
+        prepared = prepare_arm(run, arm, spec.seed)
         seed_everything(spec.loader_seed)
-        loader = task.train_loader()
+        loader = run.task.train_loader()
         batch_fp = BatchFingerprint()
-        total = _planned_steps(parallel.shard(loader), spec)
+        total = _planned_steps(parallel.shard(loader), spec, run.recipe.grad_accumulation)
         progress.arm_started(label, total)
-        model.train()
         schedule = TraceSchedule(spec.trace_every)
         if spec.trace_every > 0:
-            tracer = Tracer(model, include=spec.trace_include, depth=spec.trace_depth, parallel=parallel)
+            tracer = Tracer(prepared.model, include=spec.trace_include, depth=spec.trace_depth, parallel=parallel)
         hooks = tracer if tracer is not None else contextlib.nullcontext()
         with hooks:
-            status, error = _loop(task, arm, spec, wrapped, optimizer, scaler, loader, batch_fp, tracer, schedule,
-                                  progress, label, losses, scales, skipped, step_times)
+            status, error = _loop(prepared, spec, loader, batch_fp, tracer, schedule, progress, label, losses,
+                                  scales, skipped, step_times, sites, notes)
         if tracer is not None:
             trace = tracer.summary()
         if not losses:
             raise RuntimeError("train_loader() yielded no batch for this arm")
-        fingerprints = Fingerprints(weights=weights_fp, batches=batch_fp.hexdigest())
-        if task.has_evaluate:
-            model.eval()
+        fingerprints = Fingerprints(weights=prepared.weights_fingerprint, batches=batch_fp.hexdigest())
+        if run.task.has_evaluate:
+            prepared.for_evaluation()  # a half-weight arm's bf16 weights, widened to fp32
+            prepared.model.eval()
             seed_everything(spec.loader_seed)
             with torch.no_grad():  # every rank evaluates the whole eval set; rank 0's metrics are kept
-                metrics = parallel.broadcast(task.evaluate(model, task.eval_loader() or []))
+                metrics = parallel.broadcast(run.task.evaluate(prepared.model, run.task.eval_loader() or []))
+        if keep_model and status == OK:
+            kept = prepared.model
     except Exception as exc:  # one failing arm never sinks the others
-        status, error = "failed", error_text(exc)
+        status, error = FAILED, error_text(exc)
         if parallel.active:
             failure = parallel.failed(exc, label)
             error = str(failure)
         if tracer is not None and tracer.summary().steps:
             trace = tracer.summary()  # what was traced before the failure is evidence too
+    except Interrupted as exc:  # stopped from outside: keep the steps so far, then let the audit stop
+        status, error, stopped = INTERRUPTED, f"{exc} after {len(losses)} steps", exc
+        if prepared is not None and batch_fp is not None:
+            fingerprints = Fingerprints(weights=prepared.weights_fingerprint, batches=batch_fp.hexdigest())
+        if tracer is not None and tracer.summary().steps:
+            trace = tracer.summary()
     finally:
-        del model, wrapped, optimizer
-        if fp16_mode(arm, device.type, spec.fp16_cpu) == "emulated":
-            from mpaudit.run.fp16_emulation import release_buffers
-
-            release_buffers()  # the emulation's reusable fp32 workspace
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        if prepared is not None and prepared.keep is not None and kept is None:
+            prepared.keep.remove()
+        del prepared
+        release(arm, run)
 
     result = ArmResult(
         name=arm.name,
@@ -244,41 +233,70 @@ def train_arm(
         loss_scale=LossScale(history=scales, skipped_steps=skipped) if arm.grad_scaler else None,
         fingerprints=fingerprints,
         train_step_s=_loop_step_s(step_times),
-        fp16_mode=fp16_mode(arm, device.type, spec.fp16_cpu),
-        notes=notes,
+        fp16_mode=run.fp16_mode(arm),
+        autocast_policy=run.autocast_policy_of(arm),
+        recipe=arm.description,
         trace=trace,
+        sites=sites,
+        notes=notes,
+        weights_dtype=arm.weights_dtype,
+        fp32_master=list(arm.fp32_master),
+        update_rounding=arm.update_rounding,
     )
     progress.arm_finished(label, result)
     if failure is not None:
         failure.result = result
         raise failure
-    return result
+    if stopped is not None:
+        stopped.result = result
+        raise stopped
+    return TrainedArm(result, kept)
+
+
+def initial_fingerprints(run: RunContext, spec: TrainSpec) -> Fingerprints:
+    """The fingerprints an arm trained with ``spec`` starts from: its initial weights and first batches, computed
+    exactly as :func:`train_arm` computes them (to check a saved run still matches, see :mod:`mpaudit.run.resume`)."""
+    seed_everything(spec.seed)
+    weights = fingerprint_model(run.task.build_model())
+    seed_everything(spec.loader_seed)
+    batches = BatchFingerprint()
+    for i, batch in enumerate(_epoch_batches(run, run.task.train_loader(), spec)):
+        if i >= FINGERPRINT_BATCHES:
+            break
+        batches.add(batch)
+    return Fingerprints(weights=weights, batches=batches.hexdigest())
 
 
 def _loop(
-    task: Task, arm: Arm, spec: TrainSpec, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None, loader: Any, batch_fp: BatchFingerprint, tracer: Tracer | None,
+    prepared: PreparedArm, spec: TrainSpec, loader: Any, batch_fp: BatchFingerprint, tracer: Tracer | None,
     schedule: TraceSchedule, progress: Progress, label: str, losses: list[float], scales: list[float],
-    skipped: list[int], step_times: list[float],
-) -> tuple[str, str | None]:
+    skipped: list[int], step_times: list[float], sites: list[Site], notes: list[str],
+) -> tuple[Status, str | None]:
     """The optimizer steps of one arm; fills the lists in place and returns (status, error)."""
-    device = spec.device
+    run, scaler = prepared.run, prepared.scaler
+    device = run.device
     nonfinite_run = 0
-    for step, batch in enumerate(_epoch_batches(task, loader, spec)):
+    finder = _SiteFinder(prepared, sites, notes)
+    accumulation = run.recipe.grad_accumulation
+    for step, group in enumerate(_groups(_epoch_batches(run, loader, spec), accumulation)):
         if spec.steps is not None and step >= spec.steps:
             break
-        batch_fp.add(batch)
-        batch = move_to_device(batch, device)
+        for batch in group:
+            batch_fp.add(batch)
+        group = [move_to_device(batch, device) for batch in group]
         t0 = time.perf_counter()
         scale = scaler.get_scale() if scaler is not None else None
         traced = tracer is not None and schedule.wants(step)
         if traced and tracer is not None:
             tracer.start_step(step, scale)
-        with step_context(arm, device.type, spec.fp16_cpu):
-            loss = train_step(
-                task, arm, model, optimizer, scaler, batch, device.type,
+        rng = finder.before_step()
+        with prepared.context():
+            loss = prepared.step(
+                group[0],
+                group=group,
                 after_backward=tracer.after_backward if traced and tracer else None,
                 after_step=tracer.after_optimizer_step if traced and tracer else None,
+                hold_nonfinite=scaler is None,
             )
         if traced and tracer is not None:
             tracer.finish_step()
@@ -288,11 +306,12 @@ def _loop(
             if scaler.get_scale() < scale:
                 skipped.append(step)
                 anomaly = True
-        loss = spec.parallel.mean(loss)  # the mean over ranks (a no-op in a single process)
+        loss = run.parallel.mean(loss)  # the mean over ranks (a no-op in a single process)
         value = float(loss.float().item())  # the one host sync of the step (progress, divergence)
         _sync(device)
         step_times.append(time.perf_counter() - t0)
         losses.append(value)
+        finder.after_step(step, group, rng, value, scale, skipped)
         progress.step(label, step + 1, value)
         if math.isfinite(value):
             nonfinite_run = 0
@@ -301,10 +320,46 @@ def _loop(
             nonfinite_run += 1
             if scaler is None or nonfinite_run >= DIVERGE_PATIENCE:
                 why = "" if scaler is None else f" for {nonfinite_run} steps in a row"
-                return "diverged", f"loss became {value} at step {step + 1}{why}"
+                return DIVERGED, f"loss became {value} at step {step + 1}{why}"
         if anomaly:
             schedule.notify_anomaly(step)
-    return "ok", None
+    return OK, None
+
+
+class _SiteFinder:
+    """Replays an arm's first failing steps to find where its non-finite values start (:mod:`mpaudit.trace.sites`):
+    the first step with a non-finite loss (a forward origin), and the first step GradScaler skips with a finite
+    loss once it has found its scale (a backward origin). The weights are still those the step started from:
+    GradScaler skipped the update, or the loop held it back (``hold_nonfinite``)."""
+
+    def __init__(self, prepared: PreparedArm, sites: list[Site], notes: list[str]) -> None:
+        self.prepared = prepared
+        self.sites = sites
+        self.notes = notes
+        parallel = prepared.run.parallel
+        self.enabled = not (parallel.active and not parallel.params_replicated)  # FSDP: no rank holds the model
+        self.forward_done = self.backward_done = False
+
+    def before_step(self) -> RngState | None:
+        return RngState() if self.enabled and not (self.forward_done and self.backward_done) else None
+
+    def after_step(self, step: int, group: list[Any], rng: RngState | None, loss: float, scale: float | None,
+                   skipped: list[int]) -> None:
+        if rng is None:
+            return
+        forward = not math.isfinite(loss) and not self.forward_done
+        calibrating = skipped == list(range(len(skipped)))  # GradScaler lowering its scale from step 0 on
+        backward = bool(skipped) and skipped[-1] == step and math.isfinite(loss) and not calibrating
+        if not (forward or (backward and not self.backward_done)):
+            return
+        self.forward_done = self.forward_done or forward
+        self.backward_done = True  # a forward failure's backward is its consequence
+        try:
+            found = locate(self.prepared, group[0], step, scale, rng, group=group)
+        except Exception as exc:  # the audit stands without a site
+            self.notes.append(f"Locating the first non-finite op failed: {error_text(exc)}")
+            return
+        self.sites.extend(site for site in found if site is not None)
 
 
 def _loop_step_s(step_times: list[float]) -> float | None:

@@ -9,12 +9,16 @@ On a few fixed batches, with the fp32 arm's weights at the end of training (eval
 * **drift** — the whole model runs under the arm's precision and every traced module's output is compared
   with the fp32 pass: the error accumulated up to that layer.
 
+A half-weight arm (``bf16-pure``) runs a bf16 copy of the trained weights with the batch's floating tensors in bf16
+and no autocast: every op in bf16, as it trained.
+
 Both are given as SQNR (signal-to-quantisation-noise ratio, dB: higher is better; fp16 rounding alone is
 about 70 dB, bf16's about 50 dB; ``-inf`` when the output is not finite) and relative error (‖y−ŷ‖/‖y‖).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,18 +27,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpaudit.arms import Arm, step_context
+from mpaudit.arms import Arm
 from mpaudit.results.model import LayerError
-from mpaudit.run.batches import move_to_device
+from mpaudit.run.batches import cast_floating, casting_pre_hook, move_to_device
+from mpaudit.run.precision import autocast
+from mpaudit.run.prepare import RunContext
 from mpaudit.run.task import Task
 
 SHADOW_BATCHES = 2
 """Batches the attribution runs on: enough to average out one odd batch, cheap next to training."""
-
-POOR_SQNR_DB = 20.0
-"""An own-error SQNR below this (noise above 1% of the signal's power) is highlighted in the report: far worse
-than the format's rounding alone, the layer itself loses precision or range."""
-
 
 @dataclass
 class _Acc:
@@ -127,8 +128,7 @@ def _batches(task: Task, n: int) -> Iterator[Any]:
 
 
 def layer_errors(
-    task: Task, model: nn.Module, arms: Sequence[Arm], paths: Sequence[str], device: torch.device,
-    fp16_cpu: str = "emulate", batches: int = SHADOW_BATCHES,
+    run: RunContext, model: nn.Module, arms: Sequence[Arm], paths: Sequence[str], batches: int = SHADOW_BATCHES,
 ) -> dict[str, list[LayerError]]:
     """Local error and drift of every module in ``paths`` for each non-fp32 arm in ``arms``, measured on
     ``model`` (the trained fp32 model) in eval mode on the first ``batches`` batches (eval loader first)."""
@@ -137,17 +137,21 @@ def layer_errors(
         return {}
     local = {a.name: {p: _Acc() for p in paths} for a in targets}
     drift = {a.name: {p: _Acc() for p in paths} for a in targets}
-    modules = dict(model.named_modules())
     was_training = model.training
     model.eval()
+    models = {a.name: _arm_model(model, a) for a in targets}
     try:
         with torch.no_grad():
-            for batch in _batches(task, batches):
-                batch = move_to_device(batch, device)
-                ref = _recorded_loss(task, model, paths, batch)
+            for batch in _batches(run.task, batches):
+                batch = move_to_device(batch, run.device)
+                ref = _recorded_loss(run.task, model, paths, batch)
                 for arm in targets:
-                    _compare_arm(task, model, modules, arm, batch, ref, paths, device, fp16_cpu,
-                                 local[arm.name], drift[arm.name])
+                    arm_model = models[arm.name]
+                    if arm_model is None:
+                        continue
+                    arm_batch = batch if arm.weights_dtype is None else cast_floating(batch, arm_model.dtype)
+                    _compare_arm(run, arm_model.module, dict(arm_model.module.named_modules()), arm, arm_batch, ref,
+                                 paths, local[arm.name], drift[arm.name])
     finally:
         model.train(was_training)
     return {
@@ -158,6 +162,28 @@ def layer_errors(
         ]
         for arm in targets
     }
+
+
+@dataclass
+class _ArmModel:
+    """The model an arm's forward runs: the trained fp32 model itself, or a copy in the arm's weight dtype."""
+
+    module: nn.Module
+    dtype: torch.dtype
+
+
+def _arm_model(model: nn.Module, arm: Arm) -> _ArmModel | None:
+    """The fp32 model for an autocast arm; for a half-weight arm a copy cast to its weight dtype, taking its inputs in
+    that dtype as it trained (None when the model cannot be copied: that arm is left out of the table)."""
+    if arm.weights_dtype is None:
+        return _ArmModel(model, torch.float32)
+    dtype = getattr(torch, arm.weights_dtype)
+    try:
+        copied = copy.deepcopy(model).to(dtype=dtype)
+    except Exception:
+        return None
+    copied.register_forward_pre_hook(casting_pre_hook(dtype), with_kwargs=True)
+    return _ArmModel(copied, dtype)
 
 
 def _recorded_loss(task: Task, model: nn.Module, paths: Sequence[str], batch: Any) -> _Record:
@@ -188,13 +214,13 @@ def _seen(*accs: _Acc) -> bool:
 
 
 def _compare_arm(
-    task: Task, model: nn.Module, modules: dict[str, nn.Module], arm: Arm, batch: Any, ref: _Record,
-    paths: Sequence[str], device: torch.device, fp16_cpu: str, local: dict[str, _Acc], drift: dict[str, _Acc],
+    run: RunContext, model: nn.Module, modules: dict[str, nn.Module], arm: Arm, batch: Any, ref: _Record,
+    paths: Sequence[str], local: dict[str, _Acc], drift: dict[str, _Acc],
 ) -> None:
-    with step_context(arm, device.type, fp16_cpu), arm.autocast(device.type):
-        run = _recorded_loss(task, model, paths, batch)
+    with run.step_context(arm), autocast(arm, run.device.type):
+        seen = _recorded_loss(run.task, model, paths, batch)
         for path in paths:
-            calls = zip(ref.inputs.get(path, []), run.inputs.get(path, []), ref.outputs.get(path, []), strict=False)
+            calls = zip(ref.inputs.get(path, []), seen.inputs.get(path, []), ref.outputs.get(path, []), strict=False)
             for (args, kwargs), (arm_args, arm_kwargs), y in calls:
                 try:
                     out = _first_float(modules[path](*_like(args, arm_args), **_like(kwargs, arm_kwargs)))
@@ -203,9 +229,9 @@ def _compare_arm(
                 if out is not None and out.shape == y.shape:
                     local[path].add(y, out)
     for path in paths:
-        for y, out in zip(ref.outputs.get(path, []), run.outputs.get(path, []), strict=False):
+        for y, out in zip(ref.outputs.get(path, []), seen.outputs.get(path, []), strict=False):
             if out.shape == y.shape:
                 drift[path].add(y, out)
 
 
-__all__ = ["POOR_SQNR_DB", "SHADOW_BATCHES", "layer_errors"]
+__all__ = ["SHADOW_BATCHES", "layer_errors"]

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from mpaudit.defaults import DEFAULT_TRACE_EVERY
 from mpaudit.errors import UsageError
 from mpaudit.numerics.layerstats import (
     ACTIVATION,
@@ -39,13 +40,6 @@ from mpaudit.numerics.layerstats import (
 from mpaudit.run.distributed import SINGLE, Parallel, local_shard
 from mpaudit.trace import reduce
 from mpaudit.trace.reduce import Folded, StatsRows, dtype_names, fold, rows_for
-
-DEFAULT_TRACE_EVERY = 50
-"""Trace step 0 and every 50th step after it. On ``benchmarks/trace_overhead.py``'s MLP a traced step
-costs about 1.15x an untraced one (idle 2-core CPU), so tracing one step in 50 costs
-under 1% of a run. A tiny model pays a fixed ~0.1 ms per traced tensor (kernel launches), several of its
-own steps per traced step: a 3-layer MLP with 0.2 ms steps spends ~20% more time (a millisecond per 50
-steps), which is the price of seeing its numerics at all."""
 
 ANOMALY_FOLLOW_STEPS = 2
 """After an anomaly (non-finite loss, skipped GradScaler step) the next this-many steps are traced."""
