@@ -99,7 +99,7 @@ def _has_transformers() -> bool:
 
 WORKLOADS = {
     "mlp": Workload(
-        "mlp", f"MLP {' -> '.join(map(str, WIDTHS))}, batch {BATCH}", mlp, mlp_batch, _xy_loss, 30, 1.25
+        "mlp", f"MLP {' -> '.join(map(str, WIDTHS))}, batch {BATCH}", mlp, mlp_batch, _xy_loss, 30, 1.2
     ),
     "many": Workload(
         "many", f"200 x (Linear 64 -> 64 + ReLU) + head, batch {MANY_BATCH}", many_layers, many_batch, _xy_loss,
