@@ -34,11 +34,14 @@ import threading
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 import torch
 from torch._ops import OpOverload
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from mpaudit.run import fp16_rnn
+from mpaudit.run.fp16_rnn import RECURRENT_OPS
 
 _aten = torch.ops.aten
 
@@ -51,12 +54,15 @@ INTERCEPTED_OPS: tuple[OpOverload, ...] = (
     _aten.bmm.default,
     _aten.baddbmm.default,
     _aten.addbmm.default,
-    # torch.matmul with a 1-D operand.
+    # torch.matmul with a 1-D operand, torch.addmv.
     _aten.mv.default,
+    _aten.addmv.default,
     _aten.dot.default,
-    # Conv1d/2d/3d and ConvTranspose*d, forward and backward.
+    # Conv1d/2d/3d and ConvTranspose*d, forward and backward; torch._convolution and conv_tbc called directly.
     _aten.convolution.default,
     _aten.convolution_backward.default,
+    _aten._convolution.default,
+    _aten.conv_tbc.default,
     # F.scaled_dot_product_attention (and nn.MultiheadAttention with need_weights=False) on CPU.
     _aten._scaled_dot_product_flash_attention_for_cpu.default,
     _aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
@@ -72,6 +78,19 @@ Out-variants (``out=``) and in-place variants run natively.
 """
 
 _INTERCEPTED = frozenset(INTERCEPTED_OPS)
+_RECURRENT = frozenset(RECURRENT_OPS)
+EMULATED_OPS: tuple[OpOverload, ...] = INTERCEPTED_OPS + RECURRENT_OPS
+"""Every aten op the emulation computes itself on fp16 CPU inputs: :data:`INTERCEPTED_OPS` (one fp32 call, results
+rounded to fp16) and :data:`~mpaudit.run.fp16_rnn.RECURRENT_OPS` (``nn.LSTM``'s layers, step by step)."""
+
+NATIVE_FP16_OPS: Final[dict[str, str]] = {
+    "prelu": "elementwise: the CPU's fp16 kernel computes each element in fp32 and rounds it once, as a GPU does",
+    "addr": "an outer product: no sum, so each element is one product (and add) rounded once, as on a GPU",
+    "linalg_vecdot": "a product and a sum: the CPU's fp16 sum accumulates in fp32, as a GPU's does",
+}
+"""Ops that an fp16 arm sends to fp16 (CUDA autocast's lower-precision list) and that run on the CPU's own fp16
+kernels inside the emulation, with why those compute what a GPU computes. Every other op of that list with a CPU
+kernel reaches :data:`EMULATED_OPS` (the composite ones decompose into them), forward and backward."""
 
 FP32_BY_CONTRACT = frozenset({"logsumexp"})
 """Schema names of arguments and results that the native kernels keep in fp32 even for fp16 inputs (the
@@ -123,12 +142,24 @@ class EmulatedFp16(TorchDispatchMode):
             if _wants_emulation(func, args, kwargs):
                 self.calls[func.name()] += 1
                 return self._emulate(func, args, kwargs)
+        elif func in _RECURRENT:
+            if fp16_rnn.wants_emulation(func, args, kwargs):
+                self.calls[func.name()] += 1
+                try:
+                    return fp16_rnn.emulate(func, args, kwargs)
+                except fp16_rnn.UnsupportedRecurrentCall as exc:
+                    raise _no_fp16_kernel_error(func, exc, f" ({exc})") from None
         elif _is_composite(func) and _has_fp16_cpu_tensor(args, kwargs):
             # Only under inference_mode do composite ops (linear, conv2d, matmul, sdpa, einsum, ...) reach a
             # dispatch mode undecomposed; decompose them here, as PyTorch would, so their parts come back here.
             with self:
                 return func.decompose(*args, **kwargs)
-        return func(*args, **kwargs)
+        try:
+            return func(*args, **kwargs)
+        except (NotImplementedError, RuntimeError) as exc:
+            if _has_fp16_cpu_tensor(args, kwargs) and _missing_fp16_kernel(exc):
+                raise _no_fp16_kernel_error(func, exc) from exc
+            raise
 
     def _emulate(self, func: OpOverload, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         """Upcast the fp16 inputs to fp32, run ``func`` in fp32, round its results to fp16."""
@@ -215,6 +246,31 @@ def _has_fp16_cpu_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bo
             if isinstance(item, torch.Tensor) and item.dtype == _EMULATED_DTYPE and item.device.type == "cpu":
                 return True
     return False
+
+
+_MISSING_KERNEL_MESSAGES = (
+    "not implemented for 'Half'",  # a kernel without a Half instantiation
+    "could not create a primitive descriptor",  # oneDNN has no fp16 primitive on this CPU (e.g. its LSTM)
+    "with arguments from the 'CPU' backend",  # no CPU kernel at all (a CUDA-only op)
+)
+"""How PyTorch says an op has no usable CPU kernel for its fp16 inputs."""
+
+
+def _missing_fp16_kernel(exc: BaseException) -> bool:
+    """Whether ``exc`` says the op has no usable CPU kernel for fp16 (not a shape or dtype error of the call)."""
+    text = str(exc)
+    return any(message in text for message in _MISSING_KERNEL_MESSAGES)
+
+
+def _no_fp16_kernel_error(func: OpOverload, exc: BaseException, detail: str = "") -> Exception:
+    """The one-sentence error for an op with fp16 CPU inputs that neither the emulation nor this CPU computes
+    (``detail``: what the emulation lacks). A ``NotImplementedError`` stays one, so a caller that computes such ops
+    otherwise (the CUDA op policy's fp32-and-round fallback) still recognises it."""
+    message = (
+        f"{func.name()} has no CPU kernel for fp16 inputs and mpaudit's fp16 emulation does not compute it{detail}, "
+        "so the fp16 arm cannot run on this CPU (--fp16-cpu native calls the same missing kernel): audit fp16 on a GPU."
+    )
+    return NotImplementedError(message) if isinstance(exc, NotImplementedError) else RuntimeError(message)
 
 
 def _round(value: Any) -> Any:
