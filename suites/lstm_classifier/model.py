@@ -1,7 +1,7 @@
 """An LSTM sentence classifier: token embedding, a 2-layer ``nn.LSTM``, a linear head on the last hidden state.
 
 Model: ``nn.Embedding(64, 32)``, ``nn.LSTM(32, 64, num_layers=2, batch_first=True)``, ``nn.Linear(64, 2)`` on the
-top layer's final hidden state; ~55k parameters. Under autocast the LSTM runs in reduced precision (CUDA autocast
+top layer's final hidden state; 60.5k parameters. Under autocast the LSTM runs in reduced precision (CUDA autocast
 sends recurrent layers to fp16/bf16; on a CPU the fp16 arm computes them with mpaudit's fp16 emulation, step by
 step as a GPU does).
 
@@ -12,7 +12,8 @@ negation-aware sentiment, so word order matters (a bag of words cannot tell "not
 "good ... not bad"). 8,192 training and 2,048 eval sentences, batches of 64. ``evaluate`` returns ``accuracy``
 (primary) and ``eval_loss``.
 
-Expected result (200 steps, AdamW at 3e-3): fp32 reaches ~97% eval accuracy; bf16 and fp16 within a point or two.
+Measured (``mpaudit suite suites -k lstm_classifier``, 200 steps, AdamW at 3e-3, a 2-core CPU): eval accuracy fp32
+0.9966, bf16 0.9927, fp16 (emulated) 0.9976; the classes are balanced (51% / 53% positive in training / eval).
 
 What the audit should find: a clean model, no error-severity flag; the fp16 arm runs emulated on a CPU
 (``fp16_mode: emulated``), its LSTM computed in fp16 with the hidden state rounded at every time step.
