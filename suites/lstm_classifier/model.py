@@ -12,8 +12,9 @@ negation-aware sentiment, so word order matters (a bag of words cannot tell "not
 "good ... not bad"). 8,192 training and 2,048 eval sentences, batches of 64. ``evaluate`` returns ``accuracy``
 (primary) and ``eval_loss``.
 
-Measured (``mpaudit suite suites -k lstm_classifier``, 200 steps, AdamW at 3e-3, a 2-core CPU): eval accuracy fp32
-0.9966, bf16 0.9927, fp16 (emulated) 0.9976; the classes are balanced (51% / 53% positive in training / eval).
+Expected result (measured with ``mpaudit suite suites -k lstm_classifier``: 200 steps, AdamW at 3e-3, a 2-core CPU):
+eval accuracy fp32 0.9966, bf16 0.9927, fp16 (emulated) 0.9976; the classes are balanced (51% / 53% positive in
+training / eval).
 
 What the audit should find: a clean model, no error-severity flag; the fp16 arm runs emulated on a CPU
 (``fp16_mode: emulated``), its LSTM computed in fp16 with the hidden state rounded at every time step.
