@@ -98,6 +98,17 @@ def test_a_recurrent_call_the_emulation_does_not_compute_fails_in_one_sentence()
     assert "mode 1" in str(info.value)
 
 
+def test_an_lstm_backward_without_the_emulations_forward_fails_in_one_sentence() -> None:
+    m = Make(torch.float16)
+    x, w_ih, w_hh, b_ih, b_hh, h0, c0 = _lstm_layer_args(m)[:7]
+    out, hy, cy = m.x(T, B, H), m.x(B, H), m.x(B, H)
+    foreign = torch.zeros(16, dtype=torch.uint8)  # not the workspace the emulated forward writes
+    with emulated_fp16(), pytest.raises(NotImplementedError) as info:
+        A.mkldnn_rnn_layer_backward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, out, hy, cy, out, None, None,
+                                    False, 2, H, 1, True, True, False, [], False, foreign)
+    _assert_one_sentence_naming(str(info.value), "mkldnn_rnn_layer_backward")
+
+
 def test_an_op_without_a_cpu_fp16_kernel_fails_in_one_sentence() -> None:
     with emulated_fp16(), pytest.raises(NotImplementedError) as info:
         A.cholesky(torch.eye(3).half())

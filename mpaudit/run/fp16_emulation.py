@@ -6,8 +6,11 @@ fp16 matmuls and convolutions are about 100x slower than fp32, too slow to audit
 :func:`emulated_fp16`, the heavy ops of :data:`INTERCEPTED_OPS` that receive float16 CPU tensors are
 computed the tensor-core way instead: upcast the fp16 inputs to fp32 (exact), compute in fp32, round each
 result to fp16 (round to nearest even; overflow becomes inf, tiny values become subnormal or zero, as on
-the GPU). Every other op, and every op without a float16 input, runs untouched, so autocast's choices
-(which ops run in fp16, which in fp32), GradScaler and the optimizer behave exactly as natively.
+the GPU). ``nn.LSTM``'s layers (oneDNN's LSTM op, which has no fp16 version on such CPUs) are computed step by
+step as cuDNN computes them, the hidden state rounded to fp16 at every step (:mod:`mpaudit.run.fp16_rnn`). Every
+other op, and every op without a float16 input, runs untouched, so autocast's choices (which ops run in fp16, which
+in fp32), GradScaler and the optimizer behave exactly as natively; an fp16 op this CPU has no kernel for fails with
+one sentence naming it.
 
 Caveat: this emulates fp16 *numerics* (overflow, underflow, rounding of every matmul/conv output), not
 fp16 *speed*. A step time measured here says nothing about a GPU's fp16 speedup. Fused attention kernels
@@ -104,7 +107,7 @@ emulated products below fp16 precision (TF32 keeps fp16's 10 mantissa bits and s
 
 
 class EmulatedFp16(TorchDispatchMode):
-    """A dispatch mode that computes :data:`INTERCEPTED_OPS` on float16 CPU inputs as a tensor core does.
+    """A dispatch mode that computes :data:`EMULATED_OPS` on float16 CPU inputs as a tensor core does.
 
     ``calls`` counts the emulated calls per op name (Python-side, no device sync), e.g. to show that
     backward ops were emulated too. The fp32 copies of the inputs go to per-thread buffers kept across
@@ -184,7 +187,7 @@ class EmulatedFp16(TorchDispatchMode):
 
 @contextlib.contextmanager
 def emulated_fp16() -> Iterator[EmulatedFp16]:
-    """Emulate fp16 tensor-core numerics for the ops in :data:`INTERCEPTED_OPS` inside this block.
+    """Emulate fp16 tensor-core numerics for the ops in :data:`EMULATED_OPS` inside this block.
 
     Wrap the whole training step (forward, ``backward()``, optimizer and GradScaler calls); fp32 and bf16
     ops pass through untouched. Yields the active mode (its ``calls`` counter). Nesting is harmless.

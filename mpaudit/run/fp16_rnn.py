@@ -224,6 +224,10 @@ def _lstm_backward(a: dict[str, Any]) -> tuple[torch.Tensor, ...]:
     steps, batch, features = x.shape
     hidden: int = a["hidden_size"]
     reverse: bool = a["reverse"]
+    if a["workspace"].numel() != _workspace_bytes(steps, batch, hidden):
+        raise UnsupportedRecurrentCall(
+            "for a workspace its own forward did not write (run the forward and backward() inside the emulation)"
+        )
     acts, tanh_c, cells = _workspace_views(a["workspace"], steps, batch, hidden)
     w_ih, w_hh = _internal(a["weight1"], hidden), _internal(a["weight2"], hidden)
     hx: torch.Tensor = a["hx_"]
