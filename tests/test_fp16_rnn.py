@@ -25,7 +25,12 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import mpaudit
 from conftest import TINY_TASK
 from mpaudit.arms import ARMS
-from mpaudit.numerics.op_policy import CPU_KERNELS_KEPT, CUDA_LOWER_PRECISION_FP, CUDA_ONLY_OPS
+from mpaudit.numerics.op_policy import (
+    CPU_KERNELS_KEPT,
+    CPU_LOWER_PRECISION_FP,
+    CUDA_LOWER_PRECISION_FP,
+    CUDA_ONLY_OPS,
+)
 from mpaudit.run.fp16_emulation import EMULATED_OPS, NATIVE_FP16_OPS, EmulatedFp16, emulated_fp16
 from mpaudit.run.precision import autocast, step_context
 
@@ -52,11 +57,22 @@ def _lstm_layer_args(m: Make, mode: int = 2) -> tuple[Any, ...]:
 
 
 FP16_CASES: dict[str, Callable[[Make], Any]] = {
-    **{op: CASES[op] for op in CUDA_LOWER_PRECISION_FP if op not in CUDA_ONLY_OPS},
+    **CASES,
     "mkldnn_rnn_layer": lambda m: A.mkldnn_rnn_layer(*_lstm_layer_args(m)),
+    "conv1d.padding": lambda m: A.conv1d.padding(m.x(2, 3, 8), m.x(4, 3, 3), None, [1], "same"),
+    "conv3d.padding": lambda m: A.conv3d.padding(m.x(1, 2, 4, 4, 4), m.x(3, 2, 3, 3, 3), None, [1, 1, 1], "same"),
+    "_native_multi_head_attention": lambda m: A._native_multi_head_attention(
+        m.x(2, 4, 8), m.x(2, 4, 8), m.x(2, 4, 8), 8, 2, m.x(24, 8), m.x(24), m.x(8, 8), m.x(8)
+    ),
 }
-"""Every op an fp16 arm sends to fp16 on a CPU: CUDA autocast's lower-precision list (those with a CPU kernel) and the
-CPU recurrent layer op CPU autocast sends there (``nn.LSTM``'s, the CPU's counterpart of cuDNN's RNN)."""
+"""One call of every op an fp16 arm sends to fp16 on a CPU, under either op policy."""
+
+SENT_TO_FP16 = {
+    "cuda": sorted({op for op in CUDA_LOWER_PRECISION_FP if op not in CUDA_ONLY_OPS} | set(CPU_KERNELS_KEPT)),
+    "cpu": sorted(CPU_LOWER_PRECISION_FP),
+}
+"""The ops each op policy sends to fp16 that a CPU has: CUDA autocast's lower-precision list with the CPU recurrent
+layer op CPU autocast sends there (``nn.LSTM``'s, the CPU's counterpart of cuDNN's RNN), and CPU autocast's list."""
 
 
 def _assert_one_sentence_naming(message: str, op: str) -> None:
@@ -68,17 +84,20 @@ def _assert_one_sentence_naming(message: str, op: str) -> None:
 # ---------------------------------------------------------------------------------------------- the op list
 
 
-def test_the_op_list_holds_the_recurrent_layer_op() -> None:
-    assert set(CPU_KERNELS_KEPT) <= set(FP16_CASES)
-    assert set(NATIVE_FP16_OPS) <= set(FP16_CASES)
+def test_every_op_sent_to_fp16_has_a_case() -> None:
+    assert "mkldnn_rnn_layer" in SENT_TO_FP16["cuda"]
+    assert {op for ops in SENT_TO_FP16.values() for op in ops} <= set(FP16_CASES)
+    assert set(NATIVE_FP16_OPS) <= set(SENT_TO_FP16["cuda"]) | set(SENT_TO_FP16["cpu"])
 
 
-@pytest.mark.parametrize("op", sorted(FP16_CASES))
-def test_every_op_an_fp16_arm_sends_to_fp16_runs_emulated_or_fails_in_one_sentence(op: str) -> None:
+@pytest.mark.parametrize(
+    ("policy", "op"), [(policy, op) for policy, ops in SENT_TO_FP16.items() for op in ops], ids=lambda v: str(v)
+)
+def test_every_op_an_fp16_arm_sends_to_fp16_runs_emulated_or_fails_in_one_sentence(policy: str, op: str) -> None:
     emulated = {func.name() for func in EMULATED_OPS}
     for source in (torch.float16, torch.float32):  # fp16 inputs, and fp32 inputs autocast casts to fp16
         try:
-            with fp16_arm() as mode, autocast(FP16, "cpu"):
+            with step_context(FP16, "cpu", "emulate", policy) as mode, autocast(FP16, "cpu"):
                 out = FP16_CASES[op](Make(source))
         except (RuntimeError, NotImplementedError) as exc:
             _assert_one_sentence_naming(str(exc), op)

@@ -90,10 +90,15 @@ NATIVE_FP16_OPS: Final[dict[str, str]] = {
     "prelu": "elementwise: the CPU's fp16 kernel computes each element in fp32 and rounds it once, as a GPU does",
     "addr": "an outer product: no sum, so each element is one product (and add) rounded once, as on a GPU",
     "linalg_vecdot": "a product and a sum: the CPU's fp16 sum accumulates in fp32, as a GPU's does",
+    "_native_multi_head_attention": (
+        "nn.MultiheadAttention's fused inference path (eval mode without gradients, never a training step; only "
+        "--autocast-policy cpu sends it to fp16): the CPU's fp16 kernel computes in fp16 as a GPU's does, slower, and "
+        "may round an intermediate a GPU's fused kernel keeps in fp32"
+    ),
 }
-"""Ops that an fp16 arm sends to fp16 (CUDA autocast's lower-precision list) and that run on the CPU's own fp16
-kernels inside the emulation, with why those compute what a GPU computes. Every other op of that list with a CPU
-kernel reaches :data:`EMULATED_OPS` (the composite ones decompose into them), forward and backward."""
+"""Ops that an fp16 arm sends to fp16 (CUDA autocast's lower-precision list, or CPU autocast's) and that run on the
+CPU's own fp16 kernels inside the emulation, with why those compute what a GPU computes. Every other op of those lists
+reaches :data:`EMULATED_OPS` (the composite ones decompose into them), forward and backward."""
 
 FP32_BY_CONTRACT = frozenset({"logsumexp"})
 """Schema names of arguments and results that the native kernels keep in fp32 even for fp16 inputs (the
