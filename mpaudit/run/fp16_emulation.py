@@ -156,7 +156,7 @@ class EmulatedFp16(TorchDispatchMode):
                 try:
                     return fp16_rnn.emulate(func, args, kwargs)
                 except fp16_rnn.UnsupportedRecurrentCall as exc:
-                    raise _no_fp16_kernel_error(func, exc, f" ({exc})") from None
+                    raise _no_fp16_kernel_error(func, exc, f" {exc}") from None
         elif _is_composite(func) and _has_fp16_cpu_tensor(args, kwargs):
             # Only under inference_mode do composite ops (linear, conv2d, matmul, sdpa, einsum, ...) reach a
             # dispatch mode undecomposed; decompose them here, as PyTorch would, so their parts come back here.
