@@ -270,6 +270,7 @@ def _forward_backward(model: nn.Module, x: torch.Tensor, arm: bool) -> tuple[lis
     return [out.detach().float(), *grads], set(mode.calls) if mode is not None else set()
 
 
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
 @pytest.mark.parametrize("kind", RECURRENT)
 def test_recurrent_modules_run_forward_and_backward_in_the_fp16_arm_close_to_fp32(kind: str) -> None:
     torch.manual_seed(0)
