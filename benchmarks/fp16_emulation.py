@@ -11,18 +11,28 @@ CUDA autocast runs in fp32 matter: under CPU's op policy ``layer_norm``, ``softm
 kernels; under CUDA's they run in fp32, as on a GPU. Prints the fp16/fp32 and bf16/fp32 step ratios under
 ``--autocast-policy cpu`` and ``cuda`` side by side.
 
+Part 3, an LSTM classifier (``LSTM``: a 2-layer ``nn.LSTM`` over 28 steps of 28 features, hidden 128, batch 64, a
+linear head on the last hidden state, AdamW): on a CPU its fp16 layers run through :mod:`mpaudit.run.fp16_rnn`, a
+Python loop over time steps that rounds the hidden state to fp16 at every step, against oneDNN's fused fp32 LSTM.
+Prints the emulated fp16 step over the fp32 step (the design keeps per-step rounding while this stays at most
+``LSTM_GOAL``) twice: wall time with every thread, and this process's CPU time on one thread. On a shared machine the
+second is the steadier: the emulation's many small multi-threaded ops each wait for every thread, which a busy
+neighbour delays.
+
 Steps are interleaved after warm-up and each ratio is the median over rounds of the arm's step time over fp32's
 in the same round, so a busy neighbour on the CPU slows every arm alike; the load average is printed. Run:
-``python benchmarks/fp16_emulation.py`` (about 4 minutes on 2 idle cores; the native steps dominate).
+``python benchmarks/fp16_emulation.py [mlp] [transformer] [lstm]`` (the parts named, all by default; about 5 minutes
+on 2 idle cores, the native steps dominate).
 """
 
 from __future__ import annotations
 
 import copy
 import statistics
+import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -47,13 +57,18 @@ SEED = 0
 
 TRANSFORMER = {"batch": 32, "tokens": 128, "width": 256, "heads": 4, "classes": 10}
 """The transformer-block workload of part 2."""
+LSTM = {"batch": 64, "steps": 28, "features": 28, "hidden": 128, "layers": 2, "classes": 10}
+"""The LSTM workload of part 3 (the shape of a row-by-row image classifier)."""
+LSTM_GOAL = 3.0
+"""The emulated fp16 LSTM step should cost at most this many fp32 steps, or the emulation would round only what each
+layer returns instead of the hidden state of every time step."""
 
 
 class _Runner:
     """One arm's model, optimizer and scaler, and the step context it runs in (fp16 emulation, op policy)."""
 
     def __init__(self, label: str, arm_name: str, model: nn.Module, fp16_cpu: str = "emulate",
-                 policy: str = "cuda") -> None:
+                 policy: str = "cuda", clock: Callable[[], float] = time.perf_counter) -> None:
         self.label = label
         self.arm = ARMS[arm_name]
         self.model = copy.deepcopy(model)
@@ -63,9 +78,10 @@ class _Runner:
         self.policy = policy
         self.emulated_calls: Counter[str] = Counter()
         self.times: list[float] = []
+        self.clock = clock
 
     def step(self, task: Task, batch: tuple[torch.Tensor, torch.Tensor], timed: bool = True) -> None:
-        t0 = time.perf_counter()
+        t0 = self.clock()
         # A fresh context per step, as the training loop does; the emulation's fp32 buffers persist across steps.
         with step_context(self.arm, "cpu", self.fp16_cpu, self.policy) as mode:
             loss = train_step(task, self.arm, self.model, self.optimizer, self.scaler, batch, "cpu")
@@ -73,7 +89,7 @@ class _Runner:
             self.emulated_calls = mode.calls
         loss.item()  # host sync, as the training loop does once per step
         if timed:
-            self.times.append(time.perf_counter() - t0)
+            self.times.append(self.clock() - t0)
 
     def median(self) -> float:
         return statistics.median(self.times)
@@ -164,18 +180,23 @@ class TransformerBlock(nn.Module):
         return self.head(x.mean(1))
 
 
-def _transformer_task() -> tuple[nn.Module, Task, tuple[torch.Tensor, torch.Tensor]]:
-    cfg = TRANSFORMER
-    torch.manual_seed(SEED)
-    model = TransformerBlock(cfg["width"], cfg["heads"], cfg["classes"])
-    batch = (torch.randn(cfg["batch"], cfg["tokens"], cfg["width"]), torch.randint(cfg["classes"], (cfg["batch"],)))
-    module = ModuleType("transformer_block_bench")
+def _classifier_task(name: str) -> Task:
+    """An in-memory task whose loss is cross-entropy of the model's logits on the batch (x, y)."""
+    module = ModuleType(name)
 
     def loss_fn(m: nn.Module, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return nn.functional.cross_entropy(m(b[0]), b[1])
 
     module.loss_fn = loss_fn  # type: ignore[attr-defined]
-    return model, Task(path=Path("transformer_block_bench.py"), sha256="", module=module), batch
+    return Task(path=Path(f"{name}.py"), sha256="", module=module)
+
+
+def _transformer_task() -> tuple[nn.Module, Task, tuple[torch.Tensor, torch.Tensor]]:
+    cfg = TRANSFORMER
+    torch.manual_seed(SEED)
+    model = TransformerBlock(cfg["width"], cfg["heads"], cfg["classes"])
+    batch = (torch.randn(cfg["batch"], cfg["tokens"], cfg["width"]), torch.randint(cfg["classes"], (cfg["batch"],)))
+    return model, _classifier_task("transformer_block_bench"), batch
 
 
 def transformer_benchmark() -> None:
@@ -199,11 +220,59 @@ def transformer_benchmark() -> None:
     print(f"load average after: {_load()}")
 
 
-def main() -> None:
-    """Run both parts and print medians and ratios."""
-    mlp_benchmark()
-    transformer_benchmark()
+# ------------------------------------------------------------------------------------------------ part 3
+
+
+class LSTMClassifier(nn.Module):
+    """A stacked LSTM over the time steps of its input and a linear head on the top layer's last hidden state."""
+
+    def __init__(self, features: int, hidden: int, layers: int, classes: int) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(features, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[1][0][-1])
+
+
+def lstm_benchmark() -> None:
+    """Emulated fp16 (each time step's hidden state rounded to fp16) against fp32 on the LSTM classifier: wall time
+    with every thread, then this process's CPU time on one thread."""
+    cfg = LSTM
+    torch.manual_seed(SEED)
+    model = LSTMClassifier(cfg["features"], cfg["hidden"], cfg["layers"], cfg["classes"])
+    batch = (torch.randn(cfg["batch"], cfg["steps"], cfg["features"]), torch.randint(cfg["classes"], (cfg["batch"],)))
+    task = _classifier_task("lstm_bench")
+    threads = torch.get_num_threads()
+    print(f"\nLSTM classifier: batch {cfg['batch']}, {cfg['steps']} time steps of {cfg['features']} features, hidden "
+          f"{cfg['hidden']}, {cfg['layers']} layers, AdamW; load average {_load()}")
+    ratios = {}
+    for n_threads, clock, label in ((threads, time.perf_counter, f"wall time, {threads} threads"),
+                                    (1, time.process_time, "CPU time, 1 thread")):
+        torch.set_num_threads(n_threads)
+        fp32 = _Runner("fp32", "fp32", model, clock=clock)
+        emulated = _Runner("fp16 emulated", "fp16", model, clock=clock)
+        print(f"{label}:")
+        _interleave([fp32, emulated], task, batch)
+        for r in (fp32, emulated):
+            print(_report(r, fp32))
+        ratios[label] = _ratio(emulated, fp32)
+    torch.set_num_threads(threads)
+    for label, ratio in ratios.items():
+        verdict = "meets" if ratio <= LSTM_GOAL else "misses"
+        print(f"emulated fp16 LSTM step/fp32 ({label}) = {ratio:.2f} ({verdict} the goal of <= {LSTM_GOAL})")
+    print("emulated op calls in the last step:", dict(emulated.emulated_calls))
+    print(f"load average after: {_load()}")
+
+
+PARTS = {"mlp": mlp_benchmark, "transformer": transformer_benchmark, "lstm": lstm_benchmark}
+
+
+def main(parts: Sequence[str] = ()) -> None:
+    """Run the parts named (all by default) and print medians and ratios."""
+    for name in parts or PARTS:
+        PARTS[name]()
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

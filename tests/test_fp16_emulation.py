@@ -81,11 +81,14 @@ def _op_cases() -> Iterator[tuple[Any, tuple[Any, ...], dict[str, Any]]]:
     yield aten.baddbmm.default, (_h(2, 8, 6), _h(2, 8, 48), _h(2, 48, 6)), {"beta": 0.5}
     yield aten.addbmm.default, (_h(8, 6), _h(2, 8, 48), _h(2, 48, 6)), {}
     yield aten.mv.default, (a, _h(48)), {}
+    yield aten.addmv.default, (_h(8), a, _h(48)), {"alpha": 0.5}
     yield aten.dot.default, (_h(48), _h(48)), {}
     x, w, bias = _h(2, 3, 8, 8), _h(4, 3, 3, 3), _h(4)
     conv = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)
     yield aten.convolution.default, (x, w, bias, *conv), {}
     yield aten.convolution_backward.default, (_h(2, 4, 8, 8), x, w, [4], *conv, [True, True, True]), {}
+    yield aten._convolution.default, (x, w, bias, *conv, False, False, True, True), {}
+    yield aten.conv_tbc.default, (_h(8, 2, 3), _h(3, 3, 4), _h(4), 1), {}
     q, k, v = _h(2, 2, 8, 16), _h(2, 2, 8, 16), _h(2, 2, 8, 16)
     out, lse = aten._scaled_dot_product_flash_attention_for_cpu.default(q, k, v, is_causal=True)
     yield aten._scaled_dot_product_flash_attention_for_cpu.default, (q, k, v), {"is_causal": True}

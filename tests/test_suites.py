@@ -34,6 +34,7 @@ EXPECTED_METRICS = {
     "fp16_underflow": ["perplexity", "eval_loss"],
     "regression_recipe": ["r2", "eval_loss"],
     "handrolled_softmax": ["accuracy", "eval_loss"],
+    "lstm_classifier": ["accuracy", "eval_loss"],
 }
 """Every workload and the metrics its ``evaluate`` returns, primary first."""
 

@@ -6,8 +6,11 @@ fp16 matmuls and convolutions are about 100x slower than fp32, too slow to audit
 :func:`emulated_fp16`, the heavy ops of :data:`INTERCEPTED_OPS` that receive float16 CPU tensors are
 computed the tensor-core way instead: upcast the fp16 inputs to fp32 (exact), compute in fp32, round each
 result to fp16 (round to nearest even; overflow becomes inf, tiny values become subnormal or zero, as on
-the GPU). Every other op, and every op without a float16 input, runs untouched, so autocast's choices
-(which ops run in fp16, which in fp32), GradScaler and the optimizer behave exactly as natively.
+the GPU). ``nn.LSTM``'s layers (oneDNN's LSTM op, which has no fp16 version on such CPUs) are computed step by
+step as cuDNN computes them, the hidden state rounded to fp16 at every step (:mod:`mpaudit.run.fp16_rnn`). Every
+other op, and every op without a float16 input, runs untouched, so autocast's choices (which ops run in fp16, which
+in fp32), GradScaler and the optimizer behave exactly as natively; an fp16 op this CPU has no kernel for fails with
+one sentence naming it.
 
 Caveat: this emulates fp16 *numerics* (overflow, underflow, rounding of every matmul/conv output), not
 fp16 *speed*. A step time measured here says nothing about a GPU's fp16 speedup. Fused attention kernels
@@ -34,11 +37,14 @@ import threading
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 import torch
 from torch._ops import OpOverload
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from mpaudit.run import fp16_rnn
+from mpaudit.run.fp16_rnn import RECURRENT_OPS
 
 _aten = torch.ops.aten
 
@@ -51,12 +57,15 @@ INTERCEPTED_OPS: tuple[OpOverload, ...] = (
     _aten.bmm.default,
     _aten.baddbmm.default,
     _aten.addbmm.default,
-    # torch.matmul with a 1-D operand.
+    # torch.matmul with a 1-D operand, torch.addmv.
     _aten.mv.default,
+    _aten.addmv.default,
     _aten.dot.default,
-    # Conv1d/2d/3d and ConvTranspose*d, forward and backward.
+    # Conv1d/2d/3d and ConvTranspose*d, forward and backward; torch._convolution and conv_tbc called directly.
     _aten.convolution.default,
     _aten.convolution_backward.default,
+    _aten._convolution.default,
+    _aten.conv_tbc.default,
     # F.scaled_dot_product_attention (and nn.MultiheadAttention with need_weights=False) on CPU.
     _aten._scaled_dot_product_flash_attention_for_cpu.default,
     _aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
@@ -72,6 +81,24 @@ Out-variants (``out=``) and in-place variants run natively.
 """
 
 _INTERCEPTED = frozenset(INTERCEPTED_OPS)
+_RECURRENT = frozenset(RECURRENT_OPS)
+EMULATED_OPS: tuple[OpOverload, ...] = INTERCEPTED_OPS + RECURRENT_OPS
+"""Every aten op the emulation computes itself on fp16 CPU inputs: :data:`INTERCEPTED_OPS` (one fp32 call, results
+rounded to fp16) and :data:`~mpaudit.run.fp16_rnn.RECURRENT_OPS` (``nn.LSTM``'s layers, step by step)."""
+
+NATIVE_FP16_OPS: Final[dict[str, str]] = {
+    "prelu": "elementwise: the CPU's fp16 kernel computes each element in fp32 and rounds it once, as a GPU does",
+    "addr": "an outer product: no sum, so each element is one product (and add) rounded once, as on a GPU",
+    "linalg_vecdot": "a product and a sum: the CPU's fp16 sum accumulates in fp32, as a GPU's does",
+    "_native_multi_head_attention": (
+        "nn.MultiheadAttention's fused inference path (eval mode without gradients, never a training step; only "
+        "--autocast-policy cpu sends it to fp16): the CPU's fp16 kernel computes in fp16 as a GPU's does, slower, and "
+        "may round an intermediate a GPU's fused kernel keeps in fp32"
+    ),
+}
+"""Ops that an fp16 arm sends to fp16 (CUDA autocast's lower-precision list, or CPU autocast's) and that run on the
+CPU's own fp16 kernels inside the emulation, with why those compute what a GPU computes. Every other op of those lists
+reaches :data:`EMULATED_OPS` (the composite ones decompose into them), forward and backward."""
 
 FP32_BY_CONTRACT = frozenset({"logsumexp"})
 """Schema names of arguments and results that the native kernels keep in fp32 even for fp16 inputs (the
@@ -85,7 +112,7 @@ emulated products below fp16 precision (TF32 keeps fp16's 10 mantissa bits and s
 
 
 class EmulatedFp16(TorchDispatchMode):
-    """A dispatch mode that computes :data:`INTERCEPTED_OPS` on float16 CPU inputs as a tensor core does.
+    """A dispatch mode that computes :data:`EMULATED_OPS` on float16 CPU inputs as a tensor core does.
 
     ``calls`` counts the emulated calls per op name (Python-side, no device sync), e.g. to show that
     backward ops were emulated too. The fp32 copies of the inputs go to per-thread buffers kept across
@@ -123,12 +150,24 @@ class EmulatedFp16(TorchDispatchMode):
             if _wants_emulation(func, args, kwargs):
                 self.calls[func.name()] += 1
                 return self._emulate(func, args, kwargs)
+        elif func in _RECURRENT:
+            if fp16_rnn.wants_emulation(func, args, kwargs):
+                self.calls[func.name()] += 1
+                try:
+                    return fp16_rnn.emulate(func, args, kwargs)
+                except fp16_rnn.UnsupportedRecurrentCall as exc:
+                    raise _no_fp16_kernel_error(func, exc, f" {exc}") from None
         elif _is_composite(func) and _has_fp16_cpu_tensor(args, kwargs):
             # Only under inference_mode do composite ops (linear, conv2d, matmul, sdpa, einsum, ...) reach a
             # dispatch mode undecomposed; decompose them here, as PyTorch would, so their parts come back here.
             with self:
                 return func.decompose(*args, **kwargs)
-        return func(*args, **kwargs)
+        try:
+            return func(*args, **kwargs)
+        except (NotImplementedError, RuntimeError) as exc:
+            if _has_fp16_cpu_tensor(args, kwargs) and _missing_fp16_kernel(exc):
+                raise _no_fp16_kernel_error(func, exc) from exc
+            raise
 
     def _emulate(self, func: OpOverload, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         """Upcast the fp16 inputs to fp32, run ``func`` in fp32, round its results to fp16."""
@@ -153,7 +192,7 @@ class EmulatedFp16(TorchDispatchMode):
 
 @contextlib.contextmanager
 def emulated_fp16() -> Iterator[EmulatedFp16]:
-    """Emulate fp16 tensor-core numerics for the ops in :data:`INTERCEPTED_OPS` inside this block.
+    """Emulate fp16 tensor-core numerics for the ops in :data:`EMULATED_OPS` inside this block.
 
     Wrap the whole training step (forward, ``backward()``, optimizer and GradScaler calls); fp32 and bf16
     ops pass through untouched. Yields the active mode (its ``calls`` counter). Nesting is harmless.
@@ -215,6 +254,31 @@ def _has_fp16_cpu_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bo
             if isinstance(item, torch.Tensor) and item.dtype == _EMULATED_DTYPE and item.device.type == "cpu":
                 return True
     return False
+
+
+_MISSING_KERNEL_MESSAGES = (
+    "not implemented for 'Half'",  # a kernel without a Half instantiation
+    "could not create a primitive descriptor",  # oneDNN has no fp16 primitive on this CPU (e.g. its LSTM)
+    "with arguments from the 'CPU' backend",  # no CPU kernel at all (a CUDA-only op)
+)
+"""How PyTorch says an op has no usable CPU kernel for its fp16 inputs."""
+
+
+def _missing_fp16_kernel(exc: BaseException) -> bool:
+    """Whether ``exc`` says the op has no usable CPU kernel for fp16 (not a shape or dtype error of the call)."""
+    text = str(exc)
+    return any(message in text for message in _MISSING_KERNEL_MESSAGES)
+
+
+def _no_fp16_kernel_error(func: OpOverload, exc: BaseException, detail: str = "") -> Exception:
+    """The one-sentence error for an op with fp16 CPU inputs that neither the emulation nor this CPU computes
+    (``detail``: what the emulation lacks). A ``NotImplementedError`` stays one, so a caller that computes such ops
+    otherwise (the CUDA op policy's fp32-and-round fallback) still recognises it."""
+    message = (
+        f"{func.name()} has no CPU kernel for fp16 inputs and mpaudit's fp16 emulation does not compute it{detail}, "
+        "so the fp16 arm cannot run on this CPU (--fp16-cpu native calls the same missing kernel): audit fp16 on a GPU."
+    )
+    return NotImplementedError(message) if isinstance(exc, NotImplementedError) else RuntimeError(message)
 
 
 def _round(value: Any) -> Any:
