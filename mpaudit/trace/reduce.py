@@ -120,8 +120,15 @@ def _dtype_bit(dtype: torch.dtype) -> int:
 
 
 def dtype_names(mask: int) -> str:
-    """The dtypes of a mask of :func:`_dtype_bit` bits, sorted by name and comma-separated."""
-    return ",".join(sorted(name for i, name in enumerate(_DTYPE_NAMES) if mask >> i & 1))
+    """The dtypes of a mask of :func:`_dtype_bit` bits, sorted by name and comma-separated (remembered per mask:
+    a bit never changes meaning, and every row of every traced step asks)."""
+    names = _MASK_NAMES.get(mask)
+    if names is None:
+        names = _MASK_NAMES[mask] = ",".join(sorted(name for i, name in enumerate(_DTYPE_NAMES) if mask >> i & 1))
+    return names
+
+
+_MASK_NAMES: dict[int, str] = {}
 
 
 def rows_for(n: int) -> int:
