@@ -7,10 +7,10 @@ optimizer (on the cast parameters, so its state follows their dtype; with the re
 rounding attached, :mod:`mpaudit.run.half_weights`), the task's LR scheduler and the GradScaler. A float8 arm's
 Linear layers are swapped for torchao's float8 ones after the fingerprint and the move (:mod:`mpaudit.run.fp8`). What
 is timed and measured is therefore exactly the recipe that was trained: keep-lists, loss scales, update rounding,
-float8 filters, gradient clipping, accumulation, the scheduler and a custom step included (:mod:`mpaudit.run.step`). A half-weight arm's
-batches have their floating tensors cast to the weight dtype in :meth:`PreparedArm.step` (a bf16 model without
-autocast rejects fp32 inputs), and so has whatever ``loss_fn`` passes to the model (a forward pre-hook on its root:
-``model(x.float())`` works too); integer tensors are untouched.
+float8 filters, gradient clipping, accumulation, the scheduler and a custom step included (:mod:`mpaudit.run.step`).
+A half-weight arm's batches have their floating tensors cast to the weight dtype in :meth:`PreparedArm.step` (a bf16
+model without autocast rejects fp32 inputs), and so has whatever ``loss_fn`` passes to the model (a forward pre-hook
+on its root: ``model(x.float())`` works too); integer tensors are untouched.
 """
 
 from __future__ import annotations
