@@ -37,7 +37,7 @@ import numpy.typing as npt
 from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
 from pydantic_core import core_schema
 
-from mpaudit.numerics.formats import E4M3, E5M2, FORMATS, HIST_BINS, HIST_MAX_EXP, HIST_MIN_EXP, Format
+from mpaudit.numerics.formats import E4M3, E5M2, HIST_BINS, HIST_MAX_EXP, HIST_MIN_EXP, Format
 from mpaudit.results.codec import FLOAT_SCHEMA, decode_float, encode_float
 
 GEMMS = ("forward", "grad_input", "grad_weight")
@@ -268,21 +268,6 @@ class Fp8Trace:
     @classmethod
     def __get_pydantic_json_schema__(cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler) -> Any:
         return FP8_TRACE_SCHEMA
-
-    def to_rows(self) -> list[dict[str, Any]]:
-        """One row per (layer, recipe, GEMM, operand): the counts and fractions (for tables and ``layers.csv``)."""
-        rows = []
-        for (layer, recipe, gemm, operand), s in self.items():
-            rows.append({"layer": layer, "recipe": recipe, "gemm": gemm, "operand": operand, "format": s.format,
-                         "nonzero": s.nonzero, "flush_fraction": s.flush_fraction,
-                         "subnormal_fraction": s.subnormal_fraction, "saturation_fraction": s.saturation_fraction,
-                         "amax": s.amax, "scale_log2_min": s.scale_log2_min, "scale_log2_max": s.scale_log2_max})
-        return rows
-
-
-def format_of(name: str) -> Format:
-    """The float8 :class:`~mpaudit.numerics.formats.Format` named ``e4m3`` or ``e5m2``."""
-    return FORMATS[name]
 
 
 FP8_TRACE_SCHEMA: dict[str, Any] = {

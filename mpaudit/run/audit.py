@@ -530,7 +530,7 @@ def _flags(results: dict[str, ArmResult], replicates: dict[str, list[ArmResult]]
         matching = {name for name, run in results.items() if name != BASELINE and criteria.passes(run)}
         bf16 = results.get("bf16")
         if bf16 is not None and bf16.status == OK:  # a float8 arm is judged against the bf16 it builds on, too
-            against_bf16 = replace(criteria, baseline=bf16, baseline_replicates=[])
+            against_bf16 = replace(criteria, baseline=bf16, baseline_replicates=replicates.get("bf16", []))
             matching |= {name for name, run in results.items() if run.fp8_recipe is not None
                          and against_bf16.passes(run)}
     order = {name: trace.layers for name, trace in traces.items()}

@@ -171,7 +171,7 @@ def convert(model: nn.Module, arm: Arm, device: torch.device) -> Conversion:
         fp8 = import_torchao()
         fp8.convert_to_float8_training(model, module_filter_fn=keep_in_fp8,
                                        config=float8_config(arm.fp8, emulate=not real))
-        converted = [p for p in before if type(model.get_submodule(p)).__name__ == "Float8Linear"]
+        converted = [p for p in before if is_float8_linear(model.get_submodule(p))]
     notes = []
     if misfits:
         notes.append("Kept out of float8 because a dimension is not a multiple of 16 (torch._scaled_mm needs it): "
@@ -183,7 +183,7 @@ def unconvert(model: nn.Module) -> None:
     """Swap every torchao ``Float8Linear`` back for an ``nn.Linear`` holding the same parameters (in place), so the
     trained weights are evaluated in fp32 like every arm's."""
     for path, module in list(model.named_modules()):
-        if not path or type(module).__name__ != "Float8Linear":
+        if not path or not is_float8_linear(module):
             continue
         plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
         plain.weight = module.weight
