@@ -46,7 +46,7 @@ MX_BLOCK = 32
 
 MX_SKIP_REASON = (
     "no MX training path runs on this device: torchao 0.18's MXFP8 training (prototype.moe_training) needs a GPU with "
-    "MX units (compute capability 10.0); its emulated kernels fail under bf16 autocast and drop Linear biases"
+    "MX units (compute capability 10.0) and triton; it has no emulated path (on a CPU its first forward fails)"
 )
 
 
