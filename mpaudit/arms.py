@@ -48,6 +48,8 @@ recipe) or ``mxfp8`` (one e8m0 scale per block of 32 elements along the contract
 FP8_RECIPES: tuple[Fp8Recipe, ...] = ("tensorwise", "rowwise", "mxfp8")
 FP8_ARM_OF_RECIPE: dict[str, str] = {"tensorwise": "fp8", "rowwise": "fp8-rowwise", "mxfp8": "mxfp8"}
 """The arm that trains each float8 recipe."""
+ALTERNATIVE_RECIPE: dict[str, Fp8Recipe] = {"tensorwise": "rowwise", "rowwise": "tensorwise", "mxfp8": "rowwise"}
+"""The scaling recipe tried as the alternative to a filter on each float8 recipe (and predicted beside it)."""
 
 UpdateRounding = Literal["stochastic", "kahan"]
 """How a half-weight recipe rounds the optimizer's fp32 update into the bf16 weights (default: to nearest):

@@ -36,7 +36,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from mpaudit.arms import ARMS, FP8_ARM_OF_RECIPE, UPDATE_ROUNDINGS, Arm, UpdateRounding
+from mpaudit.arms import ALTERNATIVE_RECIPE, ARMS, FP8_ARM_OF_RECIPE, UPDATE_ROUNDINGS, Arm, UpdateRounding
 from mpaudit.ci.gaps import fp32_noise_of_runs, gap_within_noise, judged_metric, ungated_drop
 from mpaudit.ci.gate import Limit, evaluate_gate
 from mpaudit.defaults import DEFAULT_VERIFY_BUDGET
@@ -180,8 +180,6 @@ _Key = tuple[tuple[str, ...], float | None, tuple[str, ...], str | None, tuple[s
 
 FP8_KINDS = ("fp8_underflow", "fp8_saturation")
 """Flag kinds whose layer keeping out of float8 can help."""
-ALTERNATIVE_RECIPE = {"tensorwise": "rowwise", "rowwise": "tensorwise", "mxfp8": "rowwise"}
-"""The scaling recipe tried as the alternative to a filter on each float8 recipe."""
 
 
 def _key(keep: Sequence[str] = (), init_scale: float | None = None, master: Sequence[str] = (),

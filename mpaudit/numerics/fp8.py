@@ -21,8 +21,8 @@ traced step merged into it: the nonzero finite values of the high-precision tens
 flushed to zero, left subnormal or saturated (measured by casting the real tensor with the recipe's own scales,
 :mod:`mpaudit.trace.fp8_probe`), the largest |x| and the binade histogram of the *scaled* values |x|·scale (layout of
 :mod:`mpaudit.numerics.formats`). Every statistic merges. An :class:`Fp8Trace` holds the records of one arm: the
-fp32 arm records every recipe asked for (the prediction), a float8 arm its own recipe on its own tensors (the
-observation that confirms or refutes it).
+fp32 arm records every recipe asked for and its alternative (the prediction), a float8 arm its own recipe on its own
+tensors (the observation that confirms or refutes it).
 """
 
 from __future__ import annotations

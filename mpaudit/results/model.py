@@ -142,8 +142,9 @@ class ArmResult:
     exclude_from_fp8: list[str] = field(default_factory=list)
     """The Linear layers a float8 arm kept out of float8 (a recommendation under test)."""
     fp8_casts: Fp8Trace | None = None
-    """Float8 cast statistics per Linear layer, recipe, GEMM and operand on the traced steps: every recipe asked for in
-    the fp32 arm (the prediction), the arm's own recipe in a float8 arm (its own tensors, cast with its own scales)."""
+    """Float8 cast statistics per Linear layer, recipe, GEMM and operand on the traced steps: in the fp32 arm every
+    recipe asked for and its alternative (the prediction), in a float8 arm its own recipe (its own tensors, cast with
+    its own scales)."""
 
     @model_validator(mode="before")
     @classmethod

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mpaudit.arms import DEFAULT_ARMS, Arm, parse_arms
+from mpaudit.arms import ALTERNATIVE_RECIPE, DEFAULT_ARMS, Arm, parse_arms
 from mpaudit.ci.gaps import check_declared_directions, directions_for, lower_is_better
 from mpaudit.ci.gate import AUTO, DEFAULT_NOISE_K, check_declared_metrics, check_gated_metrics, evaluate_gate
 from mpaudit.ci.recommend import DEFAULT_VERIFY_BUDGET
@@ -184,7 +184,8 @@ def audit(
     from mpaudit.run.fp8 import require_torchao
 
     require_torchao(arms)
-    fp8_recipes = tuple(dict.fromkeys(a.fp8 for a in arms if a.fp8 is not None))
+    asked = [a.fp8 for a in arms if a.fp8 is not None]  # each recipe and its alternative, predicted by fp32
+    fp8_recipes = tuple(dict.fromkeys([*asked, *(ALTERNATIVE_RECIPE[r] for r in asked)]))
 
     if task.has_custom_step and (cfg.clip_grad_norm is not None or cfg.grad_accumulation is not None):
         given = "--clip-grad-norm" if cfg.clip_grad_norm is not None else "--grad-accumulation"

@@ -77,8 +77,9 @@ class TrainSpec:
     trace_include: tuple[str, ...] = ()
     trace_depth: int | None = None
     fp8_recipes: tuple[str, ...] = ()
-    """The float8 recipes the audit trains: on traced steps the fp32 arm records what each would do to every Linear
-    layer's GEMM operands (the prediction), a float8 arm what its own recipe does (:mod:`mpaudit.trace.fp8_probe`)."""
+    """The float8 recipes the audit trains and their alternatives: on traced steps the fp32 arm records what each
+    would do to every Linear layer's GEMM operands (the prediction), a float8 arm what its own recipe does
+    (:mod:`mpaudit.trace.fp8_probe`)."""
 
     @property
     def loader_seed(self) -> int:

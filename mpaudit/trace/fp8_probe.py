@@ -5,8 +5,8 @@ On a traced step, :class:`Fp8Probe` takes every Linear layer's input (forward ho
 (``tensor_to_scale`` with the recipe's granularity, axis and power-of-two rounding; for MX torchao's ``to_mx``) and its
 own saturating cast. It counts the nonzero values that flushed to zero, landed subnormal or saturated, and bins the
 scaled values by binade (:class:`~mpaudit.numerics.fp8.CastStats`). In the fp32 arm it does so for every recipe the
-audit asks for — the prediction; in a float8 arm for that arm's recipe, on the tensors the arm itself casts (its bf16
-activations and gradients) — the observation.
+audit asks for and its alternative — the prediction; in a float8 arm for that arm's recipe, on the tensors the arm
+itself casts (its bf16 activations and gradients) — the observation.
 
 Which operand is cast along which axis (torchao's ``matmul_with_hp_or_float8_args``; the contraction dimension of
 each GEMM): forward: input per row (its last dimension), weight per output row; input gradient: grad_output per row,
