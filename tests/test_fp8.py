@@ -235,6 +235,9 @@ def test_the_report_says_emulated_and_gives_the_plan_ready_to_paste(outlier_resu
     r = outlier_result
     html = render_html(r, plotlyjs="cdn")
     assert "fp8: float8 GEMMs emulated on this CPU" in html and 'id="fp8-casts"' in html
+    casts = html[html.index('id="fp8-casts"'):html.index("</section>", html.index('id="fp8-casts"'))]
+    assert "87.50%" in casts  # the input layer's flushed inputs: 7 clean rows in 8, predicted and measured
+    assert "not listed." in casts  # the GEMMs that lose nothing are counted, not listed
     assert "module_filter_fn" in html and "filter_fqns" in html and "module_filter_func" in html
     summary = summary_markdown(r)
     assert "out of float8 (exclude" in summary and "emulated float8, tensorwise" in summary

@@ -99,12 +99,16 @@ def linear_layers(result: AuditResult) -> list[str]:
     return list(dict.fromkeys(seen))
 
 
-def _fp8_rows(result: AuditResult) -> list[dict[str, Any]]:
+def _fp8_rows(result: AuditResult) -> tuple[list[dict[str, Any]], int]:
     """Per Linear layer and GEMM, for each float8 recipe the fp32 arm predicted and each float8 arm that trained it:
-    the flushed and saturated shares of the GEMM's two operands, predicted (fp32's tensors) and measured (the arm's)."""
+    the flushed and saturated shares of the GEMM's two operands, predicted (fp32's tensors) and measured (the arm's).
+    Only GEMMs where an operand loses at least the warning share are listed (a large model has hundreds); the second
+    number counts the GEMMs left out."""
     base = result.arms.get(BASELINE)
     reference = base.fp8_casts if base is not None else None
+    limits = _thresholds(result)
     rows: list[dict[str, Any]] = []
+    quiet = 0
     trained = {arm.fp8_recipe: (name, arm) for name, arm in result.arms.items()
                if arm.fp8_recipe is not None and arm.fp8_casts is not None}
     recipes = list(dict.fromkeys([*(reference.recipes if reference is not None else []), *trained]))
@@ -115,7 +119,12 @@ def _fp8_rows(result: AuditResult) -> list[dict[str, Any]]:
         for layer in dict.fromkeys([*predicted, *measured]):
             for gemm in GEMMS:
                 p, m = predicted.get(layer, {}).get(gemm), measured.get(layer, {}).get(gemm)
-                if p is None and m is None:
+                losses = [g for g in (p, m) if g is not None]
+                if not losses:
+                    continue
+                if (max(g.flush for g in losses) < limits.fp8_underflow_warning
+                        and max(g.saturation for g in losses) < limits.fp8_saturation_warning):
+                    quiet += 1
                     continue
                 cells = []
                 for operand in GEMM_OPERANDS[gemm]:
@@ -129,7 +138,7 @@ def _fp8_rows(result: AuditResult) -> list[dict[str, Any]]:
                                   "saturated": max([s.saturation_fraction for s in (ps, ms) if s is not None],
                                                    default=None)})
                 rows.append({"recipe": recipe, "arm": name, "layer": layer, "gemm": gemm, "cells": cells})
-    return rows
+    return rows, quiet
 
 
 def _thresholds(result: AuditResult) -> Thresholds:
@@ -163,6 +172,7 @@ def render_html(result: AuditResult, *, plotlyjs: str = "inline") -> str:
         raise ValueError("plotlyjs must be 'inline' or 'cdn'")
     metrics = list(dict.fromkeys(m for arm in result.arms.values() for m in arm.metrics))
     template = ENV.get_template("report.html.j2")
+    fp8_rows, fp8_quiet = _fp8_rows(result)
     charts = all_charts(result)
     return template.render(
         verdicts=verdicts(result),
@@ -173,8 +183,10 @@ def render_html(result: AuditResult, *, plotlyjs: str = "inline") -> str:
         recommendation_rows=_recommendation_rows(result),
         half_weight_arms=[name for name in result.arms if stores_half_weights(name)],
         lost_update_rows=_lost_update_rows(result),
-        fp8_rows=_fp8_rows(result),
+        fp8_rows=fp8_rows,
+        fp8_quiet=fp8_quiet,
         fp8_flush_error=_thresholds(result).fp8_underflow_error,
+        fp8_flush_warning=_thresholds(result).fp8_underflow_warning,
         fp8_arms=[(name, arm) for name, arm in result.arms.items() if arm.fp8_recipe is not None],
         poor_sqnr_db=POOR_SQNR_DB,
         metrics=metrics,
