@@ -11,7 +11,7 @@ import nox
 nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
 TORCH = "torch==2.13.0"
-BENCHMARKS = ("speed.py", "fp16_emulation.py", "trace_overhead.py", "watch_overhead.py")
+BENCHMARKS = ("speed.py", "fp16_emulation.py", "fp8.py", "trace_overhead.py", "watch_overhead.py")
 """The benchmark scripts (``benchmarks/workload.py`` is the MLP they share, not a benchmark)."""
 
 
@@ -22,8 +22,8 @@ def _install(session: nox.Session, extras: str = "dev") -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The test suite (a few minutes on 2 CPU cores)."""
-    _install(session)
+    """The test suite (a few minutes on 2 CPU cores), the float8 tests included."""
+    _install(session, "dev,fp8")
     session.run("pytest", "-q", *session.posargs)
 
 
@@ -44,7 +44,7 @@ def typecheck(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Speed goals, measured side by side in one run and printed as ratios (not a test)."""
-    _install(session)
+    _install(session, "dev,fp8")
     for script in BENCHMARKS:
         session.run("python", f"benchmarks/{script}", *session.posargs)
 

@@ -43,7 +43,7 @@ from mpaudit.arms import ARMS
 from mpaudit.run.precision import make_scaler, step_context
 from mpaudit.run.step import train_step
 from mpaudit.run.task import Task
-from workload import BATCH, WIDTHS, mlp, mlp_task
+from workload import BATCH, WIDTHS, load_average, mlp, mlp_task
 
 WARMUP_STEPS = 2
 """Untimed steps per fast arm (allocator and oneDNN warm-up)."""
@@ -122,14 +122,6 @@ def _report(runner: _Runner, fp32: _Runner) -> str:
             f"/fp32 = {_ratio(runner, fp32):6.2f}")
 
 
-def _load() -> str:
-    """The 1, 5 and 15 minute load averages (other work on the machine slows every arm alike)."""
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "unknown"
-
-
 # ------------------------------------------------------------------------------------------------ part 1
 
 
@@ -144,7 +136,7 @@ def mlp_benchmark() -> None:
     emulated_cpu = _Runner("fp16 emulated, cpu ops", "fp16", model, policy="cpu")
     native = _Runner("fp16 native, cpu ops", "fp16", model, fp16_cpu="native", policy="cpu")
     print(f"MLP {'->'.join(map(str, WIDTHS))}, batch {BATCH}, AdamW, {torch.get_num_threads()} threads; "
-          f"load average {_load()}")
+          f"load average {load_average()}")
     _interleave([fp32, emulated, emulated_cpu], task, batch, slow=native)
     for r in (fp32, emulated, emulated_cpu, native):
         print(_report(r, fp32))
@@ -209,7 +201,7 @@ def transformer_benchmark() -> None:
     }
     cfg = TRANSFORMER
     print(f"\nTransformer block: batch {cfg['batch']}, {cfg['tokens']} tokens, width {cfg['width']}, "
-          f"{cfg['heads']} heads, AdamW, {torch.get_num_threads()} threads; load average {_load()}")
+          f"{cfg['heads']} heads, AdamW, {torch.get_num_threads()} threads; load average {load_average()}")
     _interleave([fp32, *runners.values()], task, batch)
     for r in (fp32, *runners.values()):
         print(_report(r, fp32))
@@ -217,7 +209,7 @@ def transformer_benchmark() -> None:
     for arm in ("fp16", "bf16"):
         cpu, cuda = _ratio(runners[(arm, "cpu")], fp32), _ratio(runners[(arm, "cuda")], fp32)
         print(f"{arm:>6} | {cpu:28.2f} | {cuda:29.2f}")
-    print(f"load average after: {_load()}")
+    print(f"load average after: {load_average()}")
 
 
 # ------------------------------------------------------------------------------------------------ part 3
@@ -245,7 +237,7 @@ def lstm_benchmark() -> None:
     task = _classifier_task("lstm_bench")
     threads = torch.get_num_threads()
     print(f"\nLSTM classifier: batch {cfg['batch']}, {cfg['steps']} time steps of {cfg['features']} features, hidden "
-          f"{cfg['hidden']}, {cfg['layers']} layers, AdamW; load average {_load()}")
+          f"{cfg['hidden']}, {cfg['layers']} layers, AdamW; load average {load_average()}")
     ratios = {}
     for n_threads, clock, label in ((threads, time.perf_counter, f"wall time, {threads} threads"),
                                     (1, time.process_time, "CPU time, 1 thread")):
@@ -262,7 +254,7 @@ def lstm_benchmark() -> None:
         verdict = "meets" if ratio <= LSTM_GOAL else "misses"
         print(f"emulated fp16 LSTM step/fp32 ({label}) = {ratio:.2f} ({verdict} the goal of <= {LSTM_GOAL})")
     print("emulated op calls in the last step:", dict(emulated.emulated_calls))
-    print(f"load average after: {_load()}")
+    print(f"load average after: {load_average()}")
 
 
 PARTS = {"mlp": mlp_benchmark, "transformer": transformer_benchmark, "lstm": lstm_benchmark}

@@ -33,6 +33,14 @@ def batch(seed: int = SEED) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(BATCH, WIDTHS[0], generator=g), torch.randint(0, WIDTHS[-1], (BATCH,), generator=g)
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages (other work on the machine slows every arm alike)."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
 def mlp_task(name: str) -> Task:
     """An in-memory task: the MLP, one fixed batch, cross-entropy, AdamW (the contract's default optimizer)."""
     module = types.ModuleType(name)

@@ -1,17 +1,25 @@
 """The arms as plain data: one precision recipe each, trained from the same seed on the same batches.
 
-| arm       | forward/backward                         | weights & optimizer             | loss scaling             |
-| --------- | ---------------------------------------- | ------------------------------- | ------------------------ |
-| fp32      | fp32 (TF32 off unless asked)             | fp32                            | none                     |
-| bf16      | ``torch.autocast(dtype=torch.bfloat16)`` | fp32 master weights             | none                     |
-| fp16      | ``torch.autocast(dtype=torch.float16)``  | fp32 master weights             | ``torch.amp.GradScaler`` |
-| bf16-pure | bf16 (the model cast, no autocast)       | bf16 weights, grads, opt. state | none                     |
+| arm         | forward/backward                                  | weights & optimizer             | loss scaling   |
+| ----------- | ------------------------------------------------- | ------------------------------- | -------------- |
+| fp32        | fp32 (TF32 off unless asked)                      | fp32                            | none           |
+| bf16        | ``torch.autocast(dtype=torch.bfloat16)``          | fp32 master weights             | none           |
+| fp16        | ``torch.autocast(dtype=torch.float16)``           | fp32 master weights             | GradScaler     |
+| bf16-pure   | bf16 (the model cast, no autocast)                | bf16 weights, grads, opt. state | none           |
+| fp8         | float8 GEMMs in Linear layers (tensorwise), bf16  | fp32 master weights             | none           |
+| fp8-rowwise | float8 GEMMs in Linear layers (rowwise), bf16     | fp32 master weights             | none           |
+| mxfp8       | MXFP8 GEMMs in Linear layers (blocks of 32), bf16 | fp32 master weights             | none           |
 
 ``bf16-pure`` keeps no fp32 master copy: an update smaller than half a bf16 ulp of its weight (2^-9 of the weight's
 binade) rounds away. Its recommended variants change how updates reach the bf16 weights: ``fp32_master`` (named
 modules keep a persistent fp32 copy the optimizer steps) and ``update_rounding`` (``stochastic``: updates
 computed in fp32 and rounded stochastically to bf16, exact in expectation; ``kahan``: a compensation buffer carries
 what rounding lost into the next step). ``bf16-pure`` is not a default arm.
+
+The float8 arms (``fp8``, ``fp8-rowwise``, ``mxfp8``; none a default) convert the model's ``nn.Linear`` layers with
+torchao after the initial-weight fingerprint, so their GEMMs take float8 operands under the recipe's scaling, while
+everything else runs under bf16 autocast. Their recommended variant keeps named Linear layers out of float8
+(``exclude_from_fp8``, arm ``fp8+filter``).
 
 No torch here: the readers of results (gate, compare, renderers) use the names and recipes too. What a recipe
 means for torch (autocast, GradScaler, fp16 emulation) lives in :mod:`mpaudit.run.precision`.
@@ -32,6 +40,16 @@ HalfDtype = Literal["bfloat16", "float16"]
 
 HALF_FORMAT: dict[str, str] = {"bfloat16": "bf16", "float16": "fp16"}
 """The format name (as in :mod:`mpaudit.numerics.formats`) of each autocast dtype."""
+
+Fp8Recipe = Literal["tensorwise", "rowwise", "mxfp8"]
+"""How a float8 arm scales the operands of its GEMMs: ``tensorwise`` (one dynamic scale per tensor, torchao's
+default recipe), ``rowwise`` (one power-of-two scale per row along the contraction dimension, torchao's ``rowwise``
+recipe) or ``mxfp8`` (one e8m0 scale per block of 32 elements along the contraction dimension, OCP MX)."""
+FP8_RECIPES: tuple[Fp8Recipe, ...] = ("tensorwise", "rowwise", "mxfp8")
+FP8_ARM_OF_RECIPE: dict[str, str] = {"tensorwise": "fp8", "rowwise": "fp8-rowwise", "mxfp8": "mxfp8"}
+"""The arm that trains each float8 recipe."""
+ALTERNATIVE_RECIPE: dict[str, Fp8Recipe] = {"tensorwise": "rowwise", "rowwise": "tensorwise", "mxfp8": "rowwise"}
+"""The scaling recipe tried as the alternative to a filter on each float8 recipe (and predicted beside it)."""
 
 UpdateRounding = Literal["stochastic", "kahan"]
 """How a half-weight recipe rounds the optimizer's fp32 update into the bf16 weights (default: to nearest):
@@ -64,6 +82,11 @@ class Arm:
     update_rounding: UpdateRounding | None = None
     """How updates are rounded into the half-precision weights of the other parameters (half-weight arms only);
     None rounds to nearest, as the optimizer does by itself."""
+    fp8: Fp8Recipe | None = None
+    """The float8 training recipe of the model's Linear layers (torchao), None for arms without float8 GEMMs."""
+    exclude_from_fp8: tuple[str, ...] = ()
+    """Linear module paths a float8 arm keeps out of float8 (they run under bf16 autocast): a recommendation under
+    test. Each must name a Linear layer of the model: a path that matches none is an error, not a no-op."""
 
     @property
     def is_baseline(self) -> bool:
@@ -89,13 +112,17 @@ class Arm:
     def with_changes(
         self, keep_fp32: Sequence[str] = (), init_scale: float | None = None, *,
         fp32_master: Sequence[str] = (), update_rounding: UpdateRounding | None = None,
+        exclude_from_fp8: Sequence[str] = (),
     ) -> Arm:
-        """This recipe plus a keep-list, an initial loss scale, fp32 master copies and/or an update rounding, named
-        after the change (``fp16+keep``, ``fp16+scale2^24``, ``fp16+keep+scale2^24``, ``bf16-pure+master``,
-        ``bf16-pure+sr``, ``bf16-pure+kahan``)."""
+        """This recipe plus a keep-list, an initial loss scale, fp32 master copies, an update rounding and/or Linear
+        layers kept out of float8, named after the change (``fp16+keep``, ``fp16+scale2^24``, ``fp16+keep+scale2^24``,
+        ``bf16-pure+master``, ``bf16-pure+sr``, ``bf16-pure+kahan``, ``fp8+filter``)."""
         if (fp32_master or update_rounding is not None) and self.weights_dtype is None:
             raise UsageError(f"Arm {self.name!r} keeps fp32 master weights already: fp32_master and update_rounding "
                              "apply to half-weight arms (bf16-pure).")
+        if exclude_from_fp8 and self.fp8 is None:
+            raise UsageError(f"Arm {self.name!r} has no float8 layers to exclude: exclude_from_fp8 applies to the "
+                             "float8 arms (fp8, fp8-rowwise, mxfp8).")
         if update_rounding is not None and update_rounding not in UPDATE_ROUNDINGS:
             raise UsageError(f"Unknown update rounding {update_rounding!r}; pick from {', '.join(UPDATE_ROUNDINGS)}.")
         name = self.name
@@ -112,8 +139,12 @@ class Arm:
         if update_rounding is not None:
             name += "+" + ROUNDING_SUFFIX[update_rounding]
             parts.append(f"{update_rounding} rounding of bf16 updates")
+        if exclude_from_fp8:
+            name += "+filter"
+            parts.append("keeps " + ", ".join(exclude_from_fp8) + " out of float8")
         return replace(self, name=name, keep_fp32=tuple(keep_fp32), init_scale=init_scale,
                        fp32_master=tuple(fp32_master), update_rounding=update_rounding,
+                       exclude_from_fp8=tuple(exclude_from_fp8),
                        description=self.description + ("; " + "; ".join(parts) if parts else ""))
 
 
@@ -123,9 +154,20 @@ ARMS: dict[str, Arm] = {
     "fp16": Arm("fp16", "float16", True, "fp16 autocast, fp32 master weights, GradScaler"),
     "bf16-pure": Arm("bf16-pure", None, False, "model, gradients and optimizer state in bf16, no fp32 master "
                      "weights, no autocast, no loss scaling", weights_dtype="bfloat16"),
+    "fp8": Arm("fp8", "bfloat16", False, "float8 GEMMs in every Linear layer (torchao, tensorwise dynamic "
+               "scaling: e4m3 inputs and weights, e5m2 gradients), bf16 autocast elsewhere, fp32 master weights",
+               fp8="tensorwise"),
+    "fp8-rowwise": Arm("fp8-rowwise", "bfloat16", False, "float8 GEMMs in every Linear layer (torchao, rowwise "
+                       "dynamic scaling with power-of-two scales, e4m3 throughout), bf16 autocast elsewhere, fp32 "
+                       "master weights", fp8="rowwise"),
+    "mxfp8": Arm("mxfp8", "bfloat16", False, "MXFP8 GEMMs in every Linear layer (torchao, e4m3 blocks of 32 with "
+                 "e8m0 scales), bf16 autocast elsewhere, fp32 master weights", fp8="mxfp8"),
 }
 DEFAULT_ARMS: tuple[str, ...] = (BASELINE, "bf16", "fp16")
-"""The arms ``mpaudit run`` trains without ``--arms`` (``bf16-pure`` is asked for by name)."""
+"""The arms ``mpaudit run`` trains without ``--arms`` (``bf16-pure`` and the float8 arms are asked for by name)."""
+
+FP8_ARMS: tuple[str, ...] = tuple(name for name, arm in ARMS.items() if arm.fp8 is not None)
+"""The float8 arms (they need torchao: ``pip install mpaudit[fp8]``)."""
 
 
 def base_arm(arm_name: str) -> Arm | None:
@@ -138,6 +180,13 @@ def stores_half_weights(arm_name: str) -> bool:
     variants)."""
     known = base_arm(arm_name)
     return known is not None and known.half_weights
+
+
+def fp8_recipe_of(arm_name: str) -> str | None:
+    """The float8 recipe of an arm known only by name in a result (``fp8+filter`` -> ``tensorwise``); None for arms
+    without float8 GEMMs."""
+    known = base_arm(arm_name)
+    return known.fp8 if known is not None else None
 
 
 def half_format_of(arm_name: str) -> str | None:

@@ -75,7 +75,7 @@ def _exits(debug_arg: str = "debug") -> Callable[[F], F]:
                 code = EXIT_USAGE
                 if debug:
                     raise
-                err.print(f"[red]error:[/red]{_rank_prefix()} {exc}", markup=True)
+                err.print(f"[red]error:[/red]{_rank_prefix()} {escape(str(exc))}", markup=True)
                 raise typer.Exit(EXIT_USAGE) from None
             except KeyboardInterrupt:
                 code = 130
@@ -85,7 +85,7 @@ def _exits(debug_arg: str = "debug") -> Callable[[F], F]:
                 code = EXIT_INTERNAL
                 if debug:
                     raise
-                err.print(f"[red]internal error:[/red]{_rank_prefix()} {type(exc).__name__}: {exc} "
+                err.print(f"[red]internal error:[/red]{_rank_prefix()} {type(exc).__name__}: {escape(str(exc))} "
                           "(rerun with --debug for the traceback)", markup=True)
                 raise typer.Exit(EXIT_INTERNAL) from None
             finally:

@@ -45,18 +45,22 @@ FlagKind = Literal[
     "loss_scale",
     "precision_loss",
     "update_underflow",
+    "fp8_underflow",
+    "fp8_saturation",
 ]
 """What kind of numeric trouble a flag reports (see the README's flag table)."""
 FLAG_KINDS: Final[tuple[FlagKind, ...]] = get_args(FlagKind)
 
-VerdictLevel = Literal["baseline", "safe", "safe with changes", "not safe", "observed"]
+VerdictLevel = Literal["baseline", "safe", "safe with changes", "not safe", "observed", "skipped"]
 """The one-line answer for an arm: the fp32 reference, safe as is, safe once a verified change is applied, or not;
-``observed`` for a run mpaudit watched (:func:`mpaudit.watch`), which has no fp32 arm to be judged against."""
+``observed`` for a run mpaudit watched (:func:`mpaudit.watch`), which has no fp32 arm to be judged against;
+``skipped`` for an arm this machine cannot run (its reason says why): nothing was measured, so nothing is judged."""
 BASELINE_LEVEL: Final = "baseline"
 OBSERVED_LEVEL: Final = "observed"
 SAFE: Final = "safe"
 SAFE_WITH_CHANGES: Final = "safe with changes"
 NOT_SAFE: Final = "not safe"
+SKIPPED_LEVEL: Final = "skipped"
 
 SpeedVerdict = Literal["faster", "same", "slower"]
 """A speedup's verdict: its confidence interval lies above 1, contains 1 (same within noise), or lies below 1."""
@@ -89,3 +93,8 @@ AUTOCAST_POLICIES: Final[tuple[AutocastPolicy, ...]] = get_args(AutocastPolicy)
 
 Fp16Mode = Literal["emulated", "native"]
 """How an fp16 arm actually ran (``arms.<name>.fp16_mode``)."""
+
+Fp8Mode = Literal["emulated", "real"]
+"""How a float8 arm's GEMMs ran (``arms.<name>.fp8_mode``): ``emulated`` (torchao's emulation: operands cast to
+float8 with the recipe's scales, then a high-precision matmul of the dequantised values, on a CPU or a GPU without
+float8 units) or ``real`` (torchao's float8 kernels on a GPU that has them)."""

@@ -74,8 +74,8 @@ def test_recommendations_round_trip_through_json(overflow_result: AuditResult) -
     assert back.verification.keys() == overflow_result.verification.keys()
     assert back.to_json() == overflow_result.to_json()
     d = overflow_result.to_dict()["recommendations"][0]
-    assert set(d) == {"arm", "keep_fp32", "init_scale", "fp32_master", "update_rounding", "verified_arm", "passed",
-                      "metrics", "runs_used", "reason"}
+    assert set(d) == {"arm", "keep_fp32", "init_scale", "fp32_master", "update_rounding", "exclude_from_fp8",
+                      "fp8_recipe", "verified_arm", "passed", "metrics", "runs_used", "reason"}
     assert d["fp32_master"] == [] and d["update_rounding"] is None
 
 

@@ -32,6 +32,7 @@ EXPECTED_METRICS = {
     "dlrm_synthetic": ["auc", "accuracy", "eval_loss"],
     "fp16_overflow": ["accuracy", "eval_loss"],
     "fp16_underflow": ["perplexity", "eval_loss"],
+    "fp8_outlier_rows": ["accuracy", "eval_loss"],
     "regression_recipe": ["r2", "eval_loss"],
     "handrolled_softmax": ["accuracy", "eval_loss"],
     "lstm_classifier": ["accuracy", "eval_loss"],
@@ -152,6 +153,36 @@ def test_fp16_underflow_logit_gradients_flush_at_gradscalers_default_scale() -> 
     assert _logit_grad_zero_fraction(m, torch.float16, default_scale) > 0.25
     # the fix the docstring gives: a loss scale that lifts these gradients into fp16's range
     assert _logit_grad_zero_fraction(m, torch.float16, 2.0**28) == 0.0
+
+
+def test_fp8_outlier_rows_corrupt_records_set_a_tensorwise_scale_that_flushes_every_clean_input() -> None:
+    m = _module("fp8_outlier_rows")
+    assert m.OUTLIER_MODULE == "input_proj" and "input_proj" in (m.__doc__ or "")
+    e4m3 = torch.float8_e4m3fn
+    for x, _ in m.train_loader():
+        clean = x.abs().amax(dim=1) < 1e3
+        assert 0 < int((~clean).sum()) < len(x) // 4  # every batch holds a few corrupt records
+        scale = torch.finfo(e4m3).max / x.abs().max()  # tensorwise dynamic scaling of input_proj's input
+        flushed = (x[clean] * scale).to(e4m3).float() == 0
+        assert float(flushed.float().mean()) > 0.999
+        rowwise = torch.finfo(e4m3).max / x.abs().amax(dim=1, keepdim=True)  # a scale per row: nothing flushes
+        assert float(((x[clean] * rowwise[clean]).to(e4m3).float() == 0).float().mean()) < 0.01
+
+
+@pytest.mark.slow
+def test_fp8_outlier_rows_audit_finds_the_input_layer_and_verifies_keeping_it_out_of_float8() -> None:
+    """The default 200 steps, ``--arms fp32,bf16,fp8 --verify``: tensorwise fp8 falls to chance, an fp8 underflow
+    error at ``input_proj``, and keeping it out of float8 brings fp8 back within 0.03 of fp32."""
+    pytest.importorskip("torchao", reason="the float8 arms need torchao: pip install 'mpaudit[fp8]'")
+    result = mpaudit.audit(SUITES / "fp8_outlier_rows" / "model.py", arms=("fp32", "bf16", "fp8"), bench=False,
+                           verify=True)
+    acc = {name: arm.metrics["accuracy"] for name, arm in result.arms.items()}
+    assert acc["fp32"] > 0.85 and abs(acc["bf16"] - acc["fp32"]) < 0.01 and acc["fp8"] < 0.4
+    errors = [f for f in result.flags if f.severity == "error"]
+    assert [(f.arm, f.kind, f.layer, f.caused_by) for f in errors] == [("fp8", "fp8_underflow", "input_proj", None)]
+    fix = next(rec for rec in result.recommendations if rec.passed)
+    assert fix.arm == "fp8" and fix.exclude_from_fp8 == ["input_proj"] and fix.verified_arm == "fp8+filter"
+    assert abs(fix.metrics["accuracy"] - acc["fp32"]) <= 0.03
 
 
 def test_regression_recipe_fp32_arm_reproduces_the_plain_pytorch_loop() -> None:

@@ -107,7 +107,7 @@ def test_same_seed_same_losses(tiny_task: Path) -> None:
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
-    ({"arms": ("fp32", "fp8")}, "Unknown arm"),
+    ({"arms": ("fp32", "fp4")}, "Unknown arm"),
     ({"steps": 5, "epochs": 1}, "not both"),
     ({"steps": 0}, "at least 1"),
     ({"arms": ("bf16",), "max_drop": {"accuracy": 0.1}}, "must include fp32"),

@@ -29,7 +29,7 @@ from mpaudit.ci.gaps import (
 from mpaudit.defaults import DEFAULT_NOISE_K
 from mpaudit.errors import UsageError
 from mpaudit.results.model import ArmResult, Gate, GateCheck, NoiseFloor, fingerprints_match
-from mpaudit.vocab import BASELINE, FAILED, OK, UNKNOWN
+from mpaudit.vocab import BASELINE, FAILED, OK, SKIPPED, UNKNOWN
 
 MISMATCHED_FINGERPRINTS = ("the arms did not start from identical weights and batches (their fingerprints differ), "
                            "so the comparison with fp32 is meaningless")
@@ -95,7 +95,8 @@ def evaluate_gate(
     noise_k: float = DEFAULT_NOISE_K,
     directions: Mapping[str, str] | None = None,
 ) -> Gate:
-    """Check every non-fp32 arm against fp32 under the given limits.
+    """Check every non-fp32 arm against fp32 under the given limits (an arm ``skipped`` on this machine has no
+    numbers to check, and gets no check).
 
     ``replicates`` holds, per arm, its runs with the extra seeds (paired by position with fp32's); with
     them the checks use mean paired drops and the gate records fp32's noise floor for every metric.
@@ -126,7 +127,7 @@ def evaluate_gate(
     matched = fingerprints_match(arms, replicates)
     checks = [
         _check(runs.get(BASELINE, []), arm_runs, kind, metric, limit, floors, noise_k, directions, matched)
-        for name, arm_runs in runs.items() if name != BASELINE
+        for name, arm_runs in runs.items() if name != BASELINE and arm_runs[0].status != SKIPPED
         for kind, metric, limit in limits
     ]
     return Gate(checks=checks, max_drop=dict(max_drop), max_loss_gap=max_loss_gap, noise_floor=floors,

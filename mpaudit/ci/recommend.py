@@ -16,6 +16,15 @@ small updates instead (:mod:`mpaudit.run.half_weights`), cheapest first:
 * the smallest ``fp32_master`` list: modules ranked by the share of their updates the arm measured lost
   (:func:`rank_lost_updates`), searched like a keep-list, with the same honest minimal/sufficient claim.
 
+On a float8 arm (``fp8``, ``fp8-rowwise``), the changes keep Linear layers out of float8 instead:
+
+* the smallest ``exclude_from_fp8`` list: the arm's converted Linear layers ranked by its root ``fp8_underflow`` /
+  ``fp8_saturation`` flags, then by the share of a GEMM operand the recipe flushes or saturates (fp32's tensors cast
+  under it), then by the error of the layer's float8 forward GEMM (SQNR on the trained weights), searched like a
+  keep-list with the same minimal/sufficient claim (arm ``fp8+filter``);
+* the other scaling recipe (``rowwise`` for ``fp8``, tensorwise for ``fp8-rowwise``) as the alternative: the arm
+  that trains it, reused when the audit trained it already, else one run.
+
 Every try is a full training run (same seed, same batches, same evaluation), bounded by one budget shared by
 the arms, spent on the worst first: arms that diverged, failed or carry a root error flag, then arms failing
 the gate, then arms behind fp32 without a gate; never on a gap within fp32's seed noise.
@@ -27,7 +36,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from mpaudit.arms import UPDATE_ROUNDINGS, Arm, UpdateRounding
+from mpaudit.arms import ALTERNATIVE_RECIPE, ARMS, FP8_ARM_OF_RECIPE, UPDATE_ROUNDINGS, Arm, UpdateRounding
 from mpaudit.ci.gaps import fp32_noise_of_runs, gap_within_noise, judged_metric, ungated_drop
 from mpaudit.ci.gate import Limit, evaluate_gate
 from mpaudit.defaults import DEFAULT_VERIFY_BUDGET
@@ -35,7 +44,7 @@ from mpaudit.numerics.formats import FP16, what_if
 from mpaudit.numerics.layerstats import ACTIVATION, ROOT_LAYER, TraceSummary
 from mpaudit.numerics.rules import update_losses
 from mpaudit.results.model import ArmResult, Flag, Recommendation
-from mpaudit.vocab import BASELINE, ERROR, OK, severity_rank
+from mpaudit.vocab import BASELINE, ERROR, OK, SKIPPED, severity_rank
 
 MAX_KEEP_CANDIDATES = 8
 """At most this many top-ranked modules are tried in a keep-list; beyond that, bf16 is the better advice."""
@@ -166,13 +175,25 @@ def recommended_init_scale(arm: str, flags: Sequence[Flag]) -> float | None:
     return None
 
 
-_Key = tuple[tuple[str, ...], float | None, tuple[str, ...], str | None]
-"""A change tried: (keep_fp32, init_scale, fp32_master, update_rounding)."""
+_Key = tuple[tuple[str, ...], float | None, tuple[str, ...], str | None, tuple[str, ...]]
+"""A change tried: (keep_fp32, init_scale, fp32_master, update_rounding, exclude_from_fp8)."""
+
+FP8_KINDS = ("fp8_underflow", "fp8_saturation")
+"""Flag kinds whose layer keeping out of float8 can help."""
 
 
 def _key(keep: Sequence[str] = (), init_scale: float | None = None, master: Sequence[str] = (),
-         rounding: str | None = None) -> _Key:
-    return (tuple(keep), init_scale, tuple(master), rounding)
+         rounding: str | None = None, exclude: Sequence[str] = ()) -> _Key:
+    return (tuple(keep), init_scale, tuple(master), rounding, tuple(exclude))
+
+
+def _list_key(kind: str, modules: Sequence[str]) -> _Key:
+    """The change of a module list of ``kind`` (``keep``, ``master`` or ``exclude``)."""
+    if kind == "master":
+        return _key(master=modules)
+    if kind == "exclude":
+        return _key(exclude=modules)
+    return _key(modules)
 
 
 @dataclass
@@ -187,39 +208,46 @@ class _Search:
     tried: dict[_Key, ArmResult] = field(default_factory=dict)
 
     def run(self, keep: Sequence[str], init_scale: float | None, master: Sequence[str] = (),
-            rounding: UpdateRounding | None = None) -> ArmResult | None:
-        key = _key(keep, init_scale, master, rounding)
+            rounding: UpdateRounding | None = None, exclude: Sequence[str] = ()) -> ArmResult | None:
+        key = _key(keep, init_scale, master, rounding, exclude)
         if key not in self.tried:
             if self.budget[0] <= 0:
                 return None
             self.budget[0] -= 1
             self.runs_used += 1
             self.tried[key] = self.train(self.arm.with_changes(keep, init_scale, fp32_master=master,
-                                                               update_rounding=rounding))
+                                                               update_rounding=rounding, exclude_from_fp8=exclude))
         return self.tried[key]
 
     def passes(self, keep: Sequence[str], init_scale: float | None, master: Sequence[str] = (),
-               rounding: UpdateRounding | None = None) -> bool | None:
-        if not keep and init_scale is None and not master and rounding is None:
+               rounding: UpdateRounding | None = None, exclude: Sequence[str] = ()) -> bool | None:
+        if not keep and init_scale is None and not master and rounding is None and not exclude:
             return False  # the arm as it is: it is searched because it does not pass
-        run = self.run(keep, init_scale, master, rounding)
+        run = self.run(keep, init_scale, master, rounding, exclude)
         return None if run is None else self.criteria.passes(run)
 
-    def known(self, keep: Sequence[str], master: bool = False) -> bool | None:
-        """Whether the list ``keep`` (a keep-list, or with ``master`` an fp32-master list) was trained (or is the arm
-        as it is) and passed; None when it was never trained."""
+    def known(self, keep: Sequence[str], master: bool | str = False) -> bool | None:
+        """Whether the list ``keep`` (a keep-list; with ``master`` an fp32-master list, or a list of the kind it
+        names: ``keep``, ``master``, ``exclude``) was trained (or is the arm as it is) and passed; None when it was
+        never trained."""
         if not keep:
             return False
-        run = self.tried.get(_key(master=keep) if master else _key(keep))
+        run = self.tried.get(_list_key(_kind(master), keep))
         return None if run is None else self.criteria.passes(run)
 
-    def _list_passes(self, modules: Sequence[str], master: bool) -> bool | None:
-        return self.passes((), None, master=modules) if master else self.passes(modules, None)
+    def _list_passes(self, modules: Sequence[str], master: bool | str) -> bool | None:
+        kind = _kind(master)
+        if kind == "master":
+            return self.passes((), None, master=modules)
+        if kind == "exclude":
+            return self.passes((), None, exclude=modules)
+        return self.passes(modules, None)
 
-    def smallest_keep_list(self, ranked: Sequence[str], master: bool = False) -> _KeepSearch:
+    def smallest_keep_list(self, ranked: Sequence[str], master: bool | str = False) -> _KeepSearch:
         """Add ranked modules until the arm passes, drop each one it still passes without, then train the
-        removals from the final list not tried yet while the budget lasts. With ``master`` the list names the
-        modules that keep an fp32 master copy of their weights instead of the modules kept in fp32 under autocast."""
+        removals from the final list not tried yet while the budget lasts. With ``master`` (or ``"master"``) the list
+        names the modules that keep an fp32 master copy of their weights, with ``"exclude"`` the Linear layers kept
+        out of float8, instead of the modules kept in fp32 under autocast."""
         keep: list[str] = []
         found = _KeepSearch(keep=[], passed=False, exhausted=False, ranked=list(ranked))
         for layer in ranked:
@@ -255,6 +283,10 @@ class _Search:
         found.minimal = found.removals_tried == len(keep) and not any(
             self.known([x for x in keep if x != layer], master) for layer in keep)
         return found
+
+
+def _kind(master: bool | str) -> str:
+    return master if isinstance(master, str) else "master" if master else "keep"
 
 
 @dataclass
@@ -305,7 +337,7 @@ def recommend(
     failing: list[tuple[int, int, Arm]] = []
     for i, arm in enumerate(arms):
         result = results.get(arm.name)
-        if arm.is_baseline or result is None or criteria.passes(result):
+        if arm.is_baseline or result is None or result.status == SKIPPED or criteria.passes(result):
             continue
         priority = _priority(arm.name, result, flags, criteria)
         if priority is None:
@@ -319,6 +351,10 @@ def recommend(
         search = _Search(arm, criteria, train, left)
         if arm.rounds_updates_to_nearest:
             _half_weight_fixes(search, arm, result, reference, recs, verification)
+            continue
+        if arm.fp8 is not None:
+            sqnr = (layer_error_db or {}).get(arm.name)
+            _fp8_fixes(search, arm, result, results, flags, sqnr, recs, verification)
             continue
         scale = recommended_init_scale(arm.name, flags) if arm.grad_scaler else None
         if scale is not None:
@@ -380,17 +416,106 @@ def _half_weight_fixes(
         verification[rec.verified_arm] = search.tried[_key(master=found.keep)]
 
 
+def rank_fp8_layers(
+    arm: str, flags: Sequence[Flag], result: ArmResult, reference: ArmResult | None,
+    layer_error_db: Mapping[str, float] | None = None,
+) -> list[str]:
+    """A float8 arm's converted Linear layers most likely to need keeping out of float8, best evidence first.
+
+    1. Root ``fp8_underflow`` / ``fp8_saturation`` flags of the arm (error before warning, the larger share first).
+    2. The share of a GEMM operand the arm's recipe flushes or saturates in the layer (fp32's tensors cast under the
+       recipe; the arm's own casts without an fp32 reference), largest first.
+    3. The error of the layer's float8 forward GEMM on the trained weights (SQNR, dB: lower is worse).
+
+    Only layers the arm converted are candidates (a filter naming anything else would match nothing).
+    """
+    recipe = result.fp8_recipe
+    converted = list(result.fp8_layers)
+    casts = reference.fp8_casts if reference is not None and reference.fp8_casts is not None else result.fp8_casts
+    losses = casts.losses(recipe) if casts is not None and recipe is not None else {}
+    if not converted:
+        converted = list(losses)
+    allowed = set(converted)
+    order = {layer: i for i, layer in enumerate(converted)}
+    score: dict[str, tuple[float, ...]] = {}
+
+    def offer(layer: str, key: tuple[float, ...]) -> None:
+        if layer in allowed and (layer not in score or key < score[layer]):
+            score[layer] = key
+
+    for f in flags:
+        if f.arm == arm and f.kind in FP8_KINDS and f.caused_by is None:
+            shares = [v for k, v in f.evidence.items() if k.startswith("predicted_") and isinstance(v, (int, float))]
+            offer(f.layer, (0, severity_rank(f.severity), -max(shares, default=0.0), order.get(f.layer, 0)))
+    for layer, per_gemm in losses.items():
+        worst = max((max(g.flush, g.saturation) for g in per_gemm.values()), default=0.0)
+        if worst > 0:
+            offer(layer, (1, -worst, order.get(layer, 0)))
+    for layer, db in (layer_error_db or {}).items():
+        if math.isfinite(db):
+            offer(layer, (2, db))
+    return sorted(score, key=lambda layer: score[layer])[:MAX_KEEP_CANDIDATES]
+
+
+def _fp8_fixes(
+    search: _Search, arm: Arm, result: ArmResult, results: Mapping[str, ArmResult], flags: Sequence[Flag],
+    layer_error_db: Mapping[str, float] | None, recs: list[Recommendation], verification: dict[str, ArmResult],
+) -> None:
+    """A float8 arm's fixes: the smallest set of Linear layers to keep out of float8, then the other scaling recipe
+    (reused when the audit trained its arm already)."""
+    ranked = rank_fp8_layers(arm.name, flags, result, results.get(BASELINE), layer_error_db)
+    if not ranked:
+        recs.append(Recommendation(arm=arm.name, reason=(
+            "no Linear layer evidence to build a float8 filter from (trace the arms: --trace-every)")))
+    else:
+        before = search.runs_used
+        found = search.smallest_keep_list(ranked, master="exclude")
+        if not found.keep:
+            recs.append(Recommendation(arm=arm.name, runs_used=search.runs_used - before, reason=(
+                f"--verify-budget ran out before a float8 filter could be tried (ranked: {', '.join(ranked)})")))
+        else:
+            rec = _record(search, arm, [], None, found.passed, runs=search.runs_used - before, found=found,
+                          exclude=found.keep)
+            recs.append(rec)
+            if rec.verified_arm is not None:
+                verification[rec.verified_arm] = search.tried[_key(exclude=found.keep)]
+    other = ALTERNATIVE_RECIPE.get(arm.fp8 or "")
+    if other is None:
+        return
+    other_arm = ARMS[FP8_ARM_OF_RECIPE[other]]
+    change = f"{other} scaling instead of {arm.fp8}"
+    done = results.get(other_arm.name)
+    runs = 0
+    if done is None or done.status == SKIPPED:
+        if search.budget[0] <= 0:
+            recs.append(Recommendation(arm=arm.name, fp8_recipe=other,
+                                       reason=f"{change}: --verify-budget ran out before it was trained"))
+            return
+        search.budget[0] -= 1
+        search.runs_used += 1
+        runs = 1
+        done = search.train(other_arm)
+        verification[other_arm.name] = done
+    passed = search.criteria.passes(done)
+    outcome = "trains as well as fp32" if passed else f"still does not pass ({_outcome(done)})"
+    trained = "trained as its own arm" if runs else "the audit's own arm"
+    recs.append(Recommendation(arm=arm.name, fp8_recipe=other, verified_arm=other_arm.name, passed=passed,
+                               metrics=dict(done.metrics), runs_used=runs,
+                               reason=f"{change} ({trained}, {other_arm.name}): {arm.name} {outcome}"))
+
+
 def _record(
     search: _Search, arm: Arm, keep: list[str], scale: float | None, passed: bool | None, runs: int | None = None,
     found: _KeepSearch | None = None, master: Sequence[str] = (), rounding: UpdateRounding | None = None,
+    exclude: Sequence[str] = (),
 ) -> Recommendation:
-    run = search.tried.get(_key(keep, scale, master, rounding))
-    change = _describe(keep, scale, master, rounding)
-    listed = list(master) or keep
+    run = search.tried.get(_key(keep, scale, master, rounding, exclude))
+    change = _describe(keep, scale, master, rounding, exclude)
+    listed = list(master) or list(exclude) or keep
     if run is None:
         return Recommendation(arm=arm.name, keep_fp32=keep, init_scale=scale, fp32_master=list(master),
-                              update_rounding=rounding, passed=False, runs_used=runs or 0,
-                              reason=f"{change}: --verify-budget ran out before it was trained")
+                              update_rounding=rounding, exclude_from_fp8=list(exclude), passed=False,
+                              runs_used=runs or 0, reason=f"{change}: --verify-budget ran out before it was trained")
     outcome = "trains as well as fp32" if passed else f"still does not pass ({_outcome(run)})"
     reason = f"{change}: {arm.name} {outcome}"
     if found is not None and passed:
@@ -405,7 +530,7 @@ def _record(
         reason += f" (ranked: {', '.join(found.ranked)})"
     return Recommendation(
         arm=arm.name, keep_fp32=list(keep), init_scale=scale, fp32_master=list(master), update_rounding=rounding,
-        verified_arm=run.name, passed=bool(passed), metrics=dict(run.metrics),
+        exclude_from_fp8=list(exclude), verified_arm=run.name, passed=bool(passed), metrics=dict(run.metrics),
         runs_used=search.runs_used if runs is None else runs, reason=reason,
     )
 
@@ -418,8 +543,10 @@ def _outcome(run: ArmResult) -> str:
 
 
 def _describe(keep: Sequence[str], scale: float | None, master: Sequence[str] = (),
-              rounding: str | None = None) -> str:
+              rounding: str | None = None, exclude: Sequence[str] = ()) -> str:
     parts = []
+    if exclude:
+        parts.append("keeping " + ", ".join(f"`{p}`" for p in exclude) + " out of float8")
     if keep:
         parts.append("keeping " + ", ".join(f"`{p}`" for p in keep) + " in fp32")
     if scale is not None:
@@ -433,4 +560,5 @@ def _describe(keep: Sequence[str], scale: float | None, master: Sequence[str] = 
     return " and ".join(parts)
 
 
-__all__ = ["Criteria", "rank_layers", "rank_lost_updates", "recommend", "recommended_init_scale", "ungated_ok"]
+__all__ = ["Criteria", "rank_fp8_layers", "rank_layers", "rank_lost_updates", "recommend", "recommended_init_scale",
+           "ungated_ok"]

@@ -19,6 +19,8 @@ from mpaudit.vocab import (
     OK,
     SAFE,
     SAFE_WITH_CHANGES,
+    SKIPPED,
+    SKIPPED_LEVEL,
     WARNING,
     VerdictLevel,
 )
@@ -54,6 +56,8 @@ def verdict(result: AuditResult, name: str) -> Verdict:
         return _observed(result, name)
     if name == BASELINE:
         return Verdict(name, BASELINE_LEVEL, ["the fp32 reference every other arm is compared with"])
+    if arm.status == SKIPPED:
+        return Verdict(name, SKIPPED_LEVEL, [f"not run on this machine: {arm.error}" if arm.error else "not run"])
     blockers: list[str] = []
     if arm.status != OK:
         blockers.append(f"{arm.status}" + (f": {arm.error}" if arm.error else ""))

@@ -36,6 +36,9 @@ FOLD_AT_LAYERS = 3
 """The same advice on at least this many layers of one arm becomes one model-level flag listing them."""
 _FORWARD_KINDS = ("forward_overflow", "nonfinite")
 _GRADIENT_KINDS = ("gradient_underflow", "gradient_overflow", "loss_scale", "precision_loss", "nonfinite")
+_DEMOTED_WHEN_MATCHING = ("update_underflow", "fp8_underflow", "fp8_saturation")
+"""Errors about what a recipe *loses* (updates, float8 values) that become warnings on an arm training as well as
+fp32: the loss did not cost this run, but a longer run or another batch may pay for it."""
 
 
 def _is_backward(flag: Flag) -> bool:
@@ -114,14 +117,15 @@ def settle(flags: Sequence[Flag], matching: Collection[str], layer_order: Mappin
            arm_order: Sequence[str]) -> list[Flag]:
     """Harm over noise and one flag per piece of advice, most severe first, then in forward order.
 
-    ``matching`` names the arms that train as well as fp32 (the gate, or within 2% without one): their
-    ``precision_loss`` warnings become information, and their ``update_underflow`` errors warnings (the lost
-    updates did not cost this run, but a lower learning rate or a longer run may stall). ``layer_order`` gives
+    ``matching`` names the arms that train as well as fp32 (the gate, or within 2% without one; a float8 arm also
+    when it trains as well as bf16): their ``precision_loss`` warnings become information, and their
+    ``update_underflow``, ``fp8_underflow`` and ``fp8_saturation`` errors warnings (the lost updates or values did not
+    cost this run, but a lower learning rate or a longer run may stall). ``layer_order`` gives
     each arm's layers in forward order.
     """
     calmed = [replace(f, severity=INFO) if f.kind == "precision_loss" and f.arm in matching
               and f.severity == WARNING else f for f in flags]
-    calmed = [replace(f, severity=WARNING) if f.kind == "update_underflow" and f.arm in matching
+    calmed = [replace(f, severity=WARNING) if f.kind in _DEMOTED_WHEN_MATCHING and f.arm in matching
               and f.severity == ERROR else f for f in calmed]
     folded = _fold(calmed)
 

@@ -40,6 +40,7 @@ from mpaudit.numerics.formats import (
     update_lost,
     what_if,
 )
+from mpaudit.numerics.fp8 import FP8_FORMATS, GEMM_WORDS, Fp8Trace, GemmLoss
 from mpaudit.numerics.layerstats import (
     ACTIVATION,
     GRAD_OUTPUT,
@@ -97,6 +98,21 @@ class Thresholds:
     of a cosine schedule or more steps make it worse)."""
     update_lost_info: float = 0.01
     """Measured lost share recorded as info."""
+    fp8_underflow_error: float = 0.10
+    """Share of one GEMM operand's nonzero values that its float8 cast flushes to zero (under the arm's scaling
+    recipe, predicted by casting the fp32 arm's tensors with the recipe's own scales) that is an error when the
+    float8 arm's own casts confirm it (at least ``fp8_underflow_warning``): a tenth of a layer's inputs, weights or
+    gradients gone from its GEMM, typically because a few huge values set the scale of the whole tensor, row or
+    block. Demoted to a warning when the arm trains as well as fp32 (or bf16) anyway."""
+    fp8_underflow_warning: float = 0.01
+    """Flushed share worth a warning (and the share the float8 arm's own casts must show to confirm an error)."""
+    fp8_saturation_error: float = 0.01
+    """Share of one GEMM operand's nonzero values that land beyond the float8 format's max after scaling (clamped to
+    it) that is an error when confirmed by the arm's own casts. Dynamic tensorwise and rowwise scaling map the largest
+    value to the max, so this needs a scale that lags the data (delayed or static scaling) or MX's floor-rounded
+    block scales."""
+    fp8_saturation_warning: float = 0.001
+    """Saturated share worth a warning (and the level that confirms an error)."""
     significant_quantile: float = 0.01
     """The smallest *significant* gradient magnitude is this quantile (1st percentile) of the fp32 arm's
     nonzero gradient magnitudes over the whole model: the recommended loss scale lifts it to fp16's min
@@ -306,6 +322,7 @@ class _Flagger:
         for arm in self.arms:
             if half_format(arm) is FP16:
                 self.loss_scale(arm, advice)
+            self.fp8_casts(arm)
         order = {name: i for i, name in enumerate(self.arms)}
         return sorted(
             self.flags.values(),
@@ -757,6 +774,98 @@ class _Flagger:
                     rule="loss_scale: gradients flush at the scale in force (significant_quantile)",
                 )
             )
+
+
+    def fp8_casts(self, arm: str) -> None:
+        """Float8 casts that flush or saturate a GEMM operand of a float8 arm's Linear layer: predicted by casting the
+        fp32 arm's tensors under the arm's recipe, confirmed by the arm's own casts (both in ``fp8_casts``)."""
+        result = self.arms.get(arm)
+        recipe = result.fp8_recipe if result is not None else None
+        if result is None or recipe is None or result.status == "skipped":
+            return
+        base = self.arms.get(BASELINE)
+        reference = base.fp8_casts if base is not None else None
+        predicted = reference.losses(recipe) if reference is not None else {}
+        measured = result.fp8_casts.losses(recipe) if result.fp8_casts is not None else {}
+        converted = set(result.fp8_layers)
+        layers = [lay for lay in dict.fromkeys([*predicted, *measured]) if not converted or lay in converted]
+        for layer in layers:
+            for kind in ("fp8_underflow", "fp8_saturation"):
+                self._fp8_flag(arm, recipe, layer, kind, predicted.get(layer, {}), measured.get(layer, {}),
+                               reference, reference is not None)
+
+    def _fp8_flag(self, arm: str, recipe: str, layer: str, kind: FlagKind, predicted: Mapping[str, GemmLoss],
+                  measured: Mapping[str, GemmLoss], reference: Fp8Trace | None, has_reference: bool) -> None:
+        flush = kind == "fp8_underflow"
+        err, warn = ((self.t.fp8_underflow_error, self.t.fp8_underflow_warning) if flush
+                     else (self.t.fp8_saturation_error, self.t.fp8_saturation_warning))
+
+        def share(loss: GemmLoss | None) -> float | None:
+            return None if loss is None else loss.flush if flush else loss.saturation
+
+        source = predicted if has_reference else measured
+        ranked = sorted(source, key=lambda g: -(share(source[g]) or 0.0))
+        if not ranked:
+            return
+        gemm = ranked[0]
+        top = share(source[gemm]) or 0.0
+        if top < warn:
+            return
+        p, m = share(predicted.get(gemm)), share(measured.get(gemm))
+        confirmed = p is not None and m is not None and p >= err and m >= warn
+        severity: Severity = ERROR if confirmed else WARNING
+        loss = source[gemm]
+        stats = loss.operands[loss.operand]
+        fmt = FP8_FORMATS[stats.format]
+
+        def by_gemm(losses: Mapping[str, GemmLoss]) -> dict[str, dict[str, float]]:
+            return {g: {op: (s.flush_fraction if flush else s.saturation_fraction) for op, s in gl.operands.items()}
+                    for g, gl in losses.items()}
+
+        alternatives: dict[str, dict[str, float]] = {}
+        for other in reference.recipes if reference is not None else []:
+            if other != recipe:
+                losses = reference.losses(other).get(layer, {}) if reference is not None else {}
+                alternatives[other] = {g: (gl.flush if flush else gl.saturation) for g, gl in losses.items()}
+        evidence: dict[str, Any] = {
+            "recipe": recipe,
+            "gemm": gemm,
+            "operand": loss.operand,
+            "format": stats.format,
+            "predicted_flush_fraction" if flush else "predicted_saturation_fraction": p,
+            "measured_flush_fraction" if flush else "measured_saturation_fraction": m,
+            "amax": stats.amax,
+            "scale_log2": [stats.scale_log2_min, stats.scale_log2_max],
+            "predicted": by_gemm(predicted),
+            "measured": by_gemm(measured),
+            "other_recipes": alternatives,
+            "error_at": err,
+            "warning_at": warn,
+        }
+        what = "flush to zero" if flush else "saturate at the format's max"
+        edge = (f"below {fmt.name}'s smallest subnormal 2^{fmt.min_subnormal_exp} after scaling" if flush
+                else f"above {fmt.name}'s max {fmt.max:g} after scaling")
+        advice = (f"keep `{layer}` out of float8 (module_filter_fn / filter_fqns): {top:.0%} of its "
+                  f"{loss.operand.replace('_', ' ')} values {what} in the {GEMM_WORDS[gemm]} under {recipe} scaling "
+                  f"({edge}; largest |{loss.operand.replace('_', ' ')}| {stats.amax:.3g})")
+        better = [r for r, g in alternatives.items() if g and max(g.values()) < warn]
+        if better:
+            advice += f"; {better[0]} scaling predicts none for this layer"
+        elif flush:
+            advice += "; or clip or normalise the outlying values before this layer"
+        basis = "fp32's tensors cast under the recipe" if has_reference else "the arm's own casts (no fp32 reference)"
+        self.add(
+            Flag(
+                layer=layer,
+                arm=arm,
+                kind=kind,
+                severity=severity,
+                evidence=evidence,
+                recommendation=advice,
+                rule=(f"{kind}: {basis} {what} >= {kind}_error, confirmed by the float8 arm's own casts "
+                      f"(>= {kind}_warning)" if confirmed else f"{kind}: {basis} {what} >= {kind}_warning"),
+            )
+        )
 
 
 def _what_if_from(ref: TensorStats, fmt: Format, scale_log2: int, binade: int | None) -> WhatIf:

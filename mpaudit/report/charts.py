@@ -12,11 +12,13 @@ from mpaudit.report import layers_view
 from mpaudit.results.model import AuditResult
 from mpaudit.vocab import BASELINE
 
-ARM_COLORS = {"fp32": "#1f77b4", "bf16": "#2ca02c", "fp16": "#d62728", "bf16-pure": "#9467bd"}
-ARM_DASHES = {"fp32": "solid", "bf16": "dash", "fp16": "dot", "bf16-pure": "dashdot"}
+ARM_COLORS = {"fp32": "#1f77b4", "bf16": "#2ca02c", "fp16": "#d62728", "bf16-pure": "#9467bd", "fp8": "#ff7f0e",
+              "fp8-rowwise": "#8c564b", "mxfp8": "#e377c2"}
+ARM_DASHES = {"fp32": "solid", "bf16": "dash", "fp16": "dot", "bf16-pure": "dashdot", "fp8": "longdash",
+              "fp8-rowwise": "longdashdot", "mxfp8": "longdash"}
 """Each arm's line style, so curves that coincide stay visible: fp32 wide and solid underneath, the others dashed
 or dotted on top of it."""
-ARM_WIDTHS = {"fp32": 4.0, "bf16": 2.5, "fp16": 2.5, "bf16-pure": 2.5}
+ARM_WIDTHS = {"fp32": 4.0, "bf16": 2.5, "fp16": 2.5, "bf16-pure": 2.5, "fp8": 2.5, "fp8-rowwise": 2.5, "mxfp8": 2.5}
 
 
 def arm_line(name: str) -> dict[str, Any]:

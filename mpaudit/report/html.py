@@ -12,10 +12,11 @@ from mpaudit.arms import stores_half_weights
 from mpaudit.ci.gaps import result_direction
 from mpaudit.ci.verdict import verdicts
 from mpaudit.numerics.causes import group_by_cause
+from mpaudit.numerics.fp8 import GEMM_OPERANDS, GEMMS
 from mpaudit.numerics.rules import Thresholds, update_losses
 from mpaudit.report import layers_view
 from mpaudit.report.charts import all_charts, arm_line
-from mpaudit.report.snippets import snippet
+from mpaudit.report.snippets import fp8_filter_snippets, snippet
 from mpaudit.report.templates import ENV
 from mpaudit.results.model import POOR_SQNR_DB, AuditResult
 from mpaudit.text import fmt, recipe_text
@@ -77,11 +78,75 @@ def _rows(result: AuditResult) -> list[dict[str, Any]]:
 def _recommendation_rows(result: AuditResult) -> list[dict[str, Any]]:
     """One row per verified recommendation: the arm before and after the change, and the code that applies it."""
     rows = []
+    linears = linear_layers(result)
     for rec in result.recommendations:
         before = result.arms.get(rec.arm)
         after = result.verification.get(rec.verified_arm) if rec.verified_arm else None
-        rows.append({"rec": rec, "before": before, "after": after, "snippet": snippet(rec)})
+        if after is None and rec.verified_arm:
+            after = result.arms.get(rec.verified_arm)  # the other float8 recipe, trained as an arm of the audit
+        fp8 = rec.exclude_from_fp8 or rec.fp8_recipe is not None
+        rows.append({"rec": rec, "before": before, "after": after, "snippet": snippet(rec, linears),
+                     "fp8_snippets": fp8_filter_snippets(rec, linears) if fp8 else {}})
     return rows
+
+
+def linear_layers(result: AuditResult) -> list[str]:
+    """The model's Linear layers as the result knows them (float8 arms' converted and excluded layers, the fp32 arm's
+    float8 cast statistics), in the order first seen."""
+    seen: list[str] = []
+    for arm in [*result.arms.values(), *result.verification.values()]:
+        seen += [*arm.fp8_layers, *arm.exclude_from_fp8, *(arm.fp8_casts.all_layers() if arm.fp8_casts else [])]
+    return list(dict.fromkeys(seen))
+
+
+def _fp8_rows(result: AuditResult) -> tuple[list[dict[str, Any]], int]:
+    """Per Linear layer and GEMM, for each float8 recipe the fp32 arm predicted and each float8 arm that trained it:
+    the flushed and saturated shares of the GEMM's two operands, predicted (fp32's tensors) and measured (the arm's).
+    Only GEMMs where an operand loses at least the warning share are listed (a large model has hundreds); the second
+    number counts the GEMMs left out."""
+    base = result.arms.get(BASELINE)
+    reference = base.fp8_casts if base is not None else None
+    limits = _thresholds(result)
+    rows: list[dict[str, Any]] = []
+    quiet = 0
+    trained = {arm.fp8_recipe: (name, arm) for name, arm in result.arms.items()
+               if arm.fp8_recipe is not None and arm.fp8_casts is not None}
+    recipes = list(dict.fromkeys([*(reference.recipes if reference is not None else []), *trained]))
+    for recipe in recipes:
+        predicted = reference.losses(recipe) if reference is not None else {}
+        name, arm = trained.get(recipe, (None, None))
+        measured = arm.fp8_casts.losses(recipe) if arm is not None and arm.fp8_casts is not None else {}
+        for layer in dict.fromkeys([*predicted, *measured]):
+            for gemm in GEMMS:
+                p, m = predicted.get(layer, {}).get(gemm), measured.get(layer, {}).get(gemm)
+                losses = [g for g in (p, m) if g is not None]
+                if not losses:
+                    continue
+                if (max(g.flush for g in losses) < limits.fp8_underflow_warning
+                        and max(g.saturation for g in losses) < limits.fp8_saturation_warning):
+                    quiet += 1
+                    continue
+                cells = []
+                for operand in GEMM_OPERANDS[gemm]:
+                    ps = p.operands.get(operand) if p is not None else None
+                    ms = m.operands.get(operand) if m is not None else None
+                    either = ps or ms
+                    fmt_name = either.format if either is not None else ""
+                    cells.append({"operand": operand, "format": fmt_name,
+                                  "predicted": ps.flush_fraction if ps is not None else None,
+                                  "measured": ms.flush_fraction if ms is not None else None,
+                                  "saturated": max([s.saturation_fraction for s in (ps, ms) if s is not None],
+                                                   default=None)})
+                rows.append({"recipe": recipe, "arm": name, "layer": layer, "gemm": gemm, "cells": cells})
+    return rows, quiet
+
+
+def _thresholds(result: AuditResult) -> Thresholds:
+    """The thresholds the result's flags were raised under."""
+    try:
+        return Thresholds.from_mapping(result.config.get("thresholds") or {})
+    except Exception:  # a result written with thresholds this mpaudit does not know
+        return Thresholds()
 
 
 def _lost_update_rows(result: AuditResult) -> list[dict[str, Any]]:
@@ -89,10 +154,7 @@ def _lost_update_rows(result: AuditResult) -> list[dict[str, Any]]:
     beside the share fp32's updates predict."""
     base = result.arms.get(BASELINE)
     reference = base.trace if base is not None else None
-    try:
-        error_at = Thresholds.from_mapping(result.config.get("thresholds") or {}).update_lost_error
-    except Exception:  # a result written with thresholds this mpaudit does not know
-        error_at = Thresholds().update_lost_error
+    error_at = _thresholds(result).update_lost_error
     rows = []
     for name, arm in result.arms.items():
         if not stores_half_weights(name) or arm.trace is None:
@@ -110,6 +172,7 @@ def render_html(result: AuditResult, *, plotlyjs: str = "inline") -> str:
         raise ValueError("plotlyjs must be 'inline' or 'cdn'")
     metrics = list(dict.fromkeys(m for arm in result.arms.values() for m in arm.metrics))
     template = ENV.get_template("report.html.j2")
+    fp8_rows, fp8_quiet = _fp8_rows(result)
     charts = all_charts(result)
     return template.render(
         verdicts=verdicts(result),
@@ -120,6 +183,11 @@ def render_html(result: AuditResult, *, plotlyjs: str = "inline") -> str:
         recommendation_rows=_recommendation_rows(result),
         half_weight_arms=[name for name in result.arms if stores_half_weights(name)],
         lost_update_rows=_lost_update_rows(result),
+        fp8_rows=fp8_rows,
+        fp8_quiet=fp8_quiet,
+        fp8_flush_error=_thresholds(result).fp8_underflow_error,
+        fp8_flush_warning=_thresholds(result).fp8_underflow_warning,
+        fp8_arms=[(name, arm) for name, arm in result.arms.items() if arm.fp8_recipe is not None],
         poor_sqnr_db=POOR_SQNR_DB,
         metrics=metrics,
         fmt=fmt,

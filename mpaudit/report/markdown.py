@@ -67,6 +67,7 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def _status(arm: ArmResult) -> str:
     text = arm.status + (f" ({arm.fp16_mode})" if arm.fp16_mode else "")
+    text += f" ({arm.fp8_mode} float8, {arm.fp8_recipe})" if arm.fp8_mode else ""
     return text + (f": {cut(arm.error)}" if arm.error else "")
 
 
@@ -128,6 +129,10 @@ def _fix(result: AuditResult, name: str) -> str | None:
         parts.append("fp32 master weights for " + ", ".join(f"`{p}`" for p in rec.fp32_master))
     if rec.update_rounding is not None:
         parts.append(f"{rec.update_rounding} rounding of bf16 updates")
+    if rec.exclude_from_fp8:
+        parts.append("keep " + ", ".join(f"`{p}`" for p in rec.exclude_from_fp8) + " out of float8 (exclude_from_fp8)")
+    if rec.fp8_recipe is not None:
+        parts.append(f"{rec.fp8_recipe} scaling")
     metric = next(iter(rec.metrics), None)
     reached = f" ({metric} {fmt(rec.metrics[metric])} in `{rec.verified_arm}`)" if metric is not None else ""
     return " and ".join(parts) + reached

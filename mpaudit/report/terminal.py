@@ -52,7 +52,10 @@ def summary_lines(result: AuditResult) -> list[str]:
         change = ", ".join(filter(None, [f"keep {', '.join(rec.keep_fp32)} in fp32" if rec.keep_fp32 else "",
                                          f"init_scale={rec.init_scale:g}" if rec.init_scale else "",
                                          f"fp32_master={', '.join(rec.fp32_master)}" if rec.fp32_master else "",
-                                         f"update_rounding={rec.update_rounding}" if rec.update_rounding else ""]))
+                                         f"update_rounding={rec.update_rounding}" if rec.update_rounding else "",
+                                         f"exclude_from_fp8={', '.join(rec.exclude_from_fp8)}"
+                                         if rec.exclude_from_fp8 else "",
+                                         f"{rec.fp8_recipe} scaling" if rec.fp8_recipe else ""]))
         if rec.verified_arm is not None:
             how = f"{'verified' if rec.passed else 'not verified'} by training {rec.verified_arm}"
         else:

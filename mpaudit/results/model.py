@@ -24,6 +24,7 @@ from pydantic import ValidationError, computed_field, model_validator
 from pydantic.dataclasses import dataclass
 
 from mpaudit.errors import ResultError
+from mpaudit.numerics.fp8 import Fp8Trace
 from mpaudit.numerics.layerstats import TraceSummary
 from mpaudit.results.codec import RESULT_CONFIG, JsonFloat, dumps, from_plain, json_schema, to_plain
 from mpaudit.results.perf import MemoryResult, SpeedResult, Speedup, activation_savings
@@ -131,6 +132,19 @@ class ArmResult:
     """Modules of a half-weight arm whose parameters kept an fp32 master copy (a recommendation under test)."""
     update_rounding: str | None = None
     """How a half-weight arm rounded updates into its bf16 weights: ``stochastic``, ``kahan``, or None (to nearest)."""
+    fp8_recipe: str | None = None
+    """A float8 arm's scaling recipe (``tensorwise``, ``rowwise``, ``mxfp8``); None for other arms and older results."""
+    fp8_mode: str | None = None
+    """How a float8 arm's GEMMs ran: ``emulated`` (torchao's emulation on a CPU or a GPU without float8 units) or
+    ``real`` (torchao's float8 kernels)."""
+    fp8_layers: list[str] = field(default_factory=list)
+    """The Linear layers a float8 arm converted to float8 (torchao's conversion, after its module filter)."""
+    exclude_from_fp8: list[str] = field(default_factory=list)
+    """The Linear layers a float8 arm kept out of float8 (a recommendation under test)."""
+    fp8_casts: Fp8Trace | None = None
+    """Float8 cast statistics per Linear layer, recipe, GEMM and operand on the traced steps: in the fp32 arm every
+    recipe asked for and its alternative (the prediction), in a float8 arm its own recipe (its own tensors, cast with
+    its own scales)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -186,8 +200,9 @@ class Flag:
 @dataclass(frozen=True, config=RESULT_CONFIG)
 class Recommendation:
     """A change to one arm's recipe, tried by training it: the modules to keep in fp32 and/or the
-    GradScaler's initial scale (autocast arms), or the modules that keep an fp32 master copy and/or how updates are
-    rounded into bf16 weights (half-weight arms), the extra arm that tested it, whether it passed, and why."""
+    GradScaler's initial scale (autocast arms), the modules that keep an fp32 master copy and/or how updates are
+    rounded into bf16 weights (half-weight arms), or the Linear layers kept out of float8 or another scaling recipe
+    (float8 arms); the extra arm that tested it, whether it passed, and why."""
 
     arm: str
     keep_fp32: list[str] = field(default_factory=list)
@@ -196,6 +211,10 @@ class Recommendation:
     """Modules whose parameters keep a persistent fp32 master copy the optimizer steps (``mpaudit.bf16_optimizer``)."""
     update_rounding: str | None = None
     """``stochastic`` or ``kahan``: how the other bf16 parameters' updates are rounded (``mpaudit.bf16_optimizer``)."""
+    exclude_from_fp8: list[str] = field(default_factory=list)
+    """Linear layers a float8 arm keeps out of float8 (torchao ``module_filter_fn``, torchtitan ``filter_fqns``)."""
+    fp8_recipe: str | None = None
+    """Another float8 scaling recipe for the arm (``rowwise`` for ``fp8``), tried as the alternative to a filter."""
     verified_arm: str | None = None
     passed: bool = False
     metrics: dict[str, JsonFloat] = field(default_factory=dict)

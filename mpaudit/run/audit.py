@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mpaudit.arms import DEFAULT_ARMS, Arm, parse_arms
+from mpaudit.arms import ALTERNATIVE_RECIPE, DEFAULT_ARMS, Arm, parse_arms
 from mpaudit.ci.gaps import check_declared_directions, directions_for, lower_is_better
 from mpaudit.ci.gate import AUTO, DEFAULT_NOISE_K, check_declared_metrics, check_gated_metrics, evaluate_gate
 from mpaudit.ci.recommend import DEFAULT_VERIFY_BUDGET
@@ -40,7 +40,7 @@ from mpaudit.run.step import Recipe
 from mpaudit.run.task import Task, load_task, preflight
 from mpaudit.run.train import Progress, TrainSpec, train_arm
 from mpaudit.trace.tracer import DEFAULT_TRACE_EVERY, select_modules
-from mpaudit.vocab import AUTOCAST_POLICIES, BASELINE, FAILED, FP16_CPU_MODES, OK, MetricDirection
+from mpaudit.vocab import AUTOCAST_POLICIES, BASELINE, FAILED, FP16_CPU_MODES, OK, SKIPPED, MetricDirection
 
 
 @dataclass(frozen=True)
@@ -182,6 +182,11 @@ def audit(
         parallel = Parallel.from_env(cfg.parallel, cfg.dist_timeout, device.type)
     device = parallel.device(device)
     arms = parse_arms(cfg.arms)
+    from mpaudit.run.fp8 import require_torchao
+
+    require_torchao(arms)
+    asked = [a.fp8 for a in arms if a.fp8 is not None]  # each recipe and its alternative, predicted by fp32
+    fp8_recipes = tuple(dict.fromkeys([*asked, *(ALTERNATIVE_RECIPE[r] for r in asked)]))
 
     if task.has_custom_step and (cfg.clip_grad_norm is not None or cfg.grad_accumulation is not None):
         given = "--clip-grad-norm" if cfg.clip_grad_norm is not None else "--grad-accumulation"
@@ -207,7 +212,7 @@ def audit(
             for i, seed in enumerate(cfg.seed_list):
                 spec = TrainSpec(seed=seed, steps=cfg.steps, epochs=cfg.epochs, data_seed=cfg.seed,
                                  trace_every=cfg.trace_every if i == 0 else 0,  # replicates measure noise only
-                                 trace_include=cfg.trace, trace_depth=cfg.trace_depth)
+                                 trace_include=cfg.trace, trace_depth=cfg.trace_depth, fp8_recipes=fp8_recipes)
                 for arm in arms:
                     label = arm.name if i == 0 else f"{arm.name} s{seed}"
                     keep_model = i == 0 and arm.name == BASELINE and cfg.verify
@@ -355,7 +360,7 @@ def _measure(
     there ends the job (:class:`RankFailed`): a rank cannot skip a measurement its peers are stepping through.
     """
     perf = _Perf()
-    ran = [a for a in arms if results[a.name].status != FAILED]
+    ran = [a for a in arms if results[a.name].status not in (FAILED, SKIPPED)]
     if not ran:
         return perf
 
@@ -532,7 +537,12 @@ def _flags(results: dict[str, ArmResult], replicates: dict[str, list[ArmResult]]
                             directions=directions)
         try:
             matching = {name for name, run in results.items() if name != BASELINE and criteria.passes(run)}
-        except UsageError:  # a partial result: `auto` before fp32's seed replicates have run
+            bf16 = results.get("bf16")
+            if bf16 is not None and bf16.status == OK:  # a float8 arm is judged against the bf16 it builds on, too
+                against_bf16 = replace(criteria, baseline=bf16, baseline_replicates=replicates.get("bf16", []))
+                matching |= {name for name, run in results.items() if run.fp8_recipe is not None
+                             and against_bf16.passes(run)}
+        except UsageError:  # a partial result: `auto` before the seed replicates have run
             matching = set()
     order = {name: trace.layers for name, trace in traces.items()}
     return settle(flags, matching, order, list(results))

@@ -4,12 +4,13 @@
 recipes swap modules or cast weights), moves it to the device, casts it to the recipe's weight dtype (``bf16-pure``:
 weights and buffers in bf16), applies the recipe's keep-list, wraps it for the distributed job and builds the
 optimizer (on the cast parameters, so its state follows their dtype; with the recipe's fp32 master copies or update
-rounding attached, :mod:`mpaudit.run.half_weights`), the task's LR scheduler and the GradScaler. What is timed and
-measured is therefore exactly the recipe that was trained: keep-lists, loss scales, update rounding, gradient
-clipping, accumulation, the scheduler and a custom step included (:mod:`mpaudit.run.step`). A half-weight arm's
-batches have their floating tensors cast to the weight dtype in :meth:`PreparedArm.step` (a bf16 model without
-autocast rejects fp32 inputs), and so has whatever ``loss_fn`` passes to the model (a forward pre-hook on its root:
-``model(x.float())`` works too); integer tensors are untouched.
+rounding attached, :mod:`mpaudit.run.half_weights`), the task's LR scheduler and the GradScaler. A float8 arm's
+Linear layers are swapped for torchao's float8 ones after the fingerprint and the move (:mod:`mpaudit.run.fp8`). What
+is timed and measured is therefore exactly the recipe that was trained: keep-lists, loss scales, update rounding,
+float8 filters, gradient clipping, accumulation, the scheduler and a custom step included (:mod:`mpaudit.run.step`).
+A half-weight arm's batches have their floating tensors cast to the weight dtype in :meth:`PreparedArm.step` (a bf16
+model without autocast rejects fp32 inputs), and so has whatever ``loss_fn`` passes to the model (a forward pre-hook
+on its root: ``model(x.float())`` works too); integer tensors are untouched.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from torch.utils.hooks import RemovableHandle
 from mpaudit.arms import Arm
 from mpaudit.run.batches import cast_floating, casting_pre_hook
 from mpaudit.run.distributed import SINGLE, Parallel
+from mpaudit.run.fp8 import Conversion
 from mpaudit.run.half_weights import Bf16Updates, attach_for_arm
 from mpaudit.run.keep import KeepFp32, keep_fp32
 from mpaudit.run.precision import autocast, fp16_mode, make_scaler, step_context
 from mpaudit.run.seeding import fingerprint_model, seed_everything
 from mpaudit.run.step import Recipe, recipe_of, train_step
 from mpaudit.run.task import Task
-from mpaudit.vocab import AutocastPolicy, Fp16Mode
+from mpaudit.vocab import AutocastPolicy, Fp8Mode, Fp16Mode
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,18 @@ class RunContext:
     def fp16_mode(self, arm: Arm) -> Fp16Mode | None:
         """How ``arm`` computes fp16 here (``emulated`` / ``native``), None for arms without fp16."""
         return fp16_mode(arm, self.device.type, self.fp16_cpu)
+
+    def fp8_mode(self, arm: Arm) -> Fp8Mode | None:
+        """How ``arm``'s float8 GEMMs run here (``real`` / ``emulated``), None for arms without float8."""
+        from mpaudit.run.fp8 import fp8_mode
+
+        return fp8_mode(arm, self.device)
+
+    def skip_reason(self, arm: Arm) -> str | None:
+        """Why ``arm`` cannot run here (an MX arm without MX units), or None."""
+        from mpaudit.run.fp8 import skip_reason
+
+        return skip_reason(arm, self.device)
 
     def autocast_policy_of(self, arm: Arm) -> AutocastPolicy | None:
         """The op policy ``arm``'s autocast follows here: ``cuda`` on a GPU, the configured one on a CPU; None for
@@ -91,6 +105,8 @@ class PreparedArm:
     """The step hooks of a half-weight recipe's fp32 master copies or update rounding (None: plain rounding)."""
     input_cast: RemovableHandle | None = None
     """A half-weight arm's forward pre-hook casting the model's floating inputs to the weight dtype."""
+    fp8: Conversion | None = None
+    """A float8 arm's conversion: the Linear layers in float8 and those kept out."""
 
     def context(self) -> contextlib.AbstractContextManager[Any]:
         """The context every step of this arm runs in (enter it outermost, around forward, backward and step)."""
@@ -124,7 +140,12 @@ class PreparedArm:
 
     def for_evaluation(self) -> None:
         """Widen a half-weight arm's trained weights (and buffers) to fp32, exactly, so ``evaluate`` runs in fp32
-        like every other arm's: the metrics judge the weights bf16 training reached, not a bf16 forward."""
+        like every other arm's: the metrics judge the weights bf16 training reached, not a bf16 forward. A float8
+        arm's Linear layers become plain ``nn.Linear`` again, holding the trained fp32 weights."""
+        if self.fp8 is not None and self.arm.fp8 != "mxfp8":
+            from mpaudit.run.fp8 import unconvert
+
+            unconvert(self.model)
         if self.arm.weights_dtype is not None:
             if self.input_cast is not None:
                 self.input_cast.remove()
@@ -146,6 +167,11 @@ def prepare_arm(run: RunContext, arm: Arm, seed: int) -> PreparedArm:
         dtype = getattr(torch, arm.weights_dtype)
         model.to(dtype=dtype)
         input_cast = model.register_forward_pre_hook(casting_pre_hook(dtype), with_kwargs=True)
+    conversion = None
+    if arm.fp8 is not None:  # after the fingerprint: every arm starts from the same fp32 weights
+        from mpaudit.run.fp8 import convert
+
+        conversion = convert(model, arm, run.device)
     model.train()
     keep = keep_fp32(model, arm.keep_fp32) if arm.keep_fp32 else None
     trained = run.parallel.wrap(model, run.device)
@@ -155,7 +181,7 @@ def prepare_arm(run: RunContext, arm: Arm, seed: int) -> PreparedArm:
     scaler = make_scaler(arm, run.device.type, run.parallel.scaler_cls)
     return PreparedArm(arm=arm, run=run, model=model, trained=trained, optimizer=optimizer, scaler=scaler,
                        weights_fingerprint=weights, keep=keep, scheduler=scheduler, updates=updates,
-                       input_cast=input_cast)
+                       input_cast=input_cast, fp8=conversion)
 
 
 def release(arm: Arm, run: RunContext) -> None:

@@ -16,6 +16,7 @@ import torch
 from mpaudit.arms import Arm
 from mpaudit.defaults import DEFAULT_TRACE_EVERY
 from mpaudit.errors import error_text
+from mpaudit.numerics.fp8 import Fp8Trace
 from mpaudit.numerics.layerstats import TraceSummary
 from mpaudit.results.model import ArmResult, Fingerprints, LossScale, Site
 from mpaudit.run.batches import move_to_device
@@ -25,7 +26,7 @@ from mpaudit.run.prepare import PreparedArm, RunContext, prepare_arm, release
 from mpaudit.run.seeding import FINGERPRINT_BATCHES, BatchFingerprint, fingerprint_model, seed_everything
 from mpaudit.trace.sites import RngState, locate
 from mpaudit.trace.tracer import Tracer, TraceSchedule
-from mpaudit.vocab import DIVERGED, FAILED, INTERRUPTED, OK, Status
+from mpaudit.vocab import DIVERGED, FAILED, INTERRUPTED, OK, SKIPPED, Status
 
 DIVERGE_PATIENCE = 25
 """An fp16 arm is called diverged after this many consecutive non-finite losses (GradScaler skips each
@@ -75,6 +76,10 @@ class TrainSpec:
     trace_every: int = DEFAULT_TRACE_EVERY
     trace_include: tuple[str, ...] = ()
     trace_depth: int | None = None
+    fp8_recipes: tuple[str, ...] = ()
+    """The float8 recipes the audit trains and their alternatives: on traced steps the fp32 arm records what each
+    would do to every Linear layer's GEMM operands (the prediction), a float8 arm what its own recipe does
+    (:mod:`mpaudit.trace.fp8_probe`)."""
 
     @property
     def loader_seed(self) -> int:
@@ -157,6 +162,12 @@ def train_arm(
     """
     progress = progress or NoProgress()
     label = label or arm.name
+    reason = run.skip_reason(arm)
+    if reason is not None:  # a recipe this device cannot run: recorded, not trained
+        skipped_result = ArmResult(name=arm.name, status=SKIPPED, error=reason, recipe=arm.description,
+                                   fp8_recipe=arm.fp8, exclude_from_fp8=list(arm.exclude_from_fp8))
+        progress.arm_finished(label, skipped_result)
+        return TrainedArm(skipped_result)
     losses: list[float] = []
     sites: list[Site] = []
     notes: list[str] = []
@@ -172,6 +183,8 @@ def train_arm(
     prepared: PreparedArm | None = None
     tracer: Tracer | None = None
     trace: TraceSummary | None = None
+    probe: Any = None
+    fp8_casts: Fp8Trace | None = None
     failure: RankFailed | None = None
     kept: torch.nn.Module | None = None
     batch_fp: BatchFingerprint | None = None
@@ -186,12 +199,15 @@ def train_arm(
         schedule = TraceSchedule(spec.trace_every)
         if spec.trace_every > 0:
             tracer = Tracer(prepared.model, include=spec.trace_include, depth=spec.trace_depth, parallel=parallel)
+        probe = _fp8_probe(prepared, spec)
         hooks = tracer if tracer is not None else contextlib.nullcontext()
-        with hooks:
+        with hooks, probe if probe is not None else contextlib.nullcontext():
             status, error = _loop(prepared, spec, loader, batch_fp, tracer, schedule, progress, label, losses,
-                                  scales, skipped, step_times, sites, notes)
+                                  scales, skipped, step_times, sites, notes, probe)
         if tracer is not None:
             trace = tracer.summary()
+        if probe is not None:
+            fp8_casts = probe.summary()
         if not losses:
             raise RuntimeError("train_loader() yielded no batch for this arm")
         fingerprints = Fingerprints(weights=prepared.weights_fingerprint, batches=batch_fp.hexdigest())
@@ -210,6 +226,8 @@ def train_arm(
             error = str(failure)
         if tracer is not None and tracer.summary().steps:
             trace = tracer.summary()  # what was traced before the failure is evidence too
+        if probe is not None and probe.summary().steps:
+            fp8_casts = probe.summary()
     except Interrupted as exc:  # stopped from outside: keep the steps so far, then let the audit stop
         status, error, stopped = INTERRUPTED, f"{exc} after {len(losses)} steps", exc
         if prepared is not None and batch_fp is not None:
@@ -219,6 +237,7 @@ def train_arm(
     finally:
         if prepared is not None and prepared.keep is not None and kept is None:
             prepared.keep.remove()
+        conversion = prepared.fp8 if prepared is not None else None
         del prepared
         release(arm, run)
 
@@ -238,10 +257,15 @@ def train_arm(
         recipe=arm.description,
         trace=trace,
         sites=sites,
-        notes=notes,
+        notes=[*notes, *(conversion.notes if conversion is not None else [])],
         weights_dtype=arm.weights_dtype,
         fp32_master=list(arm.fp32_master),
         update_rounding=arm.update_rounding,
+        fp8_recipe=arm.fp8,
+        fp8_mode=run.fp8_mode(arm),
+        fp8_layers=list(conversion.converted) if conversion is not None else [],
+        exclude_from_fp8=list(arm.exclude_from_fp8),
+        fp8_casts=fp8_casts,
     )
     progress.arm_finished(label, result)
     if failure is not None:
@@ -267,10 +291,25 @@ def initial_fingerprints(run: RunContext, spec: TrainSpec) -> Fingerprints:
     return Fingerprints(weights=weights, batches=batches.hexdigest())
 
 
+def _fp8_probe(prepared: PreparedArm, spec: TrainSpec) -> Any:
+    """The float8 cast probe of this arm's traced steps: every recipe of the audit on every Linear layer of the fp32
+    arm, the arm's own recipe on its converted layers for a float8 arm; None for other arms, or without tracing."""
+    arm = prepared.arm
+    if spec.trace_every <= 0 or not spec.fp8_recipes or (arm.fp8 is None and not arm.is_baseline):
+        return None
+    from mpaudit.run.fp8 import linear_paths
+    from mpaudit.trace.fp8_probe import Fp8Probe
+
+    if arm.fp8 is not None:
+        paths = prepared.fp8.converted if prepared.fp8 is not None else []
+        return Fp8Probe(prepared.model, paths, [arm.fp8], autocast_input=True) if paths else None
+    return Fp8Probe(prepared.model, linear_paths(prepared.model), list(spec.fp8_recipes))
+
+
 def _loop(
     prepared: PreparedArm, spec: TrainSpec, loader: Any, batch_fp: BatchFingerprint, tracer: Tracer | None,
     schedule: TraceSchedule, progress: Progress, label: str, losses: list[float], scales: list[float],
-    skipped: list[int], step_times: list[float], sites: list[Site], notes: list[str],
+    skipped: list[int], step_times: list[float], sites: list[Site], notes: list[str], probe: Any = None,
 ) -> tuple[Status, str | None]:
     """The optimizer steps of one arm; fills the lists in place and returns (status, error)."""
     run, scaler = prepared.run, prepared.scaler
@@ -289,6 +328,8 @@ def _loop(
         traced = tracer is not None and schedule.wants(step)
         if traced and tracer is not None:
             tracer.start_step(step, scale)
+        if traced and probe is not None:
+            probe.start_step(step)
         rng = finder.before_step()
         with prepared.context():
             loss = prepared.step(
@@ -300,6 +341,8 @@ def _loop(
             )
         if traced and tracer is not None:
             tracer.finish_step()
+        if traced and probe is not None:
+            probe.finish_step()
         anomaly = False
         if scaler is not None and scale is not None:
             scales.append(scale)

@@ -10,7 +10,10 @@ On a few fixed batches, with the fp32 arm's weights at the end of training (eval
   with the fp32 pass: the error accumulated up to that layer.
 
 A half-weight arm (``bf16-pure``) runs a bf16 copy of the trained weights with the batch's floating tensors in bf16
-and no autocast: every op in bf16, as it trained.
+and no autocast: every op in bf16, as it trained. A float8 arm runs a copy whose Linear layers torchao converted
+under the arm's recipe (:mod:`mpaudit.run.fp8`), under bf16 autocast: a Linear layer's own error is then that of its
+float8 forward GEMM. (The held-out batches are what the attribution sees: outliers that only training batches hold
+show in the float8 cast statistics, :mod:`mpaudit.trace.fp8_probe`, not here.)
 
 Both are given as SQNR (signal-to-quantisation-noise ratio, dB: higher is better; fp16 rounding alone is
 about 70 dB, bf16's about 50 dB; ``-inf`` when the output is not finite) and relative error (‖y−ŷ‖/‖y‖).
@@ -132,14 +135,14 @@ def layer_errors(
 ) -> dict[str, list[LayerError]]:
     """Local error and drift of every module in ``paths`` for each non-fp32 arm in ``arms``, measured on
     ``model`` (the trained fp32 model) in eval mode on the first ``batches`` batches (eval loader first)."""
-    targets = [a for a in arms if not a.is_baseline]
+    targets = [a for a in arms if not a.is_baseline and run.skip_reason(a) is None]
     if not targets or not paths:
         return {}
     local = {a.name: {p: _Acc() for p in paths} for a in targets}
     drift = {a.name: {p: _Acc() for p in paths} for a in targets}
     was_training = model.training
     model.eval()
-    models = {a.name: _arm_model(model, a) for a in targets}
+    models = {a.name: _arm_model(model, a, run) for a in targets}
     try:
         with torch.no_grad():
             for batch in _batches(run.task, batches):
@@ -172,9 +175,19 @@ class _ArmModel:
     dtype: torch.dtype
 
 
-def _arm_model(model: nn.Module, arm: Arm) -> _ArmModel | None:
+def _arm_model(model: nn.Module, arm: Arm, run: RunContext | None = None) -> _ArmModel | None:
     """The fp32 model for an autocast arm; for a half-weight arm a copy cast to its weight dtype, taking its inputs in
-    that dtype as it trained (None when the model cannot be copied: that arm is left out of the table)."""
+    that dtype as it trained; for a float8 arm a copy with its Linear layers converted (None when the model cannot be
+    copied: that arm is left out of the table)."""
+    if arm.fp8 is not None:
+        from mpaudit.run.fp8 import convert
+
+        try:
+            converted = copy.deepcopy(model)
+            convert(converted, arm, run.device if run is not None else torch.device("cpu"))
+        except Exception:
+            return None
+        return _ArmModel(converted, torch.float32)
     if arm.weights_dtype is None:
         return _ArmModel(model, torch.float32)
     dtype = getattr(torch, arm.weights_dtype)
