@@ -330,6 +330,17 @@ def test_an_lstm_tasks_fp16_arm_trains_emulated_on_a_cpu(write_task: Callable[..
     assert abs(fp16.metrics["accuracy"] - fp32.metrics["accuracy"]) <= MAX_ACCURACY_GAP
 
 
+def test_an_lstm_tasks_native_fp16_arm_fails_alone_naming_the_missing_kernel_and_the_emulation(
+        write_task: Callable[..., Path]) -> None:
+    result = mpaudit.audit(write_task(TINY_TASK, **LSTM_MODEL), steps=2, arms=("fp32", "fp16"), bench=False,
+                           fp16_cpu="native")
+    fp32, fp16 = result.arms["fp32"], result.arms["fp16"]
+    assert fp32.status == "ok"  # one failing arm never sinks the others
+    assert fp16.status == "failed" and fp16.fp16_mode == "native"
+    assert fp16.error is not None and "\n" not in fp16.error
+    assert "native fp16 on this CPU has no kernel" in fp16.error and "--fp16-cpu emulate" in fp16.error
+
+
 MAX_ACCURACY_GAP = 0.03
 """The bar for the LSTM workload: the fp16 arm within this much accuracy of fp32."""
 

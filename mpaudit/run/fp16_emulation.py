@@ -165,7 +165,7 @@ class EmulatedFp16(TorchDispatchMode):
         try:
             return func(*args, **kwargs)
         except (NotImplementedError, RuntimeError) as exc:
-            if _has_fp16_cpu_tensor(args, kwargs) and _missing_fp16_kernel(exc):
+            if _has_fp16_cpu_tensor(args, kwargs) and missing_fp16_kernel(exc):
                 raise _no_fp16_kernel_error(func, exc) from exc
             raise
 
@@ -264,7 +264,7 @@ _MISSING_KERNEL_MESSAGES = (
 """How PyTorch says an op has no usable CPU kernel for its fp16 inputs."""
 
 
-def _missing_fp16_kernel(exc: BaseException) -> bool:
+def missing_fp16_kernel(exc: BaseException) -> bool:
     """Whether ``exc`` says the op has no usable CPU kernel for fp16 (not a shape or dtype error of the call)."""
     text = str(exc)
     return any(message in text for message in _MISSING_KERNEL_MESSAGES)

@@ -21,6 +21,7 @@ from mpaudit.numerics.layerstats import TraceSummary
 from mpaudit.results.model import ArmResult, Fingerprints, LossScale, Site
 from mpaudit.run.batches import move_to_device
 from mpaudit.run.distributed import RankFailed
+from mpaudit.run.fp16_emulation import missing_fp16_kernel
 from mpaudit.run.interrupt import Interrupted
 from mpaudit.run.prepare import PreparedArm, RunContext, prepare_arm, release
 from mpaudit.run.seeding import FINGERPRINT_BATCHES, BatchFingerprint, fingerprint_model, seed_everything
@@ -221,6 +222,9 @@ def train_arm(
             kept = prepared.model
     except Exception as exc:  # one failing arm never sinks the others
         status, error = FAILED, error_text(exc)
+        if run.fp16_mode(arm) == "native" and run.device.type == "cpu" and missing_fp16_kernel(exc):
+            error = (f"{error} (native fp16 on this CPU has no kernel for an op of the model; the default "
+                     "--fp16-cpu emulate computes it as a GPU would)")
         if parallel.active:
             failure = parallel.failed(exc, label)
             error = str(failure)
