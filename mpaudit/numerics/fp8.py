@@ -34,11 +34,9 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
-from pydantic_core import core_schema
 
 from mpaudit.numerics.formats import E4M3, E5M2, HIST_BINS, HIST_MAX_EXP, HIST_MIN_EXP, Format
-from mpaudit.results.codec import FLOAT_SCHEMA, decode_float, encode_float
+from mpaudit.results.codec import FLOAT_SCHEMA, DictLayout, decode_float, encode_float
 
 GEMMS = ("forward", "grad_input", "grad_weight")
 """A Linear layer's three GEMMs, in the order a step runs them."""
@@ -172,7 +170,7 @@ class GemmLoss:
 
 
 @dataclass(frozen=True)
-class Fp8Trace:
+class Fp8Trace(DictLayout):
     """One arm's float8 cast statistics per (layer, recipe, GEMM, operand), merged over its traced steps.
 
     ``layers`` are the Linear layers in the order their forward first ran; ``notes`` say what could not be
@@ -257,16 +255,8 @@ class Fp8Trace:
         )
 
     @classmethod
-    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
-        def validate(value: Any) -> Fp8Trace:
-            return value if isinstance(value, Fp8Trace) else cls.from_dict(value)
-
-        return core_schema.no_info_plain_validator_function(
-            validate, serialization=core_schema.plain_serializer_function_ser_schema(lambda v: v.to_dict())
-        )
-
-    @classmethod
-    def __get_pydantic_json_schema__(cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler) -> Any:
+    def json_schema(cls) -> dict[str, Any]:
+        """JSON Schema of :meth:`to_dict`'s layout (``mpaudit schema``)."""
         return FP8_TRACE_SCHEMA
 
 

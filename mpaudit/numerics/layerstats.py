@@ -27,8 +27,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
-from pydantic_core import core_schema
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -43,7 +41,7 @@ from mpaudit.numerics.formats import (
     update_lost,
     what_if,
 )
-from mpaudit.results.codec import FLOAT_SCHEMA, decode_float, encode_float
+from mpaudit.results.codec import FLOAT_SCHEMA, DictLayout, decode_float, encode_float
 
 ACTIVATION = "activation"
 GRAD_OUTPUT = "grad_output"
@@ -237,7 +235,7 @@ def _earlier(a: NonfiniteSite | None, b: NonfiniteSite | None) -> NonfiniteSite 
 
 
 @dataclass(frozen=True)
-class TraceSummary:
+class TraceSummary(DictLayout):
     """What one arm's tracer saw: merged statistics per (layer, role) over the traced steps.
 
     ``loss_scales[i]`` is the loss scale in force at ``steps[i]`` (None without a GradScaler). ``layers``
@@ -329,18 +327,8 @@ class TraceSummary:
         )
 
     @classmethod
-    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
-        """Read from and written as :meth:`to_dict`'s layout when a result holding a trace is (de)serialised."""
-
-        def validate(value: Any) -> TraceSummary:
-            return value if isinstance(value, TraceSummary) else cls.from_dict(value)
-
-        return core_schema.no_info_plain_validator_function(
-            validate, serialization=core_schema.plain_serializer_function_ser_schema(lambda v: v.to_dict())
-        )
-
-    @classmethod
-    def __get_pydantic_json_schema__(cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler) -> Any:
+    def json_schema(cls) -> dict[str, Any]:
+        """JSON Schema of :meth:`to_dict`'s layout (``mpaudit schema``)."""
         return TRACE_SCHEMA
 
     def to_frame(self, grad_scale_log2: int = 0) -> pd.DataFrame:

@@ -15,9 +15,19 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BeforeValidator, ConfigDict, TypeAdapter, ValidationError, WithJsonSchema
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    TypeAdapter,
+    ValidationError,
+    WithJsonSchema,
+)
+from pydantic_core import core_schema
 
 NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 """The strings written for non-finite floats, and the values they are read back as."""
@@ -96,3 +106,32 @@ def json_schema(cls: type[Any]) -> dict[str, Any]:
 
 __all__ = ["FLOAT_SCHEMA", "NONFINITE", "RESULT_CONFIG", "JsonFloat", "ValidationError", "decode_float", "dumps",
            "dumps_plain", "encode_float", "from_plain", "json_schema", "to_plain"]
+
+
+class DictLayout:
+    """A value a result holds in a compact layout of its own (a trace's statistics): pydantic reads it with
+    ``from_dict``, writes it with ``to_dict`` and describes it with ``json_schema()``, which subclasses define."""
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def json_schema(cls) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        def validate(value: Any) -> Any:
+            return value if isinstance(value, cls) else cls.from_dict(value)
+
+        return core_schema.no_info_plain_validator_function(
+            validate, serialization=core_schema.plain_serializer_function_ser_schema(lambda v: v.to_dict())
+        )
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler) -> Any:
+        return cls.json_schema()

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from digits_data import loaders
+from digits_data import accuracy, loaders
 
 WIDTH = 128
 QK_INIT_STD = 5.0
@@ -112,13 +112,4 @@ def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
 
 def evaluate(model: nn.Module, loader: Any) -> dict[str, float]:
     """Accuracy (primary) and mean cross-entropy on the held-out digits."""
-    device = next(model.parameters()).device
-    correct = total = 0
-    loss_sum = 0.0
-    for x, y in loader:
-        logits = model(x.to(device)).float()
-        y = y.to(device)
-        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        correct += int((logits.argmax(-1) == y).sum())
-        total += y.numel()
-    return {"accuracy": correct / total, "eval_loss": loss_sum / total}
+    return accuracy(model, loader)
