@@ -3,12 +3,12 @@
 Times one optimizer step (forward, backward, AdamW) of the benchmark MLP 1024 -> 4096 -> 4096 -> 10 (batch 256) for
 the fp32 arm and the ``fp8`` (tensorwise) and ``fp8-rowwise`` arms, each set up by
 :func:`mpaudit.run.prepare.prepare_arm` exactly as the audit trains it (torchao's ``convert_to_float8_training``
-with ``emulate=True`` on a CPU: the operands cast to float8 with the recipe's scales, then a high-precision matmul;
-bf16 autocast elsewhere), and for reference a plain loop over the same MLP converted by torchao directly
-(``emulate=True``, no autocast: torchao's own emulation, no mpaudit in the step). Prints each ratio to fp32 (goal for
-``fp8``: at most ``EMULATED_GOAL``). The numbers say what an audit costs on a CPU, nothing about float8 speed on a
-GPU. The casts are memory-bound and the matmuls compute-bound, so the ratio grows when other jobs share the memory
-bandwidth: compare runs at a similar load average.
+with ``emulate=True`` on a CPU: the operands cast to float8 with the recipe's scales, then a high-precision matmul,
+computed by :mod:`mpaudit.run.fp8_emulation` with torchao's bits; bf16 autocast elsewhere), and for reference a
+plain loop over the same MLP converted by torchao directly (``emulate=True``, no autocast: torchao's own emulation,
+no mpaudit in the step). Prints each ratio to fp32 (goal for ``fp8``: at most ``EMULATED_GOAL``). The numbers say
+what an audit costs on a CPU, nothing about float8 speed on a GPU. The casts are memory-bound and the matmuls
+compute-bound, so the ratio grows when other jobs share the memory bandwidth: compare runs at a similar load average.
 
 Steps are interleaved after warm-up, and each ratio is the median over rounds of the arm's step time over fp32's in
 the same round, so a busy neighbour slows every arm alike; the load average is printed. Needs torchao

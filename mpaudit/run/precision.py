@@ -74,20 +74,26 @@ def step_context(
     arm: Arm, device_type: str, fp16_cpu: str, autocast_policy: str = DEFAULT_AUTOCAST_POLICY
 ) -> contextlib.AbstractContextManager[Any]:
     """The context a whole training step (forward, backward, optimizer) of ``arm`` runs in: fp16 emulation for an
-    emulated fp16 arm, CUDA autocast's op policy for a CPU arm with autocast under the ``cuda`` policy. Yields the
-    emulation's mode (its ``calls``), or None."""
+    emulated fp16 arm, CUDA autocast's op policy for a CPU arm with autocast under the ``cuda`` policy, the faster
+    (bit-identical) emulation of torchao's float8 GEMMs for a float8 arm on a CPU. Yields the fp16 emulation's mode
+    (its ``calls``), or None."""
     emulated = fp16_mode(arm, device_type, fp16_cpu) == "emulated"
     cuda_policy = follows_cuda_policy(arm, device_type, autocast_policy)
-    if not emulated and not cuda_policy:
+    float8_cpu = arm.fp8 is not None and device_type == "cpu"
+    if not emulated and not cuda_policy and not float8_cpu:
         return contextlib.nullcontext()
-    return _step_context(emulated, cuda_policy)
+    return _step_context(emulated, cuda_policy, float8_cpu)
 
 
 @contextlib.contextmanager
-def _step_context(emulated: bool, cuda_policy: bool) -> Iterator[Any]:
+def _step_context(emulated: bool, cuda_policy: bool, float8_cpu: bool) -> Iterator[Any]:
     with contextlib.ExitStack() as stack:
         if cuda_policy:
             stack.enter_context(cuda_autocast_policy())
+        if float8_cpu:
+            from mpaudit.run.fp8_emulation import fast_float8_emulation
+
+            stack.enter_context(fast_float8_emulation())
         mode = None
         if emulated:
             from mpaudit.run.fp16_emulation import emulated_fp16
