@@ -22,6 +22,7 @@ from mpaudit.errors import UsageError
 from mpaudit.numerics.layerstats import ACTIVATION, GRAD_OUTPUT, GRAD_PREFIX
 from mpaudit.results.model import AuditResult
 from mpaudit.run.distributed import EXIT_RANK_FAILED, Parallel, _EveryKth, _without_option, shard_fsdp
+from mpaudit.run.fp8 import torchao_available
 
 # The tiny task with DataLoaders and no shuffling: rank r of 2 gets samples r, r+2, ... of each 2*BATCH block,
 # so the union of both ranks' batches at step s is exactly the single-process batch s of size 2*BATCH.
@@ -131,12 +132,15 @@ def test_ddp_only_rank_0_writes_and_other_ranks_stay_quiet(
 
 def test_fsdp_runs_every_arm_and_sums_gradient_shards(tmp_path: Path) -> None:
     (tmp_path / "dist_task.py").write_text(DIST_TASK)
+    arms = "fp32,bf16,fp16" + (",fp8" if torchao_available() else "")
     proc = _torchrun(tmp_path, "dist_task.py", "--steps", "2", "--trace-every", "1", "--parallel", "fsdp",
-                     "--bench-seconds", "0.2", "--out", "out")
+                     "--arms", arms, "--bench-seconds", "0.2", "--out", "out")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = _load(tmp_path / "out" / "report.json")
     assert result.distributed is not None and result.distributed.parallel == "fsdp"
-    assert all(a.status == "ok" for a in result.arms.values())
+    assert list(result.arms) == arms.split(",") and all(a.status == "ok" for a in result.arms.values())
+    if torchao_available():  # float8 layers, trained sharded, are evaluated with their gathered fp32 weights
+        assert result.arms["fp8"].fp8_layers == ["0", "2"] and "accuracy" in result.arms["fp8"].metrics
     stats = result.arms["fp32"].trace.stats  # type: ignore[union-attr]
     # each rank holds half of a weight's gradient: the shards add up to the whole parameter, once per step
     assert stats[("0", GRAD_PREFIX + "weight")].count == 2 * 32 * 8

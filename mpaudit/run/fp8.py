@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import logging
+import types
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -180,17 +181,12 @@ def convert(model: nn.Module, arm: Arm, device: torch.device) -> Conversion:
 
 
 def unconvert(model: nn.Module) -> None:
-    """Swap every torchao ``Float8Linear`` back for an ``nn.Linear`` holding the same parameters (in place), so the
-    trained weights are evaluated in fp32 like every arm's."""
-    for path, module in list(model.named_modules()):
-        if not path or not is_float8_linear(module):
-            continue
-        plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-        plain.weight = module.weight
-        plain.bias = module.bias
-        plain.train(module.training)
-        parent_path, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent_path) if parent_path else model, name, plain)
+    """Make every torchao ``Float8Linear`` compute as a plain ``nn.Linear`` from now on (in place), so the trained
+    weights are evaluated in fp32 like every arm's. The modules themselves stay (only their ``forward`` changes):
+    FSDP2 knows its parameters through them, so a replacement module would hold sharded weights it never gathers."""
+    for path, module in model.named_modules():
+        if path and is_float8_linear(module):
+            module.forward = types.MethodType(nn.Linear.forward, module)
 
 
 def is_float8_linear(module: nn.Module) -> bool:
