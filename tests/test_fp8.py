@@ -95,8 +95,10 @@ def test_the_conversion_comes_after_the_fingerprint_and_evaluation_is_fp32(tiny_
     assert all(p.dtype == torch.float32 for p in fp8.model.parameters())  # fp32 master weights
     weights = [p.detach().clone() for p in fp8.model.parameters()]
     fp8.for_evaluation()
-    assert [type(m) for m in fp8.model] == [nn.Linear, nn.ReLU, nn.Linear]
     assert all(torch.equal(p, w) for p, w in zip(fp8.model.parameters(), weights, strict=True))
+    plain = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+    plain.load_state_dict(fp8.model.state_dict())
+    assert torch.equal(fp8.model(x), plain(x))  # the trained weights in fp32, no float8 cast left
     kept = prepare_arm(run, ARMS["fp8"].with_changes(exclude_from_fp8=["0"]), 0)
     assert kept.fp8 is not None and kept.fp8.converted == ["2"] and kept.fp8.excluded == ["0"]
     assert type(kept.model[0]) is nn.Linear and kept.weights_fingerprint == fp32.weights_fingerprint
