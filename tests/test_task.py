@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -125,3 +126,15 @@ def test_metrics_declaration_must_map_names_to_min_or_max(write_task: Callable[.
                                                           fragment: str) -> None:
     path = write_task(TINY_TASK + f"\nMETRICS = {metrics}\n")
     assert_contract_error(path, fragment)
+
+
+def test_torchaos_load_time_notices_stay_out_of_the_output(write_task: Callable[..., Path],
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    # transformers imports torchao when it is installed, and torchao warns about every GPU kernel library it cannot
+    # load; the task's own warnings on other loggers still show
+    path = write_task(TINY_TASK.replace("import torch\n", "import logging\nimport torch\n"
+                                        "logging.getLogger('torchao').warning('Failed to load _C_mxfp8.so')\n"
+                                        "logging.getLogger('task').warning('the task speaks')\n", 1))
+    load_task(path)
+    assert [r.getMessage() for r in caplog.records] == ["the task speaks"]
+    assert logging.getLogger("torchao").level == logging.NOTSET  # as it was

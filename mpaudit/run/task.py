@@ -28,6 +28,7 @@ from torch import nn
 
 from mpaudit.ci.gaps import check_declared_directions
 from mpaudit.errors import TaskError, UsageError
+from mpaudit.run.fp8 import quiet_import
 
 REQUIRED = ("build_model", "train_loader", "loss_fn")
 OPTIONAL = ("eval_loader", "evaluate", "build_optimizer", "build_scheduler", "custom_step")
@@ -351,7 +352,8 @@ def _import(path: Path, sha: str) -> ModuleType:
     folder = str(path.resolve().parent)
     sys.path.insert(0, folder)  # so the task may import files beside it
     try:
-        spec.loader.exec_module(module)
+        with quiet_import():  # transformers imports torchao when it is installed: no notices of missing GPU kernels
+            spec.loader.exec_module(module)
     except Exception as exc:
         raise TaskError(f"Task file {path.name} failed to import: {_user_error(exc, path)}.") from exc
     finally:
