@@ -67,9 +67,10 @@ def _forward_backward(model: nn.Module, x: torch.Tensor, autocast: bool) -> list
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
-@pytest.mark.parametrize("autocast", [False, True])
-def test_forward_and_backward_of_float8_linears_match_torchaos_emulation_bit_for_bit(recipe: str,
-                                                                                   autocast: bool) -> None:
+@pytest.mark.parametrize(("autocast", "batch"), [(False, (24,)), (True, (24,)), (True, (4, 6))])
+def test_forward_and_backward_of_float8_linears_match_torchaos_emulation_bit_for_bit(
+    recipe: str, autocast: bool, batch: tuple[int, ...]
+) -> None:
     from mpaudit.run.fp8_emulation import fast_float8_emulation
 
     model = _converted(recipe)
@@ -77,6 +78,7 @@ def test_forward_and_backward_of_float8_linears_match_torchaos_emulation_bit_for
     g = torch.Generator().manual_seed(1)
     x = torch.randn(24, 48, generator=g) * torch.exp(3 * torch.randn(24, 48, generator=g))  # a wide range
     x[5, 7] = 3e5  # an outlier that sets the tensorwise scale
+    x = x.reshape(*batch, 48)  # 2-D, or a sequence model's (batch, tokens, features)
     reference = _forward_backward(model, x, autocast)
     with fast_float8_emulation() as counts:
         fast = _forward_backward(twin, x, autocast)
