@@ -17,6 +17,7 @@ from torch import nn
 
 import mpaudit
 from conftest import TINY_TASK
+from factories import make_arm, make_result
 from mpaudit.arms import ARMS, FP8_ARMS, fp8_recipe_of, parse_arms
 from mpaudit.ci.gate import evaluate_gate
 from mpaudit.ci.verdict import verdict
@@ -24,6 +25,7 @@ from mpaudit.errors import UsageError
 from mpaudit.report.html import render_html
 from mpaudit.report.markdown import summary_markdown
 from mpaudit.report.snippets import fp8_filter_snippets, snippet
+from mpaudit.report.terminal import summary_lines
 from mpaudit.results.model import AuditResult, Recommendation
 from mpaudit.run.fp8 import MX_SKIP_REASON, check_exclusions, linear_paths, torchao_available
 from mpaudit.run.prepare import RunContext, prepare_arm
@@ -114,6 +116,40 @@ def test_a_filter_that_matches_no_linear_layer_is_an_error_not_a_no_op(tiny_task
     result = train_arm(run, arm, TrainSpec(seed=0, steps=2, epochs=None, trace_every=0)).result
     assert result.status == FAILED and "names no Linear layer" in (result.error or "")
     check_exclusions(nn.Sequential(nn.Linear(2, 2)), ["0"])  # a real Linear layer passes
+
+
+ATTENTION_TASK = TINY_TASK.replace(
+    "def build_model():\n    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))",
+    """class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        tokens = self.embed(x).view(-1, 4, 8)
+        return self.head(self.attn(tokens, tokens, tokens)[0].flatten(1))
+
+def build_model():
+    return Net()""")
+"""A model with ``nn.MultiheadAttention``, which multiplies by ``out_proj.weight`` itself, never calling it."""
+
+
+@needs_torchao
+def test_a_converted_layer_that_never_runs_is_not_reported_as_float8(tmp_path: Path) -> None:
+    task = tmp_path / "model.py"
+    task.write_text(ATTENTION_TASK)
+    run = RunContext(task=load_task(task), device=torch.device("cpu"))
+    result = train_arm(run, ARMS["fp8"], TrainSpec(seed=0, steps=2, epochs=None, trace_every=0)).result
+    assert result.status == "ok"
+    assert result.fp8_layers == ["embed", "head"]  # torchao converted attn.out_proj too; nothing ever called it
+    [note] = result.notes
+    assert "never called as a module" in note and note.endswith(": attn.out_proj.")
+    audit = make_result(make_arm("fp32"), result)
+    assert f"note: fp8: {note}" in summary_lines(audit)
+    assert r"never called as a module in training" in summary_markdown(audit)
+    assert "never called as a module in training" in render_html(audit)
 
 
 # ---------------------------------------------------------------------------------------------- cast statistics

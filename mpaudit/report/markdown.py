@@ -313,6 +313,9 @@ def summary_markdown(result: AuditResult, max_flags: int = DEFAULT_MAX_FLAGS,
     flags = _flag_lines(result.flags, max_flags, min_severity)
     if flags:
         out += [*flags, ""]
+    notes = [f"- {md_escape(name)}: {md_escape(note)}" for name, arm in result.arms.items() for note in arm.notes]
+    if notes:
+        out += ["**Notes on the arms:**", "", *notes, ""]
     failure = result.distributed.failure if result.distributed is not None else None
     if failure is not None:
         where = f" in {failure.arm}" if failure.arm else ""

@@ -37,7 +37,8 @@ def summary_table(result: AuditResult) -> Table:
 
 
 def summary_lines(result: AuditResult) -> list[str]:
-    """The error flags that are root causes (each with its consequences folded under it) and the recommendations."""
+    """The error flags that are root causes (each with its consequences folded under it), the recommendations
+    and the arms' notes (what the arm did differently from what was asked, e.g. layers left out of float8)."""
     lines: list[str] = []
     groups = [(root, rest) for root, rest in group_by_cause(result.flags) if root.severity == ERROR]
     for root, rest in groups[:MAX_ROOTS]:
@@ -61,4 +62,5 @@ def summary_lines(result: AuditResult) -> list[str]:
         else:
             how = "not trained"
         lines.append(f"recommendation for {rec.arm}: {change or 'none'} ({how}; {rec.reason})")
+    lines += [f"note: {name}: {note}" for name, arm in result.arms.items() for note in arm.notes]
     return lines

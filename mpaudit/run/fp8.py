@@ -134,11 +134,32 @@ def float8_config(recipe: str, emulate: bool) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Conversion:
-    """What converting a model did: the Linear layers now in float8, those kept out, and why some were."""
+    """What converting a model did: the Linear layers now in float8, those kept out, and why some were.
+
+    ``called`` fills as the model runs: the converted layers whose own forward has run. A converted layer whose
+    parent multiplies by its weight directly (``nn.MultiheadAttention`` does with ``out_proj``) never calls it, so
+    none of its GEMMs runs in float8 whatever the conversion says."""
 
     converted: list[str]
     excluded: list[str]
     notes: list[str]
+    called: set[str] = dataclasses.field(default_factory=set)
+
+    def in_float8(self) -> list[str]:
+        """The converted layers that ran in float8: those called as modules, once any was (before the first
+        step, every converted layer)."""
+        if not self.called:
+            return list(self.converted)
+        return [p for p in self.converted if p in self.called]
+
+    def all_notes(self) -> list[str]:
+        """``notes``, and a note naming the converted layers that never ran as modules (once any did)."""
+        idle = [p for p in self.converted if p not in self.called] if self.called else []
+        if not idle:
+            return list(self.notes)
+        return [*self.notes, "Converted to float8 by torchao but never called as a module in training, so none of "
+                "their GEMMs ran in float8 (a parent that uses the weight directly, as nn.MultiheadAttention does "
+                "with out_proj, computes in the autocast dtype): " + ", ".join(idle) + "."]
 
 
 def convert(model: nn.Module, arm: Arm, device: torch.device) -> Conversion:
@@ -177,7 +198,21 @@ def convert(model: nn.Module, arm: Arm, device: torch.device) -> Conversion:
     if misfits:
         notes.append("Kept out of float8 because a dimension is not a multiple of 16 (torch._scaled_mm needs it): "
                      + ", ".join(misfits) + ".")
-    return Conversion(converted=converted, excluded=sorted(excluded, key=before.index), notes=notes)
+    conversion = Conversion(converted=converted, excluded=sorted(excluded, key=before.index), notes=notes)
+    if arm.fp8 != "mxfp8":  # MX converts the weights, not the modules: a direct use of the weight is MX too
+        for path in converted:
+            _note_first_call(model.get_submodule(path), path, conversion.called)
+    return conversion
+
+
+def _note_first_call(module: nn.Module, path: str, called: set[str]) -> None:
+    """Add ``path`` to ``called`` the first time ``module`` runs, with a forward pre-hook that then removes itself
+    (no cost after the first step)."""
+    def hook(mod: nn.Module, args: Any) -> None:
+        called.add(path)
+        handle.remove()
+
+    handle = module.register_forward_pre_hook(hook)
 
 
 def unconvert(model: nn.Module) -> None:
