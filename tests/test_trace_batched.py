@@ -350,3 +350,45 @@ def test_records_fill_tensorstats_fields_in_their_order() -> None:
     """``Folded.records`` builds TensorStats positionally: its fields must come in that order."""
     names = [f.name for f in fields(TensorStats)]
     assert names == [*reduce._SCALARS, "hist", "dtype"]
+
+
+def test_block_reductions_give_the_same_bits_on_one_thread_or_two(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the thread count is chosen by measured speed, so it must not change a single statistic
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(64, 256) * torch.exp(3 * torch.randn(64, 256))
+        results = []
+        for threads in (1, 2):
+            with monkeypatch.context() as m:
+                m.setattr(reduce.BlockThreads, "pick", lambda self, n=threads: n)
+                results.append(_train_step(_deep(12, width=256), x))
+    finally:
+        torch.set_num_threads(before)
+    one, two = results
+    assert one.stats.keys() == two.stats.keys() and len(one.stats) > 30
+    for key, a in one.stats.items():
+        b = two.stats[key]
+        for f in fields(TensorStats):
+            va, vb = getattr(a, f.name), getattr(b, f.name)
+            if isinstance(va, np.ndarray):
+                assert np.array_equal(va, vb), (key, f.name)
+            else:
+                assert va == vb or (va != va and vb != vb), (key, f.name, va, vb)  # NaN: not measured, both
+
+
+def test_block_threads_use_the_cheaper_count_and_keep_trying_the_other(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    choice = reduce.BlockThreads()
+    assert [choice.pick(), choice.pick()] == [1, 1]  # one thread until it has a cost
+    choice.record(1, 2e-3, 1000)
+    assert choice.pick() == 4  # then the other, once
+    choice.record(4, 1e-3, 1000)
+    picks = [choice.pick() for _ in range(2 * reduce.BLOCK_EXPLORE)]
+    assert picks.count(1) == 2 and picks.count(4) == 2 * reduce.BLOCK_EXPLORE - 2  # cheaper: 4; 1 every 8th
+    for _ in range(20):  # a busy machine: four threads become slow, one thread wins
+        choice.record(4, 9e-3, 1000)
+    picks = [choice.pick() for _ in range(reduce.BLOCK_EXPLORE)]
+    assert picks.count(1) == reduce.BLOCK_EXPLORE - 1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert {reduce.BlockThreads().pick() for _ in range(10)} == {1}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,10 +31,12 @@ from mpaudit.run.distributed import Parallel
 class cpu_threads:
     """Limit torch's intra-op CPU threads to ``n`` inside the block, restoring the setting after it.
 
-    The tracer's reductions run on one thread: their passes are memory-bound, so more threads gain little on a
-    quiet machine, while on a busy one every parallel op waits for its slowest thread, up to a scheduler time
-    slice per op (measured on a shared 2-core machine, MLP benchmark: a traced step cost 1.4-2.6x an untraced one
-    with two threads, 1.1x with one). A class, not a generator: it is cheap to enter.
+    The tracer's chunked reductions of large tensors and its update computations run on one thread: on a busy
+    machine every parallel op waits for its slowest thread, up to a scheduler time slice per op (measured on a
+    shared 2-core machine, MLP benchmark: a traced step cost 1.4-2.6x an untraced one with two threads, 1.1x with
+    one), and a full reduction's order, hence its sum's last bits, depends on the thread count. Staged blocks choose
+    between one thread and all by measured speed (:class:`BlockThreads`). A class, not a generator: it is cheap
+    to enter.
     """
 
     __slots__ = ("_before", "_n")
@@ -50,6 +53,52 @@ class cpu_threads:
     def __exit__(self, *exc: object) -> None:
         if self._before > self._n:
             torch.set_num_threads(self._before)
+
+
+BLOCK_EXPLORE = 8
+"""Every this-many staged blocks, the block reductions try the thread count they are not using (see
+:class:`BlockThreads`)."""
+BLOCK_COST_WEIGHT = 0.25
+"""Weight of the newest block in the running per-element cost of a thread count."""
+
+
+class BlockThreads:
+    """How many intra-op threads a CPU's staged-block reductions use: one, or all of torch's, whichever reduced an
+    element faster lately.
+
+    On a quiet machine both threads of a 2-core CPU halve the block's passes (the GPT-2 benchmark's traced step:
+    +4.9 ms over untraced against +6.1 ms on one thread); on a busy one every parallel op waits for its slowest
+    thread, and one thread is faster (see :class:`cpu_threads`). So the choice is measured: each count's cost per
+    element is a running average of the blocks it reduced, the cheaper one is used and the other is tried every
+    ``BLOCK_EXPLORE`` blocks. The blocks' results do not depend on the choice: every reduction of a block is along
+    its rows (each row reduced whole by one thread, 2048 elements being below torch's parallel grain), and the
+    merges into the buffer are exact or serial.
+    """
+
+    __slots__ = ("_blocks", "_cost")
+
+    def __init__(self) -> None:
+        self._cost: dict[int, float] = {}
+        self._blocks = 0
+
+    def pick(self) -> int:
+        """The thread count for the next block."""
+        most = torch.get_num_threads()
+        options = (1, most) if most > 1 else (1,)
+        self._blocks += 1
+        untried = [n for n in options if n not in self._cost]
+        if untried:
+            return untried[0]
+        best = min(options, key=self._cost.__getitem__)
+        if len(options) > 1 and self._blocks % BLOCK_EXPLORE == 0:
+            return options[0] if best != options[0] else options[1]
+        return best
+
+    def record(self, threads: int, seconds: float, elements: int) -> None:
+        """A block of ``elements`` took ``seconds`` on ``threads`` threads."""
+        cost = seconds / max(elements, 1)
+        old = self._cost.get(threads)
+        self._cost[threads] = cost if old is None else old + BLOCK_COST_WEIGHT * (cost - old)
 
 
 CHUNK = 1 << 20
@@ -208,6 +257,7 @@ class StatsRows:
         self._i64: torch.Tensor | None = None
         self._layouts: dict[tuple[int, ...], Layout] = {}
         self._consts: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self.block_threads = {True: BlockThreads(), False: BlockThreads()}  # full and partial blocks apart
         self._reset_host()
 
     def _reset_host(self) -> None:
@@ -295,8 +345,7 @@ class StatsRows:
             return
         for row, n in zip(rows, sizes, strict=True):
             self._note(row, n, torch.float32, full, -n % ROW)
-        with self.threads():
-            self._reduce_block(x, layout, full)
+        self._reduce_block_timed(x, layout, full)
 
     def _room(self, full: bool) -> int:
         """Free staging rows for full (or partial) statistics."""
@@ -314,14 +363,29 @@ class StatsRows:
 
     def flush(self) -> None:
         """Reduce everything staged into the buffer (a fixed number of passes for each of the two stagings)."""
-        with self.threads():
-            for full, staging in self._staging.items():
-                if not staging.rows:
-                    continue
-                x = staging.data[: len(staging.rows)]
-                self._reduce_block(x, self._cached_layout(staging.rows), full)
+        for full, staging in self._staging.items():
+            if not staging.rows:
+                continue
+            x = staging.data[: len(staging.rows)]
+            self._reduce_block_timed(x, self._cached_layout(staging.rows), full, zero=True)
+            staging.rows.clear()
+
+    def _reduce_block_timed(self, x: torch.Tensor, layout: Layout, full: bool, zero: bool = False) -> None:
+        """:meth:`_reduce_block` (then zero ``x`` when asked), on a CPU on the thread count :class:`BlockThreads`
+        picks, timing it for the next pick."""
+        if self.device.type != "cpu":
+            self._reduce_block(x, layout, full)
+            if zero:
                 x.zero_()
-                staging.rows.clear()
+            return
+        choice = self.block_threads[full]
+        threads = choice.pick()
+        t0 = time.perf_counter()
+        with cpu_threads(threads):
+            self._reduce_block(x, layout, full)
+            if zero:
+                x.zero_()
+        choice.record(threads, time.perf_counter() - t0, x.numel())
 
     def _discard_staged(self) -> None:
         for staging in self._staging.values():
@@ -331,9 +395,10 @@ class StatsRows:
 
     def threads(self) -> contextlib.AbstractContextManager[None]:
         """Inside it, the device's work runs as the tracer's should: on one thread on a CPU (see
-        :class:`cpu_threads`). The reductions enter it themselves; a hook's copy into staging does not (it is
-        small, and switching the thread count around every hook would make the model's next parallel op wait
-        for its second thread to wake up, on a busy machine)."""
+        :class:`cpu_threads`; staged blocks pick their own count, see :class:`BlockThreads`). The reductions enter
+        it themselves; a hook's copy into staging does not (it is small, and switching the thread count around
+        every hook would make the model's next parallel op wait for its second thread to wake up, on a busy
+        machine)."""
         return cpu_threads(1) if self.device.type == "cpu" else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ the reductions
