@@ -130,3 +130,20 @@ def test_torchao_is_put_back_as_it_was_even_after_an_error() -> None:
         assert FLOAT8_OPS_TABLE[torch.ops.aten.mm.default] is not table[torch.ops.aten.mm.default]
         raise RuntimeError("inside")
     assert table == FLOAT8_OPS_TABLE and float8_utils.tensor_to_amax is amax
+
+
+def test_torch_compile_traces_through_it() -> None:
+    # dynamo traces with fake tensors: those go to torchao, so a compiled float8 arm still compiles
+    from mpaudit.run.fp8_emulation import fast_float8_emulation
+
+    model = _converted("tensorwise")
+    x = torch.randn(16, 48)
+    reference = _forward_backward(copy.deepcopy(model), x, autocast=True)
+    compiled = torch.compile(model, backend="eager")
+    try:
+        with fast_float8_emulation():
+            got = _forward_backward(compiled, x, autocast=True)  # type: ignore[arg-type]
+    finally:
+        torch._dynamo.reset()
+    for g, want in zip(got, reference, strict=True):
+        assert same_bits(g, want)

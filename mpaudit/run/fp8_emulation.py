@@ -20,8 +20,9 @@ freshly allocated buffer whose pages fault in on first touch: on the benchmark M
   order: the same value, without the temporary ``abs`` and without the full reduction over a transposed weight,
   which takes thirty times longer than over a contiguous one on a CPU.
 
-Operands that are not two-dimensional row- or column-major CPU tensors, and every real (non-emulated) GEMM, go to
-torchao's own implementation. ``tests/test_fp8_emulation.py`` checks the results bit for bit against it.
+Operands that are not two-dimensional row- or column-major CPU tensors, tensors that ``torch.compile`` is tracing,
+and every real (non-emulated) GEMM go to torchao's own implementation. ``tests/test_fp8_emulation.py`` checks the
+results bit for bit against it.
 """
 
 from __future__ import annotations
@@ -80,6 +81,11 @@ def _dense_2d(data: torch.Tensor) -> bool:
     return data.dim() == 2 and (data.is_contiguous() or data.t().is_contiguous())
 
 
+def _eager_cpu(t: torch.Tensor) -> bool:
+    """A plain CPU tensor outside ``torch.compile``'s tracing (fake and functional tensors go to torchao)."""
+    return type(t) is torch.Tensor and t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _fast_path(a: Any, b: Any) -> bool:
     """Whether the GEMM of these two Float8TrainingTensors is emulated on the CPU in a layout handled here."""
     from torchao.float8.float8_training_tensor import choose_scaled_mm_config
@@ -87,7 +93,7 @@ def _fast_path(a: Any, b: Any) -> bool:
     config = choose_scaled_mm_config(a._gemm_input_role, a._linear_mm_config, b._gemm_input_role,
                                      b._linear_mm_config)
     return bool(config.emulate) and all(
-        t._data.device.type == "cpu" and t._data.dtype in _FP8_DTYPES and _dense_2d(t._data) for t in (a, b))
+        _eager_cpu(t._data) and t._data.dtype in _FP8_DTYPES and _dense_2d(t._data) for t in (a, b))
 
 
 def dequantize(data: torch.Tensor, scale: torch.Tensor, name: str) -> torch.Tensor:
@@ -147,7 +153,7 @@ def _amax(x: torch.Tensor, reduce_amax: bool = False, device_mesh: Any = None, s
     original = _originals[_AMAX]
     if scaling_granularity is None:
         scaling_granularity = ScalingGranularity.TENSORWISE
-    handled = (scaling_granularity is ScalingGranularity.TENSORWISE and not reduce_amax and x.device.type == "cpu"
+    handled = (scaling_granularity is ScalingGranularity.TENSORWISE and not reduce_amax and _eager_cpu(x)
                and x.numel() > 0 and (x.is_contiguous() or _dense_2d(x)))
     if not handled:
         return original(x, reduce_amax, device_mesh, scaling_granularity, axiswise_dim)
