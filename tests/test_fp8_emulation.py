@@ -5,11 +5,13 @@ amax; and it puts torchao back as it found it."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from mpaudit.arms import ARMS
 from mpaudit.run.fp8 import float8_config, import_torchao, torchao_available
 
 pytestmark = pytest.mark.skipif(not torchao_available(),
@@ -132,18 +134,13 @@ def test_torchao_is_put_back_as_it_was_even_after_an_error() -> None:
     assert table == FLOAT8_OPS_TABLE and float8_utils.tensor_to_amax is amax
 
 
-def test_torch_compile_traces_through_it() -> None:
-    # dynamo traces with fake tensors: those go to torchao, so a compiled float8 arm still compiles
-    from mpaudit.run.fp8_emulation import fast_float8_emulation
+def test_a_compiled_float8_arm_is_timed(tiny_task: Path) -> None:
+    # dynamo traces with fake tensors, which the emulation leaves to torchao, so the compiled arm compiles
+    from mpaudit.perf.speed import measure_speed
+    from mpaudit.run.prepare import RunContext
+    from mpaudit.run.task import load_task
 
-    model = _converted("tensorwise")
-    x = torch.randn(16, 48)
-    reference = _forward_backward(copy.deepcopy(model), x, autocast=True)
-    compiled = torch.compile(model, backend="eager")
-    try:
-        with fast_float8_emulation():
-            got = _forward_backward(compiled, x, autocast=True)  # type: ignore[arg-type]
-    finally:
-        torch._dynamo.reset()
-    for g, want in zip(got, reference, strict=True):
-        assert same_bits(g, want)
+    run = RunContext(load_task(tiny_task), torch.device("cpu"))
+    results, _ = measure_speed(run, [ARMS["fp32"], ARMS["fp8"]], 0, budget_s=0.0, compile=True,
+                               compile_backend="eager")
+    assert results["fp8+compile"].error is None and results["fp8+compile"].steps_timed > 0
