@@ -13,6 +13,7 @@ ignored on reading.
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 from collections.abc import Mapping
@@ -108,20 +109,23 @@ __all__ = ["FLOAT_SCHEMA", "NONFINITE", "RESULT_CONFIG", "JsonFloat", "Validatio
            "dumps_plain", "encode_float", "from_plain", "json_schema", "to_plain"]
 
 
-class DictLayout:
+class DictLayout(abc.ABC):
     """A value a result holds in a compact layout of its own (a trace's statistics): pydantic reads it with
     ``from_dict``, writes it with ``to_dict`` and describes it with ``json_schema()``, which subclasses define."""
 
     @classmethod
+    @abc.abstractmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Any:
-        raise NotImplementedError
+        """The value from what :meth:`to_dict` wrote."""
 
+    @abc.abstractmethod
     def to_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The value as JSON-ready data."""
 
     @classmethod
+    @abc.abstractmethod
     def json_schema(cls) -> dict[str, Any]:
-        raise NotImplementedError
+        """The JSON Schema of what :meth:`to_dict` writes."""
 
     @classmethod
     def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
