@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,10 @@ import torch
 from torch import nn
 
 import mpaudit
+from mpaudit.trace import native, reduce
+
+_KERNEL_CACHE = tempfile.mkdtemp(prefix="mpaudit-test-kernels-")
+os.environ["MPAUDIT_CACHE_DIR"] = _KERNEL_CACHE  # tests (and the runs they start) build the kernel here, once
 
 # A tiny, learnable 3-class problem. Widths are small because native fp16 on a CPU is slow.
 TINY_TASK = '''
@@ -109,3 +116,26 @@ def tiny_result(tmp_path_factory: pytest.TempPathFactory) -> mpaudit.AuditResult
     path = tmp_path_factory.mktemp("tiny") / "model.py"
     path.write_text(textwrap.dedent(TINY_TASK))
     return mpaudit.audit(path, steps=12, trace_every=5, bench_seconds=0.2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _kernel_cache() -> Iterator[None]:
+    yield
+    shutil.rmtree(_KERNEL_CACHE, ignore_errors=True)
+
+
+@pytest.fixture
+def torch_reductions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trace with the torch reductions: the path of GPUs, and of CPUs without a C compiler."""
+    monkeypatch.setattr(reduce, "native_kernel", lambda: native.Unavailable("the torch reductions, for a test"))
+
+
+@pytest.fixture(params=["native", "torch"])
+def reductions(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each of the two ways a CPU reduces traced tensors: the one-pass kernel and the torch reductions."""
+    if request.param == "torch":
+        monkeypatch.setattr(reduce, "native_kernel", lambda: native.Unavailable("the torch reductions, for a test"))
+    else:
+        kernel = reduce.native_kernel()
+        assert isinstance(kernel, native.Kernel), kernel  # tests/test_native.py says why when it is not
+    return str(request.param)

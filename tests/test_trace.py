@@ -20,6 +20,8 @@ from mpaudit.numerics.layerstats import ROOT_LAYER, NonfiniteSite, TensorStats, 
 from mpaudit.trace import reduce
 from mpaudit.trace.tracer import UPDATE_SAMPLE, Tracer, TraceSchedule, select_modules
 
+pytestmark = pytest.mark.usefixtures("reductions")  # every test on the one-pass kernel and the torch reductions
+
 
 class Emit(nn.Module):
     """Returns its input: a leaf module whose traced output is exactly the tensor fed to it."""
@@ -315,10 +317,11 @@ def test_update_statistics_are_the_step_relative_to_the_weights_binade() -> None
     assert np.abs(got.hist / got.hist.sum() - full / full.sum()).max() < 0.02
 
 
-def test_no_host_sync_while_tracing() -> None:
+def test_no_host_sync_while_tracing(reductions: str) -> None:
     """Every op the tracer dispatches during a step: none reads a device value back (item/.cpu) except
     the one copy in finish_step, and none has a data-dependent output size (CPU histograms use bincount
-    with a fixed minlength over keys below it; CUDA ones index_add_)."""
+    with a fixed minlength over keys below it; CUDA ones index_add_). The one-pass kernel bins nothing through
+    torch at all."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -340,6 +343,9 @@ def test_no_host_sync_while_tracing() -> None:
     assert not syncing & set(hot.ops) and not syncing & set(hot_update.ops)
     assert finish.ops["_to_copy"] == 0  # on a CPU the buffer is read in place (a GPU copies it once)
     assert not {"_local_scalar_dense", "item"} & set(finish.ops)
+    if reductions == "native":
+        assert not hot.bincount_sizes and not hot_update.bincount_sizes and not finish.bincount_sizes
+        return
     # fixed-size histograms, 1024 bins per tensor: 4 updates, then 3 outputs, 3 output gradients, 4 gradients
     # (small tensors: staged, and binned together when the step finishes)
     assert sum(hot_update.bincount_sizes) == 4 * 1024

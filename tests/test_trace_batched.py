@@ -1,5 +1,8 @@
 """Batched reductions: small tensors staged and reduced together give exactly the statistics of reducing each
-tensor on its own, whatever the staging bound, in-place changes after a hook, or the number of layers."""
+tensor on its own, whatever the staging bound, in-place changes after a hook, or the number of layers.
+
+These are the torch reductions' (GPUs, and CPUs without a C compiler); the CPU's one-pass kernel is checked against
+them in ``test_native.py``."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from mpaudit.numerics.layerstats import ROOT_LAYER, NonfiniteSite, TensorStats, 
 from mpaudit.trace import reduce
 from mpaudit.trace.tracer import Tracer
 
+pytestmark = pytest.mark.usefixtures("torch_reductions")
 
 class Emitters(nn.Module):
     """Child ``i`` returns fixed tensor ``i``: many awkward outputs in one step."""

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from mpaudit.errors import UsageError
+from mpaudit.trace.reduce import kernel_description
 
 _CPU_FLAGS = ("avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16")
 
@@ -79,6 +80,7 @@ def collect_env(
         "cpu_flags": _cpu_flags(),
         "dtype_support": dtype_support(device),
         "threads": torch.get_num_threads(),
+        "trace_kernel": kernel_description(device.type),
         "tf32": {
             "matmul": bool(torch.backends.cuda.matmul.allow_tf32),
             "cudnn": bool(torch.backends.cudnn.allow_tf32),

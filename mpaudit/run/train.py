@@ -344,7 +344,7 @@ def _loop(
                 hold_nonfinite=scaler is None,
             )
         if traced and tracer is not None:
-            tracer.finish_step()
+            tracer.finish_step(summary=False)
         if traced and probe is not None:
             probe.finish_step()
         anomaly = False

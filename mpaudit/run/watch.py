@@ -255,7 +255,7 @@ class Watch:
             if not self._gradients_read:  # never told (e.g. a closure ran inside optimizer.step): read them now
                 self._gradients_read = True
                 self.tracer.after_backward()  # no update statistics: the weights already moved
-            self.tracer.finish_step()
+            self.tracer.finish_step(summary=False)
         step = self.step
         if scale is not None:
             self.scales.append(scale)

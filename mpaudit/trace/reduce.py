@@ -10,11 +10,16 @@ whatever its size. So only large tensors are reduced as they arrive, chunk by ch
 most models) is copied into staging, a 2-D buffer of fixed-width rows in which each tensor starts a row, and the
 staged rows are reduced together when staging fills up or the step's statistics are collected: the same ten
 passes, over all staged rows at once, with one ``bincount`` binning every row.
+
+On a CPU with a C compiler none of that runs: every tensor is reduced as it arrives, in one pass of a small
+compiled kernel (:mod:`mpaudit.trace.native`), into the same buffer row with the same statistics. The torch
+reductions stay for other devices and as the fallback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -26,6 +31,7 @@ import torch
 from mpaudit.numerics.formats import HIST_BINS, HIST_MIN_EXP
 from mpaudit.numerics.layerstats import TensorStats
 from mpaudit.run.distributed import Parallel
+from mpaudit.trace import native
 
 
 class cpu_threads:
@@ -150,6 +156,8 @@ _MIN_KEY_ZERO = 2**31 - 2
 """g = 2*bits + this, in wrapping int32, is 2u - 2^31 - 2 for |x|'s pattern u >= 1 (monotone, from INT32_MIN
 up to below this) and exactly this for +-0: the min of g over a tensor is its min nonzero |x|."""
 _FP32_BIAS = 127
+_FP32_EXP_MASK = 0x7F800000
+_FP32_TWO_POW_MINUS_E = 0x7F000000
 _FP32_EXP_ALL_ONES = 255
 _FIRST_FIELD = _FP32_BIAS + HIST_MIN_EXP  # exponent field of the first histogram bin's binade
 _LAST_FIELD = _FIRST_FIELD + HIST_BINS - 1  # ... and of the last bin's
@@ -237,6 +245,110 @@ class Layout:
     hist_index: torch.Tensor
 
 
+_CHECK_VALUES = (0.0, -0.0, 1.0, -1.5, 3.0e38, -3.0e38, 1.0e-40, -1.0e-45, 1.0e-3, 65504.0, 7.0, -2.0e-20)
+NATIVE_THREADED_MIN = 1 << 15
+"""Tensors from this many values may be reduced on several threads (the kernel's pieces are 2^14 values)."""
+
+
+@functools.cache
+def native_kernel() -> native.Kernel | native.Unavailable:
+    """The one-pass CPU kernel (:func:`mpaudit.trace.native.load`), once it gave the torch reductions' statistics
+    on test tensors: every special value (zeros of both signs, subnormals, extremes, NaN, infinities) at every
+    position of a vector of lanes and a tail, full and partial rows, relative updates, on one thread and on two.
+    Else why not."""
+    kernel = native.load()
+    if isinstance(kernel, native.Unavailable):
+        return kernel
+    if kernel.layout != (_KEY_BINS, _KEY_SHIFT, ROW_WIDTH, _MIN_KEY_ZERO):
+        return native.Unavailable(f"{kernel.path.name} has another row layout {kernel.layout}")
+    g = torch.Generator().manual_seed(0)
+    n = 3 * NATIVE_THREADED_MIN + 77
+    x = torch.randn(n, generator=g) * torch.logspace(-30, 30, n)
+    values = torch.tensor([*_CHECK_VALUES, math.nan, math.inf, -math.inf])
+    x[torch.randint(0, n, (400,), generator=g)] = values[torch.randint(0, len(values), (400,), generator=g)]
+    tensors = [x, x[:5], x[:1000].neg(), torch.zeros(40), torch.full((33,), math.nan)]
+    after = x * (1 + torch.randn(n, generator=g) * 10.0 ** torch.randint(-9, 0, (n,), generator=g).float())
+    for threads in (1, 2):
+        for full in (True, False):
+            want = StatsRows(len(tensors) + 1, use_native=False)
+            got = StatsRows(len(tensors) + 1, use_native=False)
+            for rows in (want, got):
+                rows.start(torch.device("cpu"))
+            for i, t in enumerate(tensors):
+                want.add(i, t, full)
+                _native_add(kernel, got, i, t, full, threads)
+            before_block, after_block = (torch.zeros(rows_for(n), ROW).view(-1) for _ in range(2))
+            before_block[:n], after_block[:n] = x, after
+            update_rows = [len(tensors)]
+            layout = want.layout(update_rows * rows_for(n))
+            _native_updates(kernel, got, before_block, after_block, update_rows, [n], threads)
+            want.add_updates(before_block.view(-1, ROW), after_block.view(-1, ROW), layout, update_rows, [n])
+            if not same_statistics(want.collect(Parallel())[0], got.collect(Parallel())[0]):
+                return native.Unavailable(f"{kernel.path.name} disagreed with the torch reductions on a test tensor")
+    return kernel
+
+
+def same_statistics(a: np.ndarray, b: np.ndarray, rtol: float = 1e-5) -> bool:
+    """Whether host rows ``a`` and ``b`` hold the same statistics: all but the sums exactly, the sums within
+    ``rtol`` (their order of addition differs between reductions), and NaNs counted whatever their sign (which
+    bit a NaN made by arithmetic carries is the CPU's and the compiler's choice, not the value's)."""
+    a, b = a.copy(), b.copy()
+    for rows in (a, b):
+        rows[:, _POSINF_BIN + 1] += rows[:, _NEGINF_BIN + 1]
+        rows[:, _NEGINF_BIN + 1] = 0
+    exact = [c for c in range(ROW_WIDTH) if c != _COL_SUM]
+    return bool(np.array_equal(a[:, exact], b[:, exact])
+                and np.allclose(a.view(np.float64)[:, _COL_SUM], b.view(np.float64)[:, _COL_SUM], rtol=rtol))
+
+
+def kernel_description(device_type: str = "cpu") -> str:
+    """Which reduction tracing on ``device_type`` uses, for a result's environment: ``native (<library>, ...)`` or
+    ``torch (<why>)``."""
+    if device_type != "cpu":
+        return f"torch (the kernel is the CPU's; on {device_type} torch's batched reductions run)"
+    kernel = native_kernel()
+    if isinstance(kernel, native.Unavailable):
+        return f"torch ({kernel.reason})"
+    return f"native ({kernel.path.name}, {'OpenMP' if kernel.threaded else 'one thread'})"
+
+
+def _kernel_reads(t: torch.Tensor) -> bool:
+    """Whether the kernel can read ``t``'s memory: a plain strided tensor in CPU memory (not a subclass such as
+    a DTensor or a fake tensor, not on another device than the rows)."""
+    return type(t) is torch.Tensor and t.is_cpu and t.layout == torch.strided
+
+
+def _row_address(rows: StatsRows, row: int) -> int:
+    assert rows.buf is not None
+    return rows.buf.data_ptr() + row * ROW_WIDTH * 8
+
+
+def _native_add(kernel: native.Kernel, rows: StatsRows, row: int, t: torch.Tensor, full: bool,
+                threads: int = 1) -> None:
+    """Reduce the CPU tensor ``t`` into row ``row`` with ``kernel``: in place when it is contiguous fp32, else
+    converted to fp32 (exact for fp16 / bf16) chunk by chunk in the scratch buffer."""
+    address, flag = _row_address(rows, row), 1 if full else 0
+    if t.dtype == torch.float32 and t.is_contiguous():
+        kernel.stats(t.data_ptr(), t.numel(), address, flag, threads)
+        return
+    flat = t.reshape(-1)
+    for start in range(0, flat.numel(), CHUNK):
+        part = flat[start : start + CHUNK]
+        f = rows._scratch_f32(part.numel())
+        f.copy_(part)
+        kernel.stats(f.data_ptr(), f.numel(), address, flag, threads)
+
+
+def _native_updates(kernel: native.Kernel, rows: StatsRows, before: torch.Tensor, after: torch.Tensor,
+                    update_rows: Sequence[int], sizes: Sequence[int], threads: int = 1) -> None:
+    """The relative updates of a block laid out as :meth:`StatsRows.add_updates` takes it, with ``kernel``."""
+    b, a = before.data_ptr(), after.data_ptr()
+    at = 0
+    for row, n in zip(update_rows, sizes, strict=True):
+        kernel.update(b + 4 * at, a + 4 * at, n, _row_address(rows, row), threads)
+        at += rows_for(n) * ROW
+
+
 class StatsRows:
     """The statistics of a step's tensors, one buffer row per traced (layer, role), on one device.
 
@@ -246,10 +358,12 @@ class StatsRows:
     zero bin (subtracted on the host).
     """
 
-    def __init__(self, n_rows: int) -> None:
+    def __init__(self, n_rows: int, use_native: bool = True) -> None:
         self.n_rows = n_rows
         self.device = torch.device("cpu")
         self.buf: torch.Tensor | None = None
+        self.use_native = use_native
+        self.kernel: native.Kernel | None = None  # the one-pass kernel, while the rows are on a CPU
         self._staging: dict[bool, _Staging] = {}  # by full (True) or partial statistics
         self._f32: torch.Tensor | None = None
         self._i32: torch.Tensor | None = None
@@ -272,6 +386,8 @@ class StatsRows:
             self.release()
             self.device = device
             self.buf = torch.empty((self.n_rows, ROW_WIDTH), dtype=torch.int64, device=device)
+            kernel = native_kernel() if self.use_native and device.type == "cpu" else None
+            self.kernel = kernel if isinstance(kernel, native.Kernel) else None
         with self.threads():
             self.buf.zero_()
             self.buf[:, _COL_MIN].fill_(_INT32_MAX)
@@ -301,6 +417,10 @@ class StatsRows:
         n = t.numel()
         if n == 0 or self.buf is None:
             return
+        if self.kernel is not None and _kernel_reads(t):
+            self._note(row, n, t.dtype, full)
+            self._native_add(row, t, full)
+            return
         if n >= SMALL_TENSOR or rows_for(n) > _capacity():
             self._note(row, n, t.dtype, full)
             self._reduce_now(row, t, full)
@@ -319,6 +439,10 @@ class StatsRows:
         for row, t in zip(rows, tensors, strict=True):
             n = t.numel()
             if n == 0:
+                continue
+            if self.kernel is not None and _kernel_reads(t):
+                self._note(row, n, t.dtype, True)
+                self._native_add(row, t, True)
                 continue
             if n >= SMALL_TENSOR or rows_for(n) > _capacity():
                 self._note(row, n, t.dtype, True)
@@ -343,9 +467,66 @@ class StatsRows:
         overwritten."""
         if self.buf is None:
             return
+        if self.kernel is not None and _kernel_reads(x):
+            flat, start = x.view(-1), 0
+            for row, n in zip(rows, sizes, strict=True):
+                self._note(row, n, torch.float32, full)
+                self._native_add(row, flat[start : start + n], full)
+                start += rows_for(n) * ROW
+            return
         for row, n in zip(rows, sizes, strict=True):
             self._note(row, n, torch.float32, full, -n % ROW)
         self._reduce_block_timed(x, layout, full)
+
+    def _native_add(self, row: int, t: torch.Tensor, full: bool) -> None:
+        assert self.kernel is not None
+        n = t.numel()
+        if n < NATIVE_THREADED_MIN or not self.kernel.threaded:
+            if t.dtype == torch.float32 and t.is_contiguous():
+                _native_add(self.kernel, self, row, t, full)
+            else:
+                with cpu_threads(1):  # the conversion to fp32, as the torch path's
+                    _native_add(self.kernel, self, row, t, full)
+            return
+        choice = self.block_threads[full]
+        threads = choice.pick()
+        t0 = time.perf_counter()
+        with cpu_threads(threads):
+            _native_add(self.kernel, self, row, t, full, threads)
+        choice.record(threads, time.perf_counter() - t0, n)
+
+    def add_updates(self, before: torch.Tensor, after: torch.Tensor, layout: Layout, rows: Sequence[int],
+                    sizes: Sequence[int]) -> None:
+        """Add the relative updates r = (after - before) / 2^floor(log2|before|) of sampled weights (histogram and
+        nonzero count: partial rows). ``before`` and ``after`` are fp32 blocks of ``ROW``-wide rows laid out as for
+        :meth:`add_block` (tensor i, ``sizes[i]`` values for statistics row ``rows[i]``, starts a row; ``layout`` is
+        :meth:`layout` of their rows). r is
+        built from before's fp32 bit pattern, with no division: 2^-e for before's exponent field E has the
+        pattern (254 - E) << 23 = 0x7F000000 - (before & 0x7F800000), so r's binade is exactly Δw's minus w's
+        (a zero or fp32-subnormal weight, padding included, gets the factor 2^127: its update lands far above any
+        loss edge, and padding stays 0). ``after`` is overwritten."""
+        if self.buf is None:
+            return
+        if self.kernel is not None and _kernel_reads(before) and _kernel_reads(after):
+            n = before.numel()
+            for row, size in zip(rows, sizes, strict=True):
+                self._note(row, size, torch.float32, False)
+            if n < NATIVE_THREADED_MIN or not self.kernel.threaded:
+                _native_updates(self.kernel, self, before, after, rows, sizes)
+                return
+            choice = self.block_threads[False]
+            threads = choice.pick()
+            t0 = time.perf_counter()
+            with cpu_threads(threads):
+                _native_updates(self.kernel, self, before, after, rows, sizes, threads)
+            choice.record(threads, time.perf_counter() - t0, n)
+            return
+        with self.threads():
+            k = self._scratch_i32(before.numel()).view(before.shape)
+            torch.bitwise_and(before.view(torch.int32), _FP32_EXP_MASK, out=k)
+            torch.sub(self._const(_FP32_TWO_POW_MINUS_E, torch.int32), k, out=k)
+            after.sub_(before).mul_(k.view(torch.float32))
+        self.add_block(after, layout, rows, sizes, full=False)
 
     def _room(self, full: bool) -> int:
         """Free staging rows for full (or partial) statistics."""
@@ -609,26 +790,6 @@ class Folded:
     sum_abs: np.ndarray
     hist: np.ndarray
 
-    @classmethod
-    def empty(cls, n_rows: int) -> Folded:
-        """``n_rows`` rows of nothing: each merges with another row into that row."""
-        def ints() -> np.ndarray:
-            return np.zeros(n_rows, dtype=np.int64)
-
-        return cls(
-            count=ints(), zeros=ints(), nan=ints(), posinf=ints(), neginf=ints(), max_abs=np.zeros(n_rows),
-            min_nonzero_abs=np.full(n_rows, math.inf), sum_abs=np.zeros(n_rows),
-            hist=np.zeros((n_rows, HIST_BINS), dtype=np.int64),
-        )
-
-    def merge_rows(self, other: Folded, rows: np.ndarray) -> None:
-        """Merge ``other``'s rows ``rows`` into the same rows of this one, in place (as ``TensorStats.merge``:
-        counts add, extremes max / min, a NaN, not measured, wins)."""
-        for name in ("count", "zeros", "nan", "posinf", "neginf", "sum_abs", "hist"):
-            getattr(self, name)[rows] += getattr(other, name)[rows]
-        self.max_abs[rows] = np.maximum(self.max_abs[rows], other.max_abs[rows])
-        self.min_nonzero_abs[rows] = np.minimum(self.min_nonzero_abs[rows], other.min_nonzero_abs[rows])
-
     def records(self, rows: Sequence[int], dtypes: Sequence[str]) -> list[TensorStats]:
         """Rows ``rows`` as :class:`TensorStats` with the given dtypes (their histograms are rows of one array)."""
         index = np.asarray(rows, dtype=np.int64)
@@ -639,6 +800,29 @@ class Folded:
 
 _SCALARS = ("count", "zeros", "nan", "posinf", "neginf", "max_abs", "min_nonzero_abs", "sum_abs")
 """TensorStats' fields before ``hist`` and ``dtype``, in its order."""
+
+
+def empty_rows(n_rows: int) -> np.ndarray:
+    """Host rows of nothing, as a started buffer's: each merges with another row into that row."""
+    rows = np.zeros((n_rows, ROW_WIDTH), dtype=np.int64)
+    rows[:, _COL_MIN] = _INT32_MAX
+    return rows
+
+
+def merge_rows(into: np.ndarray, rows: np.ndarray) -> None:
+    """Merge host rows (as :meth:`StatsRows.collect` returns them) into ``into``, in place: histograms, counts and
+    sums add, max |x| and the min-nonzero key take the max and min. Folding the merge gives the merge of the
+    folds (``TensorStats.merge``); a row a step did not see merges as nothing."""
+    into[:, :_KEY_BINS] += rows[:, :_KEY_BINS]
+    floats, other = into.view(np.float64), rows.view(np.float64)
+    floats[:, _COL_NONZERO : _COL_SUM + 1] += other[:, _COL_NONZERO : _COL_SUM + 1]
+    np.maximum(floats[:, _COL_MAX], other[:, _COL_MAX], out=floats[:, _COL_MAX])
+    np.minimum(into[:, _COL_MIN], rows[:, _COL_MIN], out=into[:, _COL_MIN])
+
+
+def nonfinite_counts(rows: np.ndarray) -> np.ndarray:
+    """NaN and ±Inf values in each host row (without folding it)."""
+    return (rows[:, _POSINF_BIN] + rows[:, _POSINF_BIN + 1] + rows[:, _NEGINF_BIN] + rows[:, _NEGINF_BIN + 1])
 
 
 def fold(rows: np.ndarray, counts: Sequence[int], partial: Sequence[bool]) -> Folded:

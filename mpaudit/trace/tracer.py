@@ -34,12 +34,11 @@ from mpaudit.numerics.layerstats import (
     ROOT_LAYER,
     UPDATE_PREFIX,
     NonfiniteSite,
-    TensorStats,
     TraceSummary,
 )
 from mpaudit.run.distributed import SINGLE, Parallel, local_shard
 from mpaudit.trace import reduce
-from mpaudit.trace.reduce import Folded, StatsRows, dtype_names, fold, rows_for
+from mpaudit.trace.reduce import StatsRows, dtype_names, fold, rows_for
 
 ANOMALY_FOLLOW_STEPS = 2
 """After an anomaly (non-finite loss, skipped GradScaler step) the next this-many steps are traced."""
@@ -55,8 +54,6 @@ MAX_ANOMALY_TRACES = 20
 """At most this many extra steps are traced because of anomalies, so an fp16 arm that skips step after
 step does not end up traced on every step."""
 
-_FP32_EXP_MASK = 0x7F800000
-_FP32_TWO_POW_MINUS_E = 0x7F000000
 
 
 class TraceSchedule:
@@ -169,13 +166,14 @@ class _UpdateBlock:
 
 
 class _Total:
-    """The merge of a tracer's finished steps, kept as arrays (a step merges in a few numpy operations; one
-    object per tensor would cost more than the step's reductions on a model with many small layers). It equals
-    ``TraceSummary.merge`` over the step summaries."""
+    """The merge of a tracer's finished steps, kept as the statistics buffer's raw rows (a step merges in a few
+    numpy operations over all rows; folding them into statistics and one object per tensor waits until a summary
+    is asked for). It equals ``TraceSummary.merge`` over the step summaries."""
 
     def __init__(self, n_rows: int) -> None:
-        self.folded = Folded.empty(n_rows)
-        self.seen = np.zeros(n_rows, dtype=bool)
+        self.raw = reduce.empty_rows(n_rows)
+        self.counts = np.zeros(n_rows, dtype=np.int64)
+        self.partial = np.zeros(n_rows, dtype=bool)
         self.dtypes = [0] * n_rows  # masks of dtype bits
         self.steps: list[int] = []
         self.loss_scales: list[float | None] = []
@@ -184,25 +182,29 @@ class _Total:
         self.first_backward: NonfiniteSite | None = None
         self._summary: TraceSummary | None = TraceSummary()
 
-    def add(self, step: TraceSummary, folded: Folded, rows: list[int], dtypes: list[int]) -> None:
-        """Merge a finished step: its summary's metadata and its folded ``rows``."""
-        index = np.asarray(rows, dtype=np.int64)
-        self.folded.merge_rows(folded, index)
-        self.seen[index] = True
-        for row in rows:
-            self.dtypes[row] |= dtypes[row]
-        self.steps += step.steps
-        self.loss_scales += step.loss_scales
-        self.layers.update(dict.fromkeys(step.layers))
-        self.first_forward = _earlier(self.first_forward, step.first_nonfinite_forward)
-        self.first_backward = _earlier(self.first_backward, step.first_nonfinite_backward)
+    def add(self, host: np.ndarray, counts: list[int], partial: list[bool], dtypes: list[int], step: int,
+            loss_scale: float | None, layers: list[str], first_forward: NonfiniteSite | None,
+            first_backward: NonfiniteSite | None) -> None:
+        """Merge a finished step: its raw rows (as :meth:`StatsRows.collect` returns them) and its metadata."""
+        reduce.merge_rows(self.raw, host)
+        self.counts += np.asarray(counts, dtype=np.int64)
+        self.partial |= np.asarray(partial, dtype=bool)
+        for row, mask in enumerate(dtypes):
+            if mask:
+                self.dtypes[row] |= mask
+        self.steps.append(step)
+        self.loss_scales.append(loss_scale)
+        self.layers.update(dict.fromkeys(layers))
+        self.first_forward = _earlier(self.first_forward, first_forward)
+        self.first_backward = _earlier(self.first_backward, first_backward)
         self._summary = None
 
     def summary(self, keys: list[tuple[str, str]]) -> TraceSummary:
         """The merged summary (``keys``: each row's (layer, role)), built on demand and kept until the next step."""
         if self._summary is None:
-            rows = [int(r) for r in np.flatnonzero(self.seen)]
-            records = self.folded.records(rows, [dtype_names(self.dtypes[r]) for r in rows])
+            rows = [int(r) for r in np.flatnonzero(self.counts)]
+            folded = fold(self.raw, self.counts.tolist(), self.partial.tolist())
+            records = folded.records(rows, [dtype_names(self.dtypes[r]) for r in rows])
             self._summary = TraceSummary(
                 stats=dict(zip([keys[r] for r in rows], records, strict=True)),
                 steps=tuple(self.steps),
@@ -266,10 +268,8 @@ class Tracer:
         self._loss_scale: float | None = None
         self._total = _Total(len(rows))
         self._update_blocks: list[_UpdateBlock] | None = None
-        self._update_scratch: torch.Tensor | None = None
         self._sample_idx: dict[int, torch.Tensor] = {}
         self._snapshot_taken = False
-        self._consts: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._reset_host()
 
     # ------------------------------------------------------------------ selection
@@ -321,8 +321,6 @@ class Tracer:
         self._active = False
         self._stats.release()
         self._update_blocks = None
-        self._update_scratch = None
-        self._consts.clear()
 
     def __enter__(self) -> Tracer:
         return self.attach()
@@ -373,49 +371,50 @@ class Tracer:
     def after_optimizer_step(self) -> None:
         """Record each parameter's update relative to its weight's binade (see ``mpaudit.numerics.layerstats``):
         r = (w_after - w_before) / 2^floor(log2|w_before|) over the sampled elements, built from the fp32 bit
-        pattern (no division, so the binade of r is exactly that of Δw minus that of w)."""
+        pattern (no division, so the binade of r is exactly that of Δw minus that of w; see
+        :meth:`~mpaudit.trace.reduce.StatsRows.add_updates`)."""
         if not (self._active and self._snapshot_taken):
             return
         self._snapshot_taken = False
         with torch.no_grad(), self._stats.threads():
             blocks = self._gather_samples(after=True)
+        with torch.no_grad():
             for block in blocks:
-                k = self._int32_scratch(block.before.numel()).view(block.before.shape)
-                # The pattern of 2^-e for w's exponent field E is (254 - E) << 23 = 0x7F000000 - (w & 0x7F800000).
-                # (A zero or fp32-subnormal weight, padding included, gets the factor 2^127: its update lands far
-                # above any loss edge, and padding stays 0.)
-                torch.bitwise_and(block.before.view(torch.int32), _FP32_EXP_MASK, out=k)
-                torch.sub(self._const(_FP32_TWO_POW_MINUS_E, block.before.device), k, out=k)
-                block.after.sub_(block.before).mul_(k.view(torch.float32))
-                self._stats.add_block(block.after, block.layout, block.rows, block.sizes, full=False)
+                self._stats.add_updates(block.before, block.after, block.layout, block.rows, block.sizes)
 
-    def finish_step(self) -> TraceSummary | None:
-        """End the traced step: its statistics on the host (one device-to-host copy), folded into this step's
-        summary (None if untraced) and merged into the running one."""
+    def finish_step(self, summary: bool = True) -> TraceSummary | None:
+        """End the traced step: its statistics on the host (one device-to-host copy), merged into the running
+        summary. Returns this step's own summary (None if untraced, or when ``summary`` is False: the training
+        loop does not read it, and building one record per tensor is a good part of a small model's traced step)."""
         if not self._active:
             return None
         self._active = False
         self._remove_hook()
         replicated = self._param_rows if self._parallel.params_replicated else []
         host, counts = self._stats.collect(self._parallel, replicated)
-        folded = fold(host, counts, self._stats.partial)
         rows = [row for row, count in enumerate(counts) if count]
-        dtypes = [dtype_names(self._stats.dtypes[row]) for row in rows]
-        stats = dict(zip([self._rows[row] for row in rows], folded.records(rows, dtypes), strict=True))
+        bad = dict.fromkeys(self._rows[row] for row in np.flatnonzero(reduce.nonfinite_counts(host)).tolist())
         forward = list(self._forward_order)
-        recorded = {layer for layer, _ in stats}
+        recorded = {self._rows[row][0] for row in rows}
         # forward order, then layers seen only through their parameters, in module order (root last)
         layers = list(dict.fromkeys([*forward, *(lay for lay in self.layers if lay in recorded), *sorted(recorded)]))
-        summary = TraceSummary(
-            stats=stats,
-            steps=(self._step,),
-            loss_scales=(self._loss_scale,),
-            layers=tuple(layers),
-            first_nonfinite_forward=self._first_nonfinite_forward(stats, forward),
-            first_nonfinite_backward=self._first_nonfinite_backward(stats, layers),
-        )
-        self._total.add(summary, folded, rows, self._stats.dtypes)
-        return summary
+        first_forward = self._first_nonfinite_forward(bad, forward)
+        first_backward = self._first_nonfinite_backward(bad, layers)
+        partial = list(self._stats.partial)
+        if summary:
+            folded = fold(host, counts, partial)
+            dtypes = [dtype_names(self._stats.dtypes[row]) for row in rows]
+            step_summary = TraceSummary(
+                stats=dict(zip([self._rows[row] for row in rows], folded.records(rows, dtypes), strict=True)),
+                steps=(self._step,),
+                loss_scales=(self._loss_scale,),
+                layers=tuple(layers),
+                first_nonfinite_forward=first_forward,
+                first_nonfinite_backward=first_backward,
+            )
+        self._total.add(host, counts, partial, self._stats.dtypes, self._step, self._loss_scale, layers,
+                        first_forward, first_backward)
+        return step_summary if summary else None
 
     def summary(self) -> TraceSummary:
         """The merge of every finished step (kept merged as arrays as steps finish, so memory does not grow)."""
@@ -518,19 +517,6 @@ class Tracer:
             torch._foreach_copy_(dsts, srcs)
         return blocks
 
-    def _int32_scratch(self, n: int) -> torch.Tensor:
-        if self._update_scratch is None or self._update_scratch.numel() < n:
-            self._update_scratch = torch.empty(n, dtype=torch.int32, device=self._device())
-        return self._update_scratch[:n]
-
-    def _const(self, value: int, device: torch.device) -> torch.Tensor:
-        """A cached 0-d int32 device tensor (so no host-to-device copy per call)."""
-        key = (value, device)
-        c = self._consts.get(key)
-        if c is None:
-            c = self._consts[key] = torch.tensor(value, dtype=torch.int32, device=device)
-        return c
-
     # ------------------------------------------------------------------ host side
 
     def _reset_host(self) -> None:
@@ -539,26 +525,22 @@ class Tracer:
         self._backward_order: list[str] = []
         self._backward_seen: set[str] = set()
 
-    def _first_nonfinite_forward(
-        self, stats: dict[tuple[str, str], TensorStats], forward: list[str]
-    ) -> NonfiniteSite | None:
+    def _first_nonfinite_forward(self, bad: dict[tuple[str, str], None], forward: list[str]) -> NonfiniteSite | None:
+        """The first layer in forward order whose output held a NaN/Inf (``bad``: the step's (layer, role)
+        rows that did, in row order)."""
         for layer in forward:
-            s = stats.get((layer, ACTIVATION))
-            if s is not None and s.nonfinite:
+            if (layer, ACTIVATION) in bad:
                 return NonfiniteSite(layer, ACTIVATION, self._step)
         return None
 
-    def _first_nonfinite_backward(
-        self, stats: dict[tuple[str, str], TensorStats], layers: list[str]
-    ) -> NonfiniteSite | None:
+    def _first_nonfinite_backward(self, bad: dict[tuple[str, str], None], layers: list[str]) -> NonfiniteSite | None:
         """First in the order output-gradient hooks fired; failing that, parameter gradients in reverse
         forward order (the order backward reaches them)."""
         for layer in self._backward_order:
-            s = stats.get((layer, GRAD_OUTPUT))
-            if s is not None and s.nonfinite:
+            if (layer, GRAD_OUTPUT) in bad:
                 return NonfiniteSite(layer, GRAD_OUTPUT, self._step)
-        bad = {layer: role for (layer, role), s in stats.items() if role.startswith(GRAD_PREFIX) and s.nonfinite}
+        grads = {layer: role for layer, role in bad if role.startswith(GRAD_PREFIX)}
         for layer in reversed(layers):
-            if layer in bad:
-                return NonfiniteSite(layer, bad[layer], self._step)
+            if layer in grads:
+                return NonfiniteSite(layer, grads[layer], self._step)
         return None

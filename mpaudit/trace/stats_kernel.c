@@ -1,0 +1,281 @@
+/* One pass over a tensor's values for mpaudit's traced statistics (see mpaudit/trace/native.py).
+ *
+ * For n values it adds to one row of the statistics buffer (int64, ROW_WIDTH wide, float columns holding
+ * float64 bit patterns), exactly as mpaudit/trace/reduce.py's torch reductions do:
+ *   row[0 .. 1023]  histogram of key = (int32 bits >> 22) + 512: sign, exponent field, top mantissa bit;
+ *   row[1024]       (double) count of finite nonzero values;
+ *   row[1025]       (double) sum of finite |x|            (full only);
+ *   row[1026]       (double) max of finite |x|            (full only);
+ *   row[1027]       min of 2 * bits(|x|) + 2^31 - 2, wrapping int32, over finite values (full only):
+ *                   that is 2^31 - 2 for zeros (and non-finite values, zeroed first), below it for nonzero ones.
+ * Histogram, count, max and min are exact. The sum adds fp32 partial sums of 1024 values in double, piece by piece
+ * (PIECE values) in piece order, whatever the thread count: the same bits on one thread or many.
+ *
+ * The values are fp32 bit patterns, or (mpaudit_update_f32) the relative updates of sampled weights, computed
+ * here as the tracer's torch ops compute them. Plain C99 with GCC / Clang vector extensions: the histogram is four
+ * sub-histograms (so consecutive values do not wait on each other's increments), the other statistics 32 lanes of
+ * int32 / fp32 accumulators. Built with -fopenmp, pieces are shared among `threads` threads of the OpenMP runtime
+ * torch already runs; without it, `threads` is ignored.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define BINS 1024
+#define KEY_SHIFT 22
+#define SIGN_BIN 512
+#define COL_NONZERO 1024
+#define COL_SUM 1025
+#define COL_MAX 1026
+#define COL_MIN 1027
+#define ROW_WIDTH 1028
+#define MIN_KEY_ZERO 0x7ffffffe
+#define BLOCK 1024              /* values summed in fp32 before the double accumulation */
+#define PIECE (1 << 14)         /* values per piece: the unit of work of a thread and of the sum's order */
+#define MAX_CALL ((int64_t)1 << 30)  /* values per call: a thread's uint32 sub-histograms cannot overflow */
+#define EXP_MASK 0x7f800000
+#define TWO_POW_MINUS_E 0x7f000000
+
+typedef int32_t vi __attribute__((vector_size(32)));
+typedef float vf __attribute__((vector_size(32)));
+
+typedef struct {
+    uint32_t hist[4][BINS];
+    int64_t count;
+    uint32_t max, min;  /* of finite |x| bit patterns; min over nonzero ones (0x7fffffff: none) */
+} acc_t;
+
+/* The layout this file was written for; mpaudit checks it against its own before using the kernel. */
+void mpaudit_stats_layout(int64_t *out) {
+    out[0] = BINS;
+    out[1] = KEY_SHIFT;
+    out[2] = ROW_WIDTH;
+    out[3] = MIN_KEY_ZERO;
+}
+
+/* Whether this build shares pieces among threads. */
+int mpaudit_stats_threaded(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static void histogram(const uint32_t *u, int64_t n, uint32_t (*h)[BINS]) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        h[0][((int32_t)u[i] >> KEY_SHIFT) + SIGN_BIN]++;
+        h[1][((int32_t)u[i + 1] >> KEY_SHIFT) + SIGN_BIN]++;
+        h[2][((int32_t)u[i + 2] >> KEY_SHIFT) + SIGN_BIN]++;
+        h[3][((int32_t)u[i + 3] >> KEY_SHIFT) + SIGN_BIN]++;
+    }
+    for (; i < n; i++)
+        h[0][((int32_t)u[i] >> KEY_SHIFT) + SIGN_BIN]++;
+}
+
+/* |x| of eight values with non-finite ones zeroed (as bit patterns, non-negative int32). */
+static inline vi finite_abs(vi x) {
+    vi a = x & 0x7fffffff;
+    return a & (a < 0x7f800000);
+}
+
+/* The relative update of eight sampled weights, as the tracer's torch ops compute it: (after - before) times
+ * 2^-e, e the binade of `before`, whose fp32 pattern is 0x7f000000 - (before & 0x7f800000). */
+static inline vi relative_update(vi before, vi after) {
+    vf delta = (vf)after - (vf)before;
+    vi scale = TWO_POW_MINUS_E - (before & EXP_MASK);
+    return (vi)(delta * (vf)scale);
+}
+
+/* Statistics of one block (at most BLOCK values) into acc and the lanes; returns the block's fp32 sum. */
+static inline float block(const uint32_t *p, int64_t m, acc_t *acc, vi *count, vi *max, vi *min, int full) {
+    histogram(p, m, acc->hist);
+    vf s[4] = {{0}, {0}, {0}, {0}};
+    int64_t j = 0;
+    for (; j + 32 <= m; j += 32) {
+        for (int k = 0; k < 4; k++) {
+            vi x;
+            memcpy(&x, p + j + 8 * k, sizeof x);
+            vi v = finite_abs(x);
+            vi nonzero = v != 0;                 /* -1 or 0 */
+            count[k] -= nonzero;
+            if (full) {
+                s[k] += (vf)v;
+                vi up = v > max[k];
+                max[k] = (max[k] & ~up) | (v & up);
+                vi q = v | (~nonzero & 0x7fffffff);  /* zeros above every finite pattern */
+                vi down = q < min[k];
+                min[k] = (min[k] & ~down) | (q & down);
+            }
+        }
+    }
+    float tail = 0.0f;
+    for (; j < m; j++) {
+        uint32_t a = p[j] & 0x7fffffffu;
+        uint32_t v = a < 0x7f800000u ? a : 0u;
+        if (v == 0)
+            continue;
+        acc->count++;
+        if (full) {
+            float f;
+            memcpy(&f, &v, sizeof f);
+            tail += f;
+            acc->max = v > acc->max ? v : acc->max;
+            acc->min = v < acc->min ? v : acc->min;
+        }
+    }
+    if (!full)
+        return 0.0f;
+    vf t = (s[0] + s[1]) + (s[2] + s[3]);
+    float sum = 0.0f;
+    for (int k = 0; k < 8; k++)
+        sum += t[k];
+    return sum + tail;
+}
+
+/* One piece (at most PIECE values; `after`: relative updates of before = u, after = after) into acc; returns its
+ * sum. */
+static double piece(const uint32_t *u, const uint32_t *after, int64_t n, acc_t *acc, int full) {
+    vi count[4], max[4], min[4];
+    for (int k = 0; k < 4; k++) {
+        count[k] = (vi){0};
+        max[k] = (vi){0};
+        min[k] = (vi){0} + 0x7fffffff;
+    }
+    uint32_t updates[BLOCK];
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; i += BLOCK) {
+        int64_t m = n - i < BLOCK ? n - i : BLOCK;
+        const uint32_t *p = u + i;
+        if (after != NULL) {
+            int64_t j = 0;
+            for (; j + 8 <= m; j += 8) {
+                vi b, a;
+                memcpy(&b, u + i + j, sizeof b);
+                memcpy(&a, after + i + j, sizeof a);
+                vi r = relative_update(b, a);
+                memcpy(updates + j, &r, sizeof r);
+            }
+            for (; j < m; j++) {
+                float b, a, delta, scale, r;
+                uint32_t bits = u[i + j], s = TWO_POW_MINUS_E - (bits & EXP_MASK);
+                memcpy(&b, &bits, sizeof b);
+                memcpy(&a, after + i + j, sizeof a);
+                memcpy(&scale, &s, sizeof scale);
+                delta = a - b;
+                r = delta * scale;
+                memcpy(updates + j, &r, sizeof r);
+            }
+            p = updates;
+        }
+        sum += (double)block(p, m, acc, count, max, min, full);
+    }
+    for (int k = 0; k < 4; k++) {
+        for (int lane = 0; lane < 8; lane++) {
+            acc->count += (uint32_t)count[k][lane];
+            acc->max = (uint32_t)max[k][lane] > acc->max ? (uint32_t)max[k][lane] : acc->max;
+            acc->min = (uint32_t)min[k][lane] < acc->min ? (uint32_t)min[k][lane] : acc->min;
+        }
+    }
+    return sum;
+}
+
+static void merge(const acc_t *acc, int64_t *row, int full) {
+    for (int b = 0; b < BINS; b++)
+        row[b] += (int64_t)acc->hist[0][b] + acc->hist[1][b] + acc->hist[2][b] + acc->hist[3][b];
+    double *floats = (double *)row;
+    floats[COL_NONZERO] += (double)acc->count;
+    if (!full)
+        return;
+    float top;
+    memcpy(&top, &acc->max, sizeof top);
+    if ((double)top > floats[COL_MAX])
+        floats[COL_MAX] = top;
+    /* min nonzero pattern a -> 2a + MIN_KEY_ZERO wrapping; no nonzero value -> MIN_KEY_ZERO (a zero's key) */
+    int32_t key = acc->min == 0x7fffffffu ? MIN_KEY_ZERO : (int32_t)(2u * acc->min + (uint32_t)MIN_KEY_ZERO);
+    if (key < row[COL_MIN])
+        row[COL_MIN] = key;
+}
+
+static void reset(acc_t *acc) {
+    memset(acc->hist, 0, sizeof acc->hist);
+    acc->count = 0;
+    acc->max = 0;
+    acc->min = 0x7fffffffu;
+}
+
+/* Pieces of one call (at most MAX_CALL values) on up to `threads` threads; returns -1 when out of memory. */
+static int run(const uint32_t *u, const uint32_t *after, int64_t n, int64_t *row, int full, int threads) {
+    int64_t pieces = (n + PIECE - 1) / PIECE;
+    if (threads > pieces)
+        threads = (int)pieces;
+    if (threads < 1)
+        threads = 1;
+    if (threads == 1) {
+        acc_t acc;
+        reset(&acc);
+        double sum = 0.0;
+        for (int64_t p = 0; p < pieces; p++) {
+            int64_t at = p * PIECE;
+            sum += piece(u + at, after ? after + at : NULL, n - at < PIECE ? n - at : PIECE, &acc, full);
+        }
+        merge(&acc, row, full);
+        if (full)
+            ((double *)row)[COL_SUM] += sum;
+        return 0;
+    }
+    acc_t *accs = malloc((size_t)threads * sizeof *accs);
+    double *sums = malloc((size_t)pieces * sizeof *sums);
+    if (accs == NULL || sums == NULL) {
+        free(accs);
+        free(sums);
+        return -1;
+    }
+    for (int t = 0; t < threads; t++)
+        reset(&accs[t]);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t p = 0; p < pieces; p++) {
+        int t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+#endif
+        int64_t at = p * PIECE;
+        sums[p] = piece(u + at, after ? after + at : NULL, n - at < PIECE ? n - at : PIECE, &accs[t], full);
+    }
+    double sum = 0.0;
+    for (int64_t p = 0; p < pieces; p++)
+        sum += sums[p];
+    for (int t = 0; t < threads; t++)
+        merge(&accs[t], row, full);
+    if (full)
+        ((double *)row)[COL_SUM] += sum;
+    free(accs);
+    free(sums);
+    return 0;
+}
+
+static int calls(const uint32_t *u, const uint32_t *after, int64_t n, int64_t *row, int full, int threads) {
+    for (int64_t i = 0; i < n; i += MAX_CALL) {
+        int64_t m = n - i < MAX_CALL ? n - i : MAX_CALL;
+        if (run(u + i, after ? after + i : NULL, m, row, full, threads) != 0) {
+            /* one thread needs no allocation: the statistics are the same, only slower */
+            run(u + i, after ? after + i : NULL, m, row, full, 1);
+        }
+    }
+    return 0;
+}
+
+/* Add n fp32 values (as bit patterns) to the statistics row; full = 0 leaves sum, max and min unmeasured. */
+void mpaudit_stats_f32(const uint32_t *u, int64_t n, int64_t *row, int full, int threads) {
+    calls(u, NULL, n, row, full, threads);
+}
+
+/* Add the relative updates of n sampled weights, from `before` to `after` (fp32), to the row: histogram and
+ * finite nonzero count (a partial row, as the tracer keeps for updates). */
+void mpaudit_update_f32(const uint32_t *before, const uint32_t *after, int64_t n, int64_t *row, int threads) {
+    calls(before, after, n, row, 0, threads);
+}

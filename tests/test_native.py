@@ -1,0 +1,269 @@
+"""The one-pass CPU kernel of the traced statistics: the torch reductions' statistics bit for bit (the sum of |x|
+within its reduction order), on every kind of tensor a hook hands over, and a loader that builds it once, falls
+back with a reason and never serves a broken build."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_trace import _awkward_tensor, _OpLog
+from test_trace_batched import _assert_summaries_equal, _deep
+from torch import nn
+
+from conftest import Scale
+from mpaudit.numerics.layerstats import TraceSummary
+from mpaudit.run.distributed import Parallel
+from mpaudit.trace import native, reduce
+from mpaudit.trace.tracer import Tracer
+
+FP32_MAX = torch.finfo(torch.float32).max
+SPECIALS = [0.0, -0.0, math.nan, -math.nan, math.inf, -math.inf, 1e-45, -1e-40, FP32_MAX, -1.0, 2.0**-126]
+
+
+@pytest.fixture
+def kernel() -> native.Kernel:
+    k = reduce.native_kernel()
+    assert isinstance(k, native.Kernel), k
+    return k
+
+
+@pytest.fixture
+def fresh_loader(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """``native.load`` and ``reduce.native_kernel`` forget what they loaded, building into an empty cache."""
+    monkeypatch.setenv("MPAUDIT_CACHE_DIR", str(tmp_path))
+    native.load.cache_clear()
+    reduce.native_kernel.cache_clear()
+    yield tmp_path
+    native.load.cache_clear()
+    reduce.native_kernel.cache_clear()
+
+
+def test_the_kernel_is_built_where_there_is_a_c_compiler() -> None:
+    """The tests' machine has one: a build that fails there is a defect, not a fallback."""
+    if native._compiler() is None:
+        assert isinstance(reduce.native_kernel(), native.Unavailable)
+        pytest.skip("no C compiler here")
+    assert isinstance(reduce.native_kernel(), native.Kernel), reduce.native_kernel()
+    assert reduce.kernel_description().startswith("native (stats_kernel-")
+    assert reduce.kernel_description("cuda").startswith("torch (")
+
+
+def _tensors() -> list[torch.Tensor]:
+    """Sizes around the kernel's lanes (8, 32), its fp32 blocks (1024) and chunks of the conversion, specials at
+    every position of a lane group, fp32 / fp16 / bf16 / fp64, contiguous or not, offset views."""
+    out: list[torch.Tensor] = []
+    g = torch.Generator().manual_seed(0)
+    for i, n in enumerate([1, 2, 7, 8, 9, 31, 32, 33, 63, 100, 1023, 1024, 1025, 4096 + 5, 70_000]):
+        x = torch.randn(n, generator=g) * 10.0 ** torch.randint(-40, 37, (n,), generator=g).float()
+        for j, v in enumerate(SPECIALS):
+            if n > 1:
+                x[(j * 7 + i) % n] = v
+        out.append(x)
+        out.append(x.to(torch.float16))
+        out.append(x.to(torch.bfloat16))
+    out.append(_awkward_tensor(3, 3000).reshape(60, 50).t())  # non-contiguous
+    out.append(_awkward_tensor(4, 5000)[17:])  # a view at an offset
+    out.append(_awkward_tensor(5, 2000).double())
+    out.append(torch.zeros(77))
+    out.append(torch.full((40,), math.nan))
+    out.append(-torch.zeros(33))
+    return out
+
+
+def _rows(tensors: list[torch.Tensor], full: bool, use: bool) -> np.ndarray:
+    rows = reduce.StatsRows(len(tensors), use_native=use)
+    rows.start(torch.device("cpu"))
+    assert (rows.kernel is not None) == use
+    for i, t in enumerate(tensors):
+        rows.add(i, t, full)
+    host, counts = rows.collect(Parallel())
+    assert counts == [t.numel() for t in tensors]
+    return host.copy()
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_the_kernel_gives_the_torch_reductions_statistics(kernel: native.Kernel, full: bool) -> None:
+    tensors = _tensors()
+    got, want = _rows(tensors, full, True), _rows(tensors, full, False)
+    assert np.array_equal(got, want) if not full else reduce.same_statistics(got, want)
+    exact = [c for c in range(reduce.ROW_WIDTH) if c != reduce._COL_SUM]
+    assert np.array_equal(got[:, exact], want[:, exact])  # (a tensor's NaNs keep their sign bits)
+    sums = got.view(np.float64)[:, reduce._COL_SUM]
+    if not full:
+        assert not sums.any()
+    assert (got[:, reduce._POSINF_BIN] > 0).any() and (got[:, reduce._POSINF_BIN + 1] > 0).any()  # Inf, NaN seen
+
+
+def test_the_kernel_sums_more_accurately_than_fp32() -> None:
+    """2^24 + 3 ones: an fp32 running sum stalls at 2^24; the kernel's fp32 blocks added in double do not."""
+    x = torch.ones(2**24 + 3)
+    got = _rows([x], True, True)
+    assert got.view(np.float64)[0, reduce._COL_SUM] == 2**24 + 3
+    assert got.view(np.float64)[0, reduce._COL_NONZERO] == 2**24 + 3
+    assert got[0, reduce._SIGN_BIN + 2 * 127] == 2**24 + 3  # every value in the binade of 1
+
+
+def test_a_traced_step_is_the_same_on_both_paths(kernel: native.Kernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A training step with updates and an overflow partway, under bf16 autocast (half-precision activations),
+    traced with the kernel and with the torch reductions."""
+
+    def step() -> TraceSummary:
+        model = _deep(12, 40, blow_up_at=5)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        tracer = Tracer(model)
+        with tracer:
+            for i in range(2):
+                tracer.start_step(i)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = model(torch.randn(8, 40, generator=torch.Generator().manual_seed(i)))
+                out.float().square().mean().backward()
+                tracer.after_backward()
+                opt.step()
+                tracer.after_optimizer_step()
+                opt.zero_grad()
+                assert tracer.finish_step(summary=False) is None
+        return tracer.summary()
+
+    with_kernel = step()
+    with monkeypatch.context() as m:
+        m.setattr(reduce, "native_kernel", lambda: native.Unavailable("for the test"))
+        without = step()
+    assert any(s.nonfinite for s in without.stats.values())
+    _assert_summaries_equal(with_kernel, without)
+    assert {s.dtype for s in with_kernel.stats.values()} >= {"bfloat16", "float32"}
+
+
+def test_the_kernel_path_dispatches_no_torch_op_for_fp32_tensors(kernel: native.Kernel) -> None:
+    """Contiguous fp32 outputs and gradients go to the kernel as they are: no staging copy, no per-tensor op."""
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(10)], Scale(2.0))
+    x, c = torch.randn(4, 16), torch.randn(4, 16)
+    tracer = Tracer(model, updates=False)
+    with tracer:
+        for _ in range(2):
+            tracer.start_step(0)
+            with _OpLog() as log:
+                (model(x) * c).sum().backward()  # (a sum's gradient alone would be an expanded, strided tensor)
+                tracer.after_backward()
+            tracer.finish_step()
+    with _OpLog() as untraced:
+        (model(x) * c).sum().backward()
+    assert log.ops == untraced.ops
+
+
+def test_no_compiler_means_the_torch_reductions_and_says_why(fresh_loader: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    assert native.load() == native.Unavailable("no C compiler found (set CC, or install cc)")
+    assert reduce.kernel_description() == "torch (no C compiler found (set CC, or install cc))"
+    rows = reduce.StatsRows(1)
+    rows.start(torch.device("cpu"))
+    assert rows.kernel is None
+
+
+def test_a_compiler_that_fails_means_the_torch_reductions(fresh_loader: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path: Path) -> None:
+    broken = tmp_path / "cc-broken"
+    broken.write_text("#!/bin/sh\necho 'cc-broken: cannot compile today' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    got = native.load()
+    assert isinstance(got, native.Unavailable)
+    assert got.reason.startswith("the kernel did not build (") and "cannot compile today" in got.reason
+    assert not list(fresh_loader.glob("*.so*"))  # no half-written library left behind
+
+
+def test_the_switch_turns_the_kernel_off(fresh_loader: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(native.DISABLE_ENV, "0")
+    assert native.load() == native.Unavailable(f"{native.DISABLE_ENV}=0")
+
+
+def test_the_kernel_is_built_once_and_a_broken_library_is_built_again(fresh_loader: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    if native._compiler() is None:
+        pytest.skip("no C compiler here")
+    first = native.load()
+    assert isinstance(first, native.Kernel) and first.path.parent == fresh_loader
+    native.load.cache_clear()
+    builds: list[Path] = []
+    build = native._build
+
+    def counting(cc: list[str], flags: tuple[str, ...], target: Path) -> str | None:
+        builds.append(target)
+        return build(cc, flags, target)
+
+    monkeypatch.setattr(native, "_build", counting)
+    assert isinstance(native.load(), native.Kernel) and not builds  # reused from the cache
+    # A library that does not load (a disk filled mid-copy, say) is built again. In another process: this one
+    # has the first library loaded, and the loader would hand back that one for the same path.
+    first.path.unlink()
+    first.path.write_bytes(b"not a shared library")
+    code = "from mpaudit.trace import native; k = native.load(); print(type(k).__name__, k.path)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "MPAUDIT_CACHE_DIR": str(fresh_loader)})
+    assert done.stdout.split() == ["Kernel", str(first.path)]
+    assert first.path.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_the_build_depends_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """-march=native code is for the CPU it was built on: a cache shared across machines keeps one per CPU."""
+    cc = ["cc"]
+    source = native.SOURCE.read_bytes()
+    one = native._build_key(cc, native.FLAGS, source)
+    monkeypatch.setattr(native, "_cpu_identity", lambda: "another CPU")
+    assert native._build_key(cc, native.FLAGS, source) != one
+
+
+def test_one_thread_or_two_give_the_same_bits(kernel: native.Kernel) -> None:
+    """Pieces of 2^14 values are summed in order whatever the thread count: every column, the sum's included."""
+    if not kernel.threaded:
+        pytest.skip("this build of the kernel runs on one thread")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5 * reduce.NATIVE_THREADED_MIN + 123, generator=g) * 1e3
+    x[::997] = math.nan
+    out = []
+    for threads in (1, 2, 3):
+        row = torch.tensor(reduce.empty_rows(1))
+        for full in (1, 0):
+            kernel.stats(x.data_ptr(), x.numel(), row.data_ptr(), full, threads)
+        out.append(row.numpy())
+    assert np.array_equal(out[0], out[1]) and np.array_equal(out[0], out[2])
+
+
+def test_relative_updates_equal_the_torch_ops(kernel: native.Kernel) -> None:
+    """Updates of weights of every kind (zeros, subnormals, huge, non-finite before or after), three tensors in a
+    block with padding between them, on one thread and on two."""
+    g = torch.Generator().manual_seed(2)
+    sizes = [5, reduce.ROW + 1, 3 * reduce.NATIVE_THREADED_MIN]
+    starts = np.cumsum([0] + [reduce.rows_for(n) for n in sizes]).tolist()
+    before = torch.zeros(starts[-1], reduce.ROW)
+    after = torch.zeros_like(before)
+    for n, at in zip(sizes, starts, strict=False):
+        w = torch.randn(n, generator=g) * 10.0 ** torch.randint(-40, 37, (n,), generator=g).float()
+        w[: len(SPECIALS)] = torch.tensor(SPECIALS)[:n]
+        step = w * torch.randn(n, generator=g) * 10.0 ** torch.randint(-12, 1, (n,), generator=g).float()
+        step[-3:] = torch.tensor([math.inf, math.nan, 0.0])[: min(3, n)]
+        before.view(-1)[at * reduce.ROW : at * reduce.ROW + n] = w
+        after.view(-1)[at * reduce.ROW : at * reduce.ROW + n] = w + step
+    rows = [0, 1, 2]
+    results = []
+    for use, threads in ((False, 1), (True, 1), (True, 2)):
+        stats = reduce.StatsRows(3, use_native=use)
+        stats.start(torch.device("cpu"))
+        layout = stats.layout([r for r, n in zip(rows, sizes, strict=True) for _ in range(reduce.rows_for(n))])
+        with reduce.cpu_threads(threads):
+            stats.add_updates(before.clone(), after.clone(), layout, rows, sizes)
+        host, counts = stats.collect(Parallel())
+        assert counts == sizes and stats.partial == [True] * 3
+        results.append(host.copy())
+    assert reduce.same_statistics(results[0], results[1], rtol=0.0)  # (NaNs made by arithmetic: either sign)
+    assert np.array_equal(results[1], results[2])
+    nan = results[0][:, reduce._POSINF_BIN + 1] + results[0][:, reduce._NEGINF_BIN + 1]
+    assert (nan > 0).all() and (results[0][:, reduce._POSINF_BIN] > 0).any()
