@@ -267,3 +267,23 @@ def test_relative_updates_equal_the_torch_ops(kernel: native.Kernel) -> None:
     assert np.array_equal(results[1], results[2])
     nan = results[0][:, reduce._POSINF_BIN + 1] + results[0][:, reduce._NEGINF_BIN + 1]
     assert (nan > 0).all() and (results[0][:, reduce._POSINF_BIN] > 0).any()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_call_leaves_nothing_behind_for_the_next(kernel: native.Kernel, threads: int) -> None:
+    """Each thread keeps its histograms between calls and clears only the bins a call could touch: a call with
+    values in every binade, NaN and Inf, then calls with values in a few binades, zeros only, one value, must each
+    count only their own values."""
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(4 * reduce.NATIVE_THREADED_MIN, generator=g) * 10.0 ** torch.randint(
+        -45, 38, (4 * reduce.NATIVE_THREADED_MIN,), generator=g).float()
+    wide[::101] = math.nan
+    wide[::103] = -math.inf
+    narrow = [torch.rand(3 * reduce.NATIVE_THREADED_MIN, generator=g) + 1.0, torch.zeros(50), -torch.zeros(9),
+              torch.tensor([1e-40]), torch.tensor([-7.0])]
+    for t in narrow:
+        for first in (wide, -wide):
+            before, row = torch.tensor(reduce.empty_rows(1)), torch.tensor(reduce.empty_rows(1))
+            kernel.stats(first.data_ptr(), first.numel(), before.data_ptr(), 1, threads)
+            kernel.stats(t.data_ptr(), t.numel(), row.data_ptr(), 1, threads)
+            assert reduce.same_statistics(row.numpy(), _rows([t], True, False), rtol=1e-6), t[:3]

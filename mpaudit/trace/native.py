@@ -2,17 +2,17 @@
 use and loaded with ctypes.
 
 Torch's eager ops reduce a tensor in about ten passes (shift, bin, abs, zero the non-finite, count, sum, max,
-min), each reading and writing the whole tensor; the kernel reads it once. On the tracing benchmark's GPT-2 (75
-tensors, 1.6 M values a traced step, 2-core AMD EPYC) that is 0.84 ms against 5.9 ms for the torch reductions
-with their staging copies. Its statistics are the torch path's bit for bit, but for the sum of |x|, which it adds
-in another order (fp32 partial sums of 1024 values, in double).
+min), each reading and writing the whole tensor; the kernel reads it once, straight from the tensor's memory, and
+computes the sampled weights' relative updates in the same pass. Its statistics are the torch path's bit for bit,
+but for the sum of |x|, which it adds in another order (fp32 partial sums of 1024 values, in double), and the sign
+bit of a NaN made by arithmetic (the CPU's choice; either sign counts as NaN).
 
-It is built once per source, compiler and CPU into the cache (``$MPAUDIT_CACHE_DIR``, else
-``$XDG_CACHE_HOME/mpaudit``, else ``~/.cache/mpaudit``), with ``-O3 -march=native``, atomically (processes
-starting together, like the ranks of a ``torchrun`` job, each write their own file and rename it into place).
-Without a compiler, or when the build or its check fails, or with ``MPAUDIT_NATIVE_KERNEL=0``, tracing uses the
-torch reductions: the same statistics, slower. :func:`mpaudit.trace.reduce.kernel_description` says which runs,
-for a result's environment.
+It is built once per source, compiler, flags and CPU into the cache (``$MPAUDIT_CACHE_DIR``, else
+``$XDG_CACHE_HOME/mpaudit``, else ``~/.cache/mpaudit``), with ``-O3 -march=native`` and, where torch runs on GNU
+OpenMP, ``-fopenmp``, atomically (processes starting together, like the ranks of a ``torchrun`` job, each write
+their own file and rename it into place). Without a compiler, or when the build or its check fails, or with
+``MPAUDIT_NATIVE_KERNEL=0``, tracing uses the torch reductions: the same statistics, slower.
+:func:`mpaudit.trace.reduce.kernel_description` says which runs, for a result's environment.
 """
 
 from __future__ import annotations

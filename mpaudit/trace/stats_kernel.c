@@ -12,10 +12,11 @@
  * (PIECE values) in piece order, whatever the thread count: the same bits on one thread or many.
  *
  * The values are fp32 bit patterns, or (mpaudit_update_f32) the relative updates of sampled weights, computed
- * here as the tracer's torch ops compute them. Plain C99 with GCC / Clang vector extensions: the histogram is four
- * sub-histograms (so consecutive values do not wait on each other's increments), the other statistics 32 lanes of
- * int32 / fp32 accumulators. Built with -fopenmp, pieces are shared among `threads` threads of the OpenMP runtime
- * torch already runs; without it, `threads` is ignored.
+ * here as the tracer's torch ops compute them. C11 with GCC / Clang vector extensions: the histogram is four
+ * sub-histograms (so consecutive values do not wait on each other's increments), kept per thread from call to call
+ * and cleared bin range by bin range, the other statistics 32 lanes of int32 / fp32 accumulators. Built with
+ * -fopenmp, pieces are shared among `threads` threads of the OpenMP runtime torch already runs; without it,
+ * `threads` is ignored. Calls from several threads at once are safe (each thread has its own accumulator).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -43,10 +44,26 @@ typedef int32_t vi __attribute__((vector_size(32)));
 typedef float vf __attribute__((vector_size(32)));
 
 typedef struct {
-    uint32_t hist[4][BINS];
+    uint32_t hist[4][BINS];  /* all zero between calls: a call clears the bins it touched */
     int64_t count;
     uint32_t max, min;  /* of finite |x| bit patterns; min over nonzero ones (0x7fffffff: none) */
+    int64_t values;     /* values accumulated */
 } acc_t;
+
+/* One accumulator per thread, kept from call to call: a small tensor's call then merges and clears only the bins
+ * its values fell in, not 4 x 1024 of them (most of the cost of a call for a tensor of a few thousand values). */
+static _Thread_local acc_t thread_acc;
+
+/* The calling thread's accumulator, behind a call the optimiser does not see through: otherwise it propagates the
+ * thread-local address into the loops, which then look it up again and again (a third slower). */
+#if defined(__clang__) || !defined(__GNUC__)
+__attribute__((noinline))
+#else
+__attribute__((noipa))
+#endif
+static acc_t *own_acc(void) {
+    return &thread_acc;
+}
 
 /* The layout this file was written for; mpaudit checks it against its own before using the kernel. */
 void mpaudit_stats_layout(int64_t *out) {
@@ -92,7 +109,7 @@ static inline vi relative_update(vi before, vi after) {
 }
 
 /* Statistics of one block (at most BLOCK values) into acc and the lanes; returns the block's fp32 sum. */
-static inline float block(const uint32_t *p, int64_t m, acc_t *acc, vi *count, vi *max, vi *min, int full) {
+static inline float block(const uint32_t *p, int64_t m, acc_t *acc, vi *count, vi *max, vi *min) {
     histogram(p, m, acc->hist);
     vf s[4] = {{0}, {0}, {0}, {0}};
     int64_t j = 0;
@@ -103,14 +120,12 @@ static inline float block(const uint32_t *p, int64_t m, acc_t *acc, vi *count, v
             vi v = finite_abs(x);
             vi nonzero = v != 0;                 /* -1 or 0 */
             count[k] -= nonzero;
-            if (full) {
-                s[k] += (vf)v;
-                vi up = v > max[k];
-                max[k] = (max[k] & ~up) | (v & up);
-                vi q = v | (~nonzero & 0x7fffffff);  /* zeros above every finite pattern */
-                vi down = q < min[k];
-                min[k] = (min[k] & ~down) | (q & down);
-            }
+            s[k] += (vf)v;
+            vi up = v > max[k];
+            max[k] = (max[k] & ~up) | (v & up);
+            vi q = v | (~nonzero & 0x7fffffff);  /* zeros above every finite pattern */
+            vi down = q < min[k];
+            min[k] = (min[k] & ~down) | (q & down);
         }
     }
     float tail = 0.0f;
@@ -120,16 +135,12 @@ static inline float block(const uint32_t *p, int64_t m, acc_t *acc, vi *count, v
         if (v == 0)
             continue;
         acc->count++;
-        if (full) {
-            float f;
-            memcpy(&f, &v, sizeof f);
-            tail += f;
-            acc->max = v > acc->max ? v : acc->max;
-            acc->min = v < acc->min ? v : acc->min;
-        }
+        float f;
+        memcpy(&f, &v, sizeof f);
+        tail += f;
+        acc->max = v > acc->max ? v : acc->max;
+        acc->min = v < acc->min ? v : acc->min;
     }
-    if (!full)
-        return 0.0f;
     vf t = (s[0] + s[1]) + (s[2] + s[3]);
     float sum = 0.0f;
     for (int k = 0; k < 8; k++)
@@ -139,7 +150,7 @@ static inline float block(const uint32_t *p, int64_t m, acc_t *acc, vi *count, v
 
 /* One piece (at most PIECE values; `after`: relative updates of before = u, after = after) into acc; returns its
  * sum. */
-static double piece(const uint32_t *u, const uint32_t *after, int64_t n, acc_t *acc, int full) {
+static double piece(const uint32_t *u, const uint32_t *after, int64_t n, acc_t *acc) {
     vi count[4], max[4], min[4];
     for (int k = 0; k < 4; k++) {
         count[k] = (vi){0};
@@ -148,6 +159,7 @@ static double piece(const uint32_t *u, const uint32_t *after, int64_t n, acc_t *
     }
     uint32_t updates[BLOCK];
     double sum = 0.0;
+    acc->values += n;
     for (int64_t i = 0; i < n; i += BLOCK) {
         int64_t m = n - i < BLOCK ? n - i : BLOCK;
         const uint32_t *p = u + i;
@@ -172,7 +184,7 @@ static double piece(const uint32_t *u, const uint32_t *after, int64_t n, acc_t *
             }
             p = updates;
         }
-        sum += (double)block(p, m, acc, count, max, min, full);
+        sum += (double)block(p, m, acc, count, max, min);
     }
     for (int k = 0; k < 4; k++) {
         for (int lane = 0; lane < 8; lane++) {
@@ -184,9 +196,27 @@ static double piece(const uint32_t *u, const uint32_t *after, int64_t n, acc_t *
     return sum;
 }
 
-static void merge(const acc_t *acc, int64_t *row, int full) {
-    for (int b = 0; b < BINS; b++)
-        row[b] += (int64_t)acc->hist[0][b] + acc->hist[1][b] + acc->hist[2][b] + acc->hist[3][b];
+static void merge_bins(acc_t *acc, int64_t *row, int from, int to) {
+    for (int half = 0; half < BINS; half += SIGN_BIN) {
+        for (int b = half + from; b <= half + to; b++) {
+            row[b] += (int64_t)acc->hist[0][b] + acc->hist[1][b] + acc->hist[2][b] + acc->hist[3][b];
+            acc->hist[0][b] = acc->hist[1][b] = acc->hist[2][b] = acc->hist[3][b] = 0;
+        }
+    }
+}
+
+/* Add acc to the row and clear the bins it can have touched. A value's bin is its key: the sign, then
+ * m = key & 511, the exponent field and top mantissa bit, which is 0 or 1 for zeros, 510 or 511 for non-finite
+ * values, and for finite nonzero ones between m of the least and of the largest |x|: those ranges, either sign. */
+static void merge(acc_t *acc, int64_t *row, int full) {
+    if (acc->values == 0)
+        return;
+    merge_bins(acc, row, 0, 1);
+    if (acc->count > 0) {
+        int lo = (int)(acc->min >> KEY_SHIFT), hi = (int)(acc->max >> KEY_SHIFT);
+        merge_bins(acc, row, lo > 2 ? lo : 2, hi < 509 ? hi : 509);
+    }
+    merge_bins(acc, row, 510, 511);
     double *floats = (double *)row;
     floats[COL_NONZERO] += (double)acc->count;
     if (!full)
@@ -201,11 +231,12 @@ static void merge(const acc_t *acc, int64_t *row, int full) {
         row[COL_MIN] = key;
 }
 
+/* Ready acc for a call (its histogram is already clear). */
 static void reset(acc_t *acc) {
-    memset(acc->hist, 0, sizeof acc->hist);
     acc->count = 0;
     acc->max = 0;
     acc->min = 0x7fffffffu;
+    acc->values = 0;
 }
 
 /* Pieces of one call (at most MAX_CALL values) on up to `threads` threads; returns -1 when out of memory. */
@@ -213,44 +244,47 @@ static int run(const uint32_t *u, const uint32_t *after, int64_t n, int64_t *row
     int64_t pieces = (n + PIECE - 1) / PIECE;
     if (threads > pieces)
         threads = (int)pieces;
-    if (threads < 1)
-        threads = 1;
-    if (threads == 1) {
-        acc_t acc;
-        reset(&acc);
+    if (threads <= 1) {
+        acc_t *acc = own_acc();
+        reset(acc);
         double sum = 0.0;
         for (int64_t p = 0; p < pieces; p++) {
             int64_t at = p * PIECE;
-            sum += piece(u + at, after ? after + at : NULL, n - at < PIECE ? n - at : PIECE, &acc, full);
+            sum += piece(u + at, after ? after + at : NULL, n - at < PIECE ? n - at : PIECE, acc);
         }
-        merge(&acc, row, full);
+        merge(acc, row, full);
         if (full)
             ((double *)row)[COL_SUM] += sum;
         return 0;
     }
-    acc_t *accs = malloc((size_t)threads * sizeof *accs);
+    acc_t **accs = calloc((size_t)threads, sizeof *accs);
     double *sums = malloc((size_t)pieces * sizeof *sums);
     if (accs == NULL || sums == NULL) {
         free(accs);
         free(sums);
         return -1;
     }
-    for (int t = 0; t < threads; t++)
-        reset(&accs[t]);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t p = 0; p < pieces; p++) {
+#pragma omp parallel num_threads(threads)
+    {
         int t = 0;
 #ifdef _OPENMP
         t = omp_get_thread_num();
 #endif
-        int64_t at = p * PIECE;
-        sums[p] = piece(u + at, after ? after + at : NULL, n - at < PIECE ? n - at : PIECE, &accs[t], full);
+        acc_t *mine = own_acc();
+        reset(mine);
+        accs[t] = mine;
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < pieces; p++) {
+            int64_t at = p * PIECE;
+            sums[p] = piece(u + at, after ? after + at : NULL, n - at < PIECE ? n - at : PIECE, mine);
+        }
     }
     double sum = 0.0;
     for (int64_t p = 0; p < pieces; p++)
         sum += sums[p];
     for (int t = 0; t < threads; t++)
-        merge(&accs[t], row, full);
+        if (accs[t] != NULL)  /* (a runtime may start fewer threads than asked) */
+            merge(accs[t], row, full);
     if (full)
         ((double *)row)[COL_SUM] += sum;
     free(accs);

@@ -432,9 +432,8 @@ class Tracer:
             self._forward_seen.add(layer)
             self._forward_order.append(layer)
         tensors = list(_floating_tensors(output))
-        with torch.no_grad():
-            for t in tensors:
-                self._stats.add(row, t)  # copied or reduced now: later in-place ops do not matter
+        for t in tensors:
+            self._stats.add(row, t)  # read now: later in-place ops do not matter
         # A tensor hook, not a module backward hook: full backward hooks wrap the output in a custom
         # autograd function, which breaks in-place ops (ReLU(inplace=True)) applied to it downstream.
         # (Leaf outputs, e.g. a parameter returned as is, are skipped: a hook on them would outlive
@@ -450,8 +449,7 @@ class Tracer:
             if layer not in self._backward_seen:
                 self._backward_seen.add(layer)
                 self._backward_order.append(layer)
-            with torch.no_grad():
-                self._stats.add(row, grad)  # copied or reduced now, before autograd passes it on
+            self._stats.add(row, grad)  # read now, before autograd passes it on
 
         return grad_hook
 
