@@ -266,7 +266,8 @@ def native_kernel() -> native.Kernel | native.Unavailable:
     x = torch.randn(n, generator=g) * torch.logspace(-30, 30, n)
     values = torch.tensor([*_CHECK_VALUES, math.nan, math.inf, -math.inf])
     x[torch.randint(0, n, (400,), generator=g)] = values[torch.randint(0, len(values), (400,), generator=g)]
-    tensors = [x, x[:5], x[:1000].neg(), torch.zeros(40), torch.full((33,), math.nan)]
+    tensors = [x, x[:5], x[:1000].neg(), torch.zeros(40), torch.full((33,), math.nan), x.half(), x[:999].bfloat16(),
+               x.double()[::3]]
     after = x * (1 + torch.randn(n, generator=g) * 10.0 ** torch.randint(-9, 0, (n,), generator=g).float())
     for threads in (1, 2):
         for full in (True, False):
@@ -319,7 +320,8 @@ def _kernel_reads(t: torch.Tensor) -> bool:
 
 
 _ROW_BYTES = ROW_WIDTH * 8
-_F32_BIT = _dtype_bit(torch.float32)
+_HALF = {torch.bfloat16: 0, torch.float16: 1}
+"""16-bit dtypes the kernel reads itself, with its ``fp16`` flag."""
 
 
 def _row_address(rows: StatsRows, row: int) -> int:
@@ -329,13 +331,18 @@ def _row_address(rows: StatsRows, row: int) -> int:
 
 def _native_add(kernel: native.Kernel, rows: StatsRows, row: int, t: torch.Tensor, full: bool,
                 threads: int = 1) -> None:
-    """Reduce the CPU tensor ``t`` into row ``row`` with ``kernel``: in place when it is contiguous fp32, else
-    converted to fp32 (exact for fp16 / bf16) chunk by chunk in the scratch buffer."""
+    """Reduce the CPU tensor ``t`` into row ``row`` with ``kernel``: fp32, bf16 and fp16 read in place (the kernel
+    widens 16-bit values itself, exactly), a non-contiguous one first copied whole, other dtypes converted to fp32
+    chunk by chunk in the scratch buffer."""
     address, flag = _row_address(rows, row), 1 if full else 0
-    if t.dtype == torch.float32 and t.is_contiguous():
-        kernel.stats(t.data_ptr(), t.numel(), address, flag, threads)
+    flat = t if t.is_contiguous() else t.reshape(-1)
+    if t.dtype == torch.float32:
+        kernel.stats(flat.data_ptr(), t.numel(), address, flag, threads)
         return
-    flat = t.reshape(-1)
+    if t.dtype in _HALF:
+        kernel.half(flat.data_ptr(), t.numel(), address, flag, threads, _HALF[t.dtype])
+        return
+    flat = flat.reshape(-1)
     for start in range(0, flat.numel(), CHUNK):
         part = flat[start : start + CHUNK]
         f = rows._scratch_f32(part.numel())
@@ -428,14 +435,22 @@ class StatsRows:
         if n == 0 or self.buf is None:
             return
         kernel = self.kernel
-        if (kernel is not None and n < NATIVE_THREADED_MIN and t.dtype is torch.float32 and type(t) is torch.Tensor
-                and t.is_cpu and t.layout is torch.strided and t.is_contiguous()):
-            self.counts[row] += n
-            self.dtypes[row] |= _F32_BIT
-            if not full:
-                self.partial[row] = True
-            kernel.stats(t.data_ptr(), n, self._base + row * _ROW_BYTES, full, 1)
-            return
+        if (kernel is not None and n < NATIVE_THREADED_MIN and type(t) is torch.Tensor and t.is_cpu
+                and t.layout is torch.strided and t.is_contiguous()):
+            dtype = t.dtype
+            read = True
+            if dtype is torch.float32:
+                kernel.stats(t.data_ptr(), n, self._base + row * _ROW_BYTES, full, 1)
+            elif dtype in _HALF:
+                kernel.half(t.data_ptr(), n, self._base + row * _ROW_BYTES, full, 1, _HALF[dtype])
+            else:
+                read = False
+            if read:
+                self.counts[row] += n
+                self.dtypes[row] |= _DTYPE_BITS.get(dtype) or _dtype_bit(dtype)
+                if not full:
+                    self.partial[row] = True
+                return
         with torch.no_grad():
             if kernel is not None and _kernel_reads(t):
                 self._note(row, n, t.dtype, full)
@@ -502,11 +517,8 @@ class StatsRows:
         assert self.kernel is not None
         n = t.numel()
         if n < NATIVE_THREADED_MIN or not self.kernel.threaded:
-            if t.dtype == torch.float32 and t.is_contiguous():
+            with cpu_threads(1):  # a copy or conversion first, on one thread as the torch path's
                 _native_add(self.kernel, self, row, t, full)
-            else:
-                with cpu_threads(1):  # the conversion to fp32, as the torch path's
-                    _native_add(self.kernel, self, row, t, full)
             return
         choice = self.block_threads[full]
         threads = choice.pick()

@@ -148,43 +148,90 @@ static inline float block(const uint32_t *p, int64_t m, acc_t *acc, vi *count, v
     return sum + tail;
 }
 
-/* One piece (at most PIECE values; `after`: relative updates of before = u, after = after) into acc; returns its
- * sum. */
-static double piece(const uint32_t *u, const uint32_t *after, int64_t n, acc_t *acc) {
+/* Where a call's values come from: fp32 patterns, relative updates of fp32 weights (before = data), or bf16 / fp16
+ * values, widened to fp32 exactly. */
+enum { SRC_F32, SRC_UPDATE, SRC_BF16, SRC_FP16 };
+typedef struct {
+    const void *data, *after;
+    int kind;
+} source_t;
+
+typedef uint16_t vh __attribute__((vector_size(16)));
+
+/* Eight fp16 values as fp32 patterns, exactly; NaNs quieted (top mantissa bit set), as the F16C conversion does. */
+static inline vi widen_fp16(vh h) {
+    vi x = __builtin_convertvector(h, vi);
+    vi sign = (x & 0x8000) << 16;
+    vi e = (x >> 10) & 0x1f;
+    vi m = x & 0x3ff;
+    vi normal = ((e + 112) << 23) | (m << 13);
+    vi special = 0x7f800000 | (m << 13) | ((m != 0) & 0x00400000);  /* Inf, or a quiet NaN */
+    vi subnormal = (vi)(__builtin_convertvector(m, vf) * 0x1p-24f);  /* m * 2^-24, exact; zero for m = 0 */
+    vi is_special = e == 31, is_small = e == 0;
+    return sign | (normal & ~(is_special | is_small)) | (special & is_special) | (subnormal & is_small);
+}
+
+/* Values i .. i + m of a source as fp32 patterns: in place for fp32, else widened or computed into buf. */
+static const uint32_t *values(const source_t *src, int64_t i, int64_t m, uint32_t *buf) {
+    if (src->kind == SRC_F32)
+        return (const uint32_t *)src->data + i;
+    int64_t j = 0;
+    if (src->kind == SRC_UPDATE) {
+        const uint32_t *u = (const uint32_t *)src->data + i, *after = (const uint32_t *)src->after + i;
+        for (; j + 8 <= m; j += 8) {
+            vi b, a;
+            memcpy(&b, u + j, sizeof b);
+            memcpy(&a, after + j, sizeof a);
+            vi r = relative_update(b, a);
+            memcpy(buf + j, &r, sizeof r);
+        }
+        for (; j < m; j++) {
+            float b, a, delta, scale, r;
+            uint32_t bits = u[j], s = TWO_POW_MINUS_E - (bits & EXP_MASK);
+            memcpy(&b, &bits, sizeof b);
+            memcpy(&a, after + j, sizeof a);
+            memcpy(&scale, &s, sizeof scale);
+            delta = a - b;
+            r = delta * scale;
+            memcpy(buf + j, &r, sizeof r);
+        }
+        return buf;
+    }
+    const uint16_t *h = (const uint16_t *)src->data + i;
+    if (src->kind == SRC_BF16) {
+        for (j = 0; j < m; j++)
+            buf[j] = (uint32_t)h[j] << 16;
+        return buf;
+    }
+    for (; j + 8 <= m; j += 8) {
+        vh x;
+        memcpy(&x, h + j, sizeof x);
+        vi w = widen_fp16(x);
+        memcpy(buf + j, &w, sizeof w);
+    }
+    if (j < m) {  /* the tail, through the same conversion */
+        vh x = {0};
+        memcpy(&x, h + j, (size_t)(m - j) * sizeof *h);
+        vi w = widen_fp16(x);
+        memcpy(buf + j, &w, (size_t)(m - j) * sizeof *buf);
+    }
+    return buf;
+}
+
+/* Values start .. start + n (at most PIECE) of a source into acc; returns their sum. */
+static double piece(const source_t *src, int64_t start, int64_t n, acc_t *acc) {
     vi count[4], max[4], min[4];
     for (int k = 0; k < 4; k++) {
         count[k] = (vi){0};
         max[k] = (vi){0};
         min[k] = (vi){0} + 0x7fffffff;
     }
-    uint32_t updates[BLOCK];
+    uint32_t buf[BLOCK];
     double sum = 0.0;
     acc->values += n;
     for (int64_t i = 0; i < n; i += BLOCK) {
         int64_t m = n - i < BLOCK ? n - i : BLOCK;
-        const uint32_t *p = u + i;
-        if (after != NULL) {
-            int64_t j = 0;
-            for (; j + 8 <= m; j += 8) {
-                vi b, a;
-                memcpy(&b, u + i + j, sizeof b);
-                memcpy(&a, after + i + j, sizeof a);
-                vi r = relative_update(b, a);
-                memcpy(updates + j, &r, sizeof r);
-            }
-            for (; j < m; j++) {
-                float b, a, delta, scale, r;
-                uint32_t bits = u[i + j], s = TWO_POW_MINUS_E - (bits & EXP_MASK);
-                memcpy(&b, &bits, sizeof b);
-                memcpy(&a, after + i + j, sizeof a);
-                memcpy(&scale, &s, sizeof scale);
-                delta = a - b;
-                r = delta * scale;
-                memcpy(updates + j, &r, sizeof r);
-            }
-            p = updates;
-        }
-        sum += (double)block(p, m, acc, count, max, min);
+        sum += (double)block(values(src, start + i, m, buf), m, acc, count, max, min);
     }
     for (int k = 0; k < 4; k++) {
         for (int lane = 0; lane < 8; lane++) {
@@ -240,7 +287,7 @@ static void reset(acc_t *acc) {
 }
 
 /* Pieces of one call (at most MAX_CALL values) on up to `threads` threads; returns -1 when out of memory. */
-static int run(const uint32_t *u, const uint32_t *after, int64_t n, int64_t *row, int full, int threads) {
+static int run(const source_t *src, int64_t start, int64_t n, int64_t *row, int full, int threads) {
     int64_t pieces = (n + PIECE - 1) / PIECE;
     if (threads > pieces)
         threads = (int)pieces;
@@ -250,7 +297,7 @@ static int run(const uint32_t *u, const uint32_t *after, int64_t n, int64_t *row
         double sum = 0.0;
         for (int64_t p = 0; p < pieces; p++) {
             int64_t at = p * PIECE;
-            sum += piece(u + at, after ? after + at : NULL, n - at < PIECE ? n - at : PIECE, acc);
+            sum += piece(src, start + at, n - at < PIECE ? n - at : PIECE, acc);
         }
         merge(acc, row, full);
         if (full)
@@ -276,7 +323,7 @@ static int run(const uint32_t *u, const uint32_t *after, int64_t n, int64_t *row
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < pieces; p++) {
             int64_t at = p * PIECE;
-            sums[p] = piece(u + at, after ? after + at : NULL, n - at < PIECE ? n - at : PIECE, mine);
+            sums[p] = piece(src, start + at, n - at < PIECE ? n - at : PIECE, mine);
         }
     }
     double sum = 0.0;
@@ -292,24 +339,29 @@ static int run(const uint32_t *u, const uint32_t *after, int64_t n, int64_t *row
     return 0;
 }
 
-static int calls(const uint32_t *u, const uint32_t *after, int64_t n, int64_t *row, int full, int threads) {
+static void calls(const source_t *src, int64_t n, int64_t *row, int full, int threads) {
     for (int64_t i = 0; i < n; i += MAX_CALL) {
         int64_t m = n - i < MAX_CALL ? n - i : MAX_CALL;
-        if (run(u + i, after ? after + i : NULL, m, row, full, threads) != 0) {
-            /* one thread needs no allocation: the statistics are the same, only slower */
-            run(u + i, after ? after + i : NULL, m, row, full, 1);
-        }
+        if (run(src, i, m, row, full, threads) != 0)
+            run(src, i, m, row, full, 1);  /* one thread needs no allocation: the same statistics, only slower */
     }
-    return 0;
 }
 
 /* Add n fp32 values (as bit patterns) to the statistics row; full = 0 leaves sum, max and min unmeasured. */
 void mpaudit_stats_f32(const uint32_t *u, int64_t n, int64_t *row, int full, int threads) {
-    calls(u, NULL, n, row, full, threads);
+    source_t src = {u, NULL, SRC_F32};
+    calls(&src, n, row, full, threads);
+}
+
+/* The same for n 16-bit values: bf16 (fp16 = 0) or fp16 (fp16 = 1). */
+void mpaudit_stats_half(const uint16_t *h, int64_t n, int64_t *row, int full, int threads, int fp16) {
+    source_t src = {h, NULL, fp16 ? SRC_FP16 : SRC_BF16};
+    calls(&src, n, row, full, threads);
 }
 
 /* Add the relative updates of n sampled weights, from `before` to `after` (fp32), to the row: histogram and
  * finite nonzero count (a partial row, as the tracer keeps for updates). */
 void mpaudit_update_f32(const uint32_t *before, const uint32_t *after, int64_t n, int64_t *row, int threads) {
-    calls(before, after, n, row, 0, threads);
+    source_t src = {before, after, SRC_UPDATE};
+    calls(&src, n, row, 0, threads);
 }
