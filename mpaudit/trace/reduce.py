@@ -428,29 +428,13 @@ class StatsRows:
         is read now (later in-place changes to it do not matter): by the kernel, or a small ``t`` copied into
         staging and reduced later, a large one reduced now.
 
-        The hooks call this once per traced tensor, so its common case, a contiguous fp32 CPU tensor with the
-        kernel loaded, is a handful of attribute reads and one foreign call (on a model of 400 small layers,
-        every microsecond here is a percent of a traced step)."""
+        The hooks call this once per traced tensor, so its common case (:meth:`_read`) is a handful of attribute
+        reads and one foreign call: on a model of 400 small layers, every microsecond here is a percent of a
+        traced step."""
         n = t.numel()
-        if n == 0 or self.buf is None:
+        if n == 0 or self.buf is None or self._read(row, t, n, full):
             return
         kernel = self.kernel
-        if (kernel is not None and n < NATIVE_THREADED_MIN and type(t) is torch.Tensor and t.is_cpu
-                and t.layout is torch.strided and t.is_contiguous()):
-            dtype = t.dtype
-            read = True
-            if dtype is torch.float32:
-                kernel.stats(t.data_ptr(), n, self._base + row * _ROW_BYTES, full, 1)
-            elif dtype in _HALF:
-                kernel.half(t.data_ptr(), n, self._base + row * _ROW_BYTES, full, 1, _HALF[dtype])
-            else:
-                read = False
-            if read:
-                self.counts[row] += n
-                self.dtypes[row] |= _DTYPE_BITS.get(dtype) or _dtype_bit(dtype)
-                if not full:
-                    self.partial[row] = True
-                return
         with torch.no_grad():
             if kernel is not None and _kernel_reads(t):
                 self._note(row, n, t.dtype, full)
@@ -463,6 +447,27 @@ class StatsRows:
             self._note(row, n, t.dtype, full, -n % ROW)
             self._slot(row, t, n, full).copy_(t)
 
+    def _read(self, row: int, t: torch.Tensor, n: int, full: bool) -> bool:
+        """The common case of :meth:`add`, as short as it can be: a contiguous fp32 / bf16 / fp16 CPU tensor of
+        fewer than ``NATIVE_THREADED_MIN`` values, read by the kernel in place on this thread. False when ``t`` is
+        not such a tensor (or there is no kernel), having done nothing."""
+        kernel = self.kernel
+        if (kernel is None or n >= NATIVE_THREADED_MIN or type(t) is not torch.Tensor or not t.is_cpu
+                or t.layout is not torch.strided or not t.is_contiguous()):
+            return False
+        dtype = t.dtype
+        if dtype is torch.float32:
+            kernel.stats(t.data_ptr(), n, self._base + row * _ROW_BYTES, full, 1)
+        elif dtype in _HALF:
+            kernel.half(t.data_ptr(), n, self._base + row * _ROW_BYTES, full, 1, _HALF[dtype])
+        else:
+            return False
+        self.counts[row] += n
+        self.dtypes[row] |= _DTYPE_BITS.get(dtype) or _dtype_bit(dtype)
+        if not full:
+            self.partial[row] = True
+        return True
+
     def add_all(self, rows: Sequence[int], tensors: Sequence[torch.Tensor]) -> None:
         """``add`` for several tensors at once (full statistics): the small ones are staged with one
         ``_foreach_copy_`` (a single fused kernel on a GPU)."""
@@ -473,7 +478,7 @@ class StatsRows:
         large: list[tuple[int, torch.Tensor]] = []
         for row, t in zip(rows, tensors, strict=True):
             n = t.numel()
-            if n == 0:
+            if n == 0 or self._read(row, t, n, True):
                 continue
             if self.kernel is not None and _kernel_reads(t):
                 self._note(row, n, t.dtype, True)

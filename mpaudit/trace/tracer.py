@@ -431,7 +431,10 @@ class Tracer:
         if layer not in self._forward_seen:
             self._forward_seen.add(layer)
             self._forward_order.append(layer)
-        tensors = list(_floating_tensors(output))
+        if type(output) is torch.Tensor:  # most modules: no generator to walk
+            tensors = [output] if output.is_floating_point() and not output.is_sparse else []
+        else:
+            tensors = list(_floating_tensors(output))
         for t in tensors:
             self._stats.add(row, t)  # read now: later in-place ops do not matter
         # A tensor hook, not a module backward hook: full backward hooks wrap the output in a custom
