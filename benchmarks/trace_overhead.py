@@ -13,8 +13,9 @@ statistics included), and the default :class:`~mpaudit.trace.tracer.TraceSchedul
 CPU slows all three alike. Two ratios to untraced are printed per variant: of the median step time (what
 ``mpaudit run`` reports as ``train_step_s``; on the default schedule that is an untraced step) and of the median
 whole-run wall time (which includes the default schedule's traced steps). Goals: every=1 at most the model's
-``every_goal``, default at most ``DEFAULT_GOAL``. Tracing reduces CPU tensors on one thread (see
-``mpaudit.trace.reduce.cpu_threads``).
+``every_goal``, default at most ``DEFAULT_GOAL``. Tracing reduces CPU tensors with the one-pass kernel when this
+machine can build it (``mpaudit.trace.native``; the line printed first says which), else with the torch reductions;
+``MPAUDIT_NATIVE_KERNEL=0`` measures the latter.
 Run: ``python benchmarks/trace_overhead.py`` (5-10 minutes on 2 cores, depending on how busy they are);
 ``--models many,gpt2`` picks models.
 """
@@ -38,6 +39,7 @@ from torch import nn
 from mpaudit.arms import ARMS
 from mpaudit.run.step import train_step
 from mpaudit.run.task import Task
+from mpaudit.trace.reduce import kernel_description
 from mpaudit.trace.tracer import DEFAULT_TRACE_EVERY, Tracer, TraceSchedule
 from workload import (
     BATCH,
@@ -219,6 +221,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=REPEATS)
     args = parser.parse_args()
 
+    print(f"tracing reduces CPU tensors with: {kernel_description('cpu')}\n")
     results: dict[str, dict[str, float]] = {}
     for name in args.models.split(","):
         w = WORKLOADS[name]

@@ -297,3 +297,27 @@ def test_a_call_leaves_nothing_behind_for_the_next(kernel: native.Kernel, thread
             kernel.stats(first.data_ptr(), first.numel(), before.data_ptr(), 1, threads)
             kernel.stats(t.data_ptr(), t.numel(), row.data_ptr(), 1, threads)
             assert reduce.same_statistics(row.numpy(), _rows([t], True, False), rtol=1e-6), t[:3]
+
+
+def test_merging_rows_in_the_kernel_equals_numpy(kernel: native.Kernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    g = np.random.default_rng(4)
+    parts = []
+    for _ in range(3):
+        rows = reduce.empty_rows(7)
+        rows[:, : reduce._KEY_BINS] = g.integers(0, 1000, (7, reduce._KEY_BINS))
+        floats = rows.view(np.float64)
+        floats[:, reduce._COL_NONZERO] = g.integers(0, 1000, 7)
+        floats[:, reduce._COL_SUM] = g.random(7) * 1e3
+        floats[:, reduce._COL_MAX] = g.random(7) * 1e3
+        rows[:, reduce._COL_MIN] = g.integers(-(2**31), 2**31 - 1, 7)
+        parts.append(rows)
+    merged = []
+    for use in (True, False):
+        if not use:
+            monkeypatch.setattr(reduce, "native_kernel", lambda: native.Unavailable("for the test"))
+        total = reduce.empty_rows(7)
+        for rows in parts:
+            reduce.merge_rows(total, rows)
+        merged.append(total)
+    assert np.array_equal(merged[0], merged[1])
+    assert (merged[0][:, reduce._COL_MIN] == np.min([p[:, reduce._COL_MIN] for p in parts], axis=0)).all()

@@ -48,14 +48,15 @@ DISABLE_ENV = "MPAUDIT_NATIVE_KERNEL"
 class Kernel:
     """The loaded kernel (see ``stats_kernel.c``): ``stats(ptr, n, row_ptr, full, threads)`` adds n fp32 values at
     ``ptr`` to the int64 statistics row at ``row_ptr``; ``half(ptr, n, row_ptr, full, threads, fp16)`` n bf16
-    (``fp16=0``) or fp16 values; ``update(before_ptr, after_ptr, n, row_ptr, threads)`` adds
-    the relative updates of n sampled weights. ``threaded``: built with OpenMP (else ``threads`` is ignored);
-    ``layout`` is what the file was written for (bins, key shift, row width, the min key of zero); ``path`` the
-    shared library."""
+    (``fp16=0``) or fp16 values; ``update(before_ptr, after_ptr, n, row_ptr, threads)`` adds the relative updates
+    of n sampled weights; ``merge(into_ptr, rows_ptr, n_rows)`` merges statistics rows. ``threaded``: built with
+    OpenMP (else ``threads`` is ignored); ``layout`` is what the file was written for (bins, key shift, row width,
+    the min key of zero); ``path`` the shared library."""
 
     stats: Callable[[int, int, int, int, int], None]
     half: Callable[[int, int, int, int, int, int], None]
     update: Callable[[int, int, int, int, int], None]
+    merge: Callable[[int, int, int], None]
     threaded: bool
     layout: tuple[int, ...]
     path: Path
@@ -146,10 +147,14 @@ def _load(path: Path) -> Kernel:
     update = lib.mpaudit_update_f32
     update.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     update.restype = None
+    merge = lib.mpaudit_merge_rows
+    merge.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    merge.restype = None
     threaded = lib.mpaudit_stats_threaded
     threaded.argtypes = []
     threaded.restype = ctypes.c_int
-    return Kernel(stats=stats, half=half, update=update, threaded=bool(threaded()), layout=tuple(out), path=path)
+    return Kernel(stats=stats, half=half, update=update, merge=merge, threaded=bool(threaded()), layout=tuple(out),
+                  path=path)
 
 
 def _torch_openmp() -> bool:

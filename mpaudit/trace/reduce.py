@@ -786,7 +786,8 @@ class StatsRows:
         if not parallel.active:
             # the one device-to-host copy of the step; on a CPU the buffer is read in place (``start`` zeroes it)
             host = self.buf.numpy() if self.buf.device.type == "cpu" else self.buf.to("cpu", copy=True).numpy()
-            host[:, _ZERO_BIN] -= np.asarray(self._pads, dtype=np.int64)  # staging padding: zeros never there
+            if any(self._pads):  # staging padding (the torch reductions'): zeros never there
+                host[:, _ZERO_BIN] -= np.asarray(self._pads, dtype=np.int64)
             return host, list(self.counts)
         buf, f64 = self.buf, self.buf.view(torch.float64)
         # fp64 carries the counts exactly (below 2^53) and the int32-range min keys
@@ -849,7 +850,13 @@ def empty_rows(n_rows: int) -> np.ndarray:
 def merge_rows(into: np.ndarray, rows: np.ndarray) -> None:
     """Merge host rows (as :meth:`StatsRows.collect` returns them) into ``into``, in place: histograms, counts and
     sums add, max |x| and the min-nonzero key take the max and min. Folding the merge gives the merge of the
-    folds (``TensorStats.merge``); a row a step did not see merges as nothing."""
+    folds (``TensorStats.merge``); a row a step did not see merges as nothing. One pass of the kernel when it is
+    loaded (numpy takes four, a good part of a small model's traced step)."""
+    kernel = native_kernel()
+    if (isinstance(kernel, native.Kernel) and into.shape == rows.shape and into.dtype == rows.dtype == np.int64
+            and into.flags.c_contiguous and rows.flags.c_contiguous and into.shape[1] == ROW_WIDTH):
+        kernel.merge(into.ctypes.data, rows.ctypes.data, into.shape[0])
+        return
     into[:, :_KEY_BINS] += rows[:, :_KEY_BINS]
     floats, other = into.view(np.float64), rows.view(np.float64)
     floats[:, _COL_NONZERO : _COL_SUM + 1] += other[:, _COL_NONZERO : _COL_SUM + 1]

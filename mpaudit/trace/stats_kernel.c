@@ -365,3 +365,22 @@ void mpaudit_update_f32(const uint32_t *before, const uint32_t *after, int64_t n
     source_t src = {before, after, SRC_UPDATE};
     calls(&src, n, row, 0, threads);
 }
+
+/* Merge n_rows statistics rows into running ones, as mpaudit.trace.reduce.merge_rows does: histograms, counts and
+ * sums add, max |x| and the min key take the max and the min. */
+void mpaudit_merge_rows(int64_t *into, const int64_t *rows, int64_t n_rows) {
+    for (int64_t r = 0; r < n_rows; r++) {
+        int64_t *a = into + r * ROW_WIDTH;
+        const int64_t *b = rows + r * ROW_WIDTH;
+        for (int k = 0; k < BINS; k++)
+            a[k] += b[k];
+        double *fa = (double *)a;
+        const double *fb = (const double *)b;
+        fa[COL_NONZERO] += fb[COL_NONZERO];
+        fa[COL_SUM] += fb[COL_SUM];
+        if (fb[COL_MAX] > fa[COL_MAX])
+            fa[COL_MAX] = fb[COL_MAX];
+        if (b[COL_MIN] < a[COL_MIN])
+            a[COL_MIN] = b[COL_MIN];
+    }
+}

@@ -174,7 +174,7 @@ class _Total:
         self.raw = reduce.empty_rows(n_rows)
         self.counts = np.zeros(n_rows, dtype=np.int64)
         self.partial = np.zeros(n_rows, dtype=bool)
-        self.dtypes = [0] * n_rows  # masks of dtype bits
+        self.dtypes = np.zeros(n_rows, dtype=np.int64)  # masks of dtype bits
         self.steps: list[int] = []
         self.loss_scales: list[float | None] = []
         self.layers: dict[str, None] = {}
@@ -189,9 +189,7 @@ class _Total:
         reduce.merge_rows(self.raw, host)
         self.counts += np.asarray(counts, dtype=np.int64)
         self.partial |= np.asarray(partial, dtype=bool)
-        for row, mask in enumerate(dtypes):
-            if mask:
-                self.dtypes[row] |= mask
+        np.bitwise_or(self.dtypes, dtypes, out=self.dtypes)
         self.steps.append(step)
         self.loss_scales.append(loss_scale)
         self.layers.update(dict.fromkeys(layers))
@@ -204,7 +202,7 @@ class _Total:
         if self._summary is None:
             rows = [int(r) for r in np.flatnonzero(self.counts)]
             folded = fold(self.raw, self.counts.tolist(), self.partial.tolist())
-            records = folded.records(rows, [dtype_names(self.dtypes[r]) for r in rows])
+            records = folded.records(rows, [dtype_names(int(self.dtypes[r])) for r in rows])
             self._summary = TraceSummary(
                 stats=dict(zip([keys[r] for r in rows], records, strict=True)),
                 steps=tuple(self.steps),
@@ -248,6 +246,7 @@ class Tracer:
         self.updates = updates
         self._parallel = parallel
         self.paths = select_modules(model, include, depth)
+        self._layer_names = tuple(layer_name(p) for p in self.paths)
         self._params = self._owned_params()
         rows: list[tuple[str, str]] = []
         for path in self.paths:
@@ -296,7 +295,7 @@ class Tracer:
     @property
     def layers(self) -> list[str]:
         """The traced layers' names, in module order."""
-        return [layer_name(p) for p in self.paths]
+        return list(self._layer_names)
 
     # ------------------------------------------------------------------ attach / detach
 
@@ -397,7 +396,8 @@ class Tracer:
         forward = list(self._forward_order)
         recorded = {self._rows[row][0] for row in rows}
         # forward order, then layers seen only through their parameters, in module order (root last)
-        layers = list(dict.fromkeys([*forward, *(lay for lay in self.layers if lay in recorded), *sorted(recorded)]))
+        layers = list(dict.fromkeys([*forward, *(lay for lay in self._layer_names if lay in recorded),
+                                     *sorted(recorded)]))
         first_forward = self._first_nonfinite_forward(bad, forward)
         first_backward = self._first_nonfinite_backward(bad, layers)
         partial = list(self._stats.partial)
