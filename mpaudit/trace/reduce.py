@@ -519,6 +519,8 @@ class StatsRows:
         self._reduce_block_timed(x, layout, full)
 
     def _native_add(self, row: int, t: torch.Tensor, full: bool) -> None:
+        """The kernel's reading of any tensor it can read (see :func:`_native_add`): a large one on the thread
+        count :class:`BlockThreads` picks, timed for the next pick."""
         assert self.kernel is not None
         n = t.numel()
         if n < NATIVE_THREADED_MIN or not self.kernel.threaded:
@@ -537,11 +539,11 @@ class StatsRows:
         """Add the relative updates r = (after - before) / 2^floor(log2|before|) of sampled weights (histogram and
         nonzero count: partial rows). ``before`` and ``after`` are fp32 blocks of ``ROW``-wide rows laid out as for
         :meth:`add_block` (tensor i, ``sizes[i]`` values for statistics row ``rows[i]``, starts a row; ``layout`` is
-        :meth:`layout` of their rows). r is
-        built from before's fp32 bit pattern, with no division: 2^-e for before's exponent field E has the
-        pattern (254 - E) << 23 = 0x7F000000 - (before & 0x7F800000), so r's binade is exactly Δw's minus w's
-        (a zero or fp32-subnormal weight, padding included, gets the factor 2^127: its update lands far above any
-        loss edge, and padding stays 0). ``after`` is overwritten."""
+        :meth:`layout` of their rows). r is built from before's fp32 bit pattern, with no division: 2^-e for
+        before's exponent field E has the pattern (254 - E) << 23 = 0x7F000000 - (before & 0x7F800000), so r's
+        binade is exactly Δw's minus w's (a zero or fp32-subnormal weight, padding included, gets the factor 2^127:
+        its update lands far above any loss edge, and padding stays 0). The kernel computes r in its pass; the
+        torch reductions compute it into ``after`` (overwritten)."""
         if self.buf is None:
             return
         if self.kernel is not None and _kernel_reads(before) and _kernel_reads(after):
