@@ -321,3 +321,15 @@ def test_merging_rows_in_the_kernel_equals_numpy(kernel: native.Kernel, monkeypa
         merged.append(total)
     assert np.array_equal(merged[0], merged[1])
     assert (merged[0][:, reduce._COL_MIN] == np.min([p[:, reduce._COL_MIN] for p in parts], axis=0)).all()
+
+
+def test_an_unwritable_cache_falls_back_to_the_temporary_directory(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    monkeypatch.delenv("MPAUDIT_CACHE_DIR", raising=False)
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    assert native.cache_dir().parent == tmp_path / "tmp"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert native.cache_dir() == tmp_path / "cache" / "mpaudit"

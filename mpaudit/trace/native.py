@@ -81,12 +81,22 @@ def _compiler() -> list[str] | None:
 
 
 def cache_dir() -> Path:
-    """Where built kernels are kept."""
+    """Where built kernels are kept: ``$MPAUDIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/mpaudit``, else
+    ``~/.cache/mpaudit``; when that cannot be written (a read-only home), a folder of this user's in the temporary
+    directory."""
     explicit = os.environ.get("MPAUDIT_CACHE_DIR")
     if explicit:
         return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "mpaudit"
+    preferred = Path(base) / "mpaudit"
+    try:
+        preferred.mkdir(parents=True, exist_ok=True)
+        if os.access(preferred, os.W_OK | os.X_OK):
+            return preferred
+    except OSError:
+        pass
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(tempfile.gettempdir()) / f"mpaudit-{uid}"
 
 
 def _cpu_identity() -> str:
@@ -183,8 +193,9 @@ def load() -> Kernel | Unavailable:
     source = SOURCE.read_bytes()
     problems = []
     openmp = (OPENMP_FLAG,) if _torch_openmp() else ()
+    folder = cache_dir()
     for flags in dict.fromkeys([(NATIVE_FLAG, *openmp, *FLAGS), (NATIVE_FLAG, *FLAGS), FLAGS]):
-        target = cache_dir() / f"stats_kernel-{_build_key(cc, flags, source)}.so"
+        target = folder / f"stats_kernel-{_build_key(cc, flags, source)}.so"
         try:
             if target.exists():
                 with contextlib.suppress(OSError, AttributeError):  # unreadable: built again below

@@ -304,6 +304,7 @@ class Tracer:
         hook and ``finish_step`` removes it (adding and removing a hook per module would cost ~8 µs each)."""
         if self._attached:
             return self
+        reduce.native_kernel()  # built (once per machine) or loaded now, not inside the first traced step
         modules = dict(self.model.named_modules())
         for path in self.paths:
             layer = layer_name(path)
