@@ -76,7 +76,7 @@ class RunTraced:
         with self.prepared.context():
             loss = self.prepared.step(b, after_backward=self.tracer.after_backward,
                                       after_step=self.tracer.after_optimizer_step, hold_nonfinite=True)
-        self.tracer.finish_step()
+        self.tracer.finish_step(summary=False)  # as the training loop calls it
         float(loss.float().item())
         self.step_index += 1
 
