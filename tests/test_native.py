@@ -180,14 +180,34 @@ def test_no_compiler_means_the_torch_reductions_and_says_why(fresh_loader: Path,
 
 def test_a_compiler_that_fails_means_the_torch_reductions(fresh_loader: Path, monkeypatch: pytest.MonkeyPatch,
                                                           tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
     broken = tmp_path / "cc-broken"
-    broken.write_text("#!/bin/sh\necho 'cc-broken: cannot compile today' >&2\nexit 1\n")
+    broken.write_text(f"#!/bin/sh\necho run >> {runs}\necho 'cc-broken: cannot compile today' >&2\nexit 1\n")
     broken.chmod(0o755)
     monkeypatch.setenv("CC", str(broken))
     got = native.load()
     assert isinstance(got, native.Unavailable)
     assert got.reason.startswith("the kernel did not build (") and "cannot compile today" in got.reason
     assert not list(fresh_loader.glob("*.so*"))  # no half-written library left behind
+    tried = runs.read_text().count("run")
+    # the refusal is remembered (for this compiler, flags and source): the next process says why without
+    # running the compiler again
+    native.load.cache_clear()
+    assert native.load() == got
+    assert runs.read_text().count("run") == tried
+
+
+@pytest.mark.parametrize(("macros", "gnu"), [
+    ("#define __GNUC__ 12\n", True),
+    ("#define __GNUC__ 4\n#define __clang__ 1\n", False),  # Clang links its own OpenMP runtime
+    ("#define __SOMETHING__ 1\n", False),
+])
+def test_openmp_only_with_gcc(tmp_path: Path, macros: str, gnu: bool) -> None:
+    """-fopenmp joins torch's OpenMP runtime only when it links GNU OpenMP, which GCC's does."""
+    fake = tmp_path / "cc-fake"
+    fake.write_text(f"#!/bin/sh\nprintf '{macros}'\n")
+    fake.chmod(0o755)
+    assert native._gnu_compiler([str(fake)]) is gnu
 
 
 def test_the_switch_turns_the_kernel_off(fresh_loader: Path, monkeypatch: pytest.MonkeyPatch) -> None:

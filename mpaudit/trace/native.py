@@ -167,6 +167,19 @@ def _load(path: Path) -> Kernel:
                   path=path)
 
 
+def _gnu_compiler(cc: list[str]) -> bool:
+    """Whether ``cc`` is GCC (whose ``-fopenmp`` links GNU OpenMP, the runtime torch already loaded), not Clang or
+    another compiler that defines ``__GNUC__`` too but links its own OpenMP runtime."""
+    try:
+        done = subprocess.run([*cc, "-dM", "-E", "-x", "c", os.devnull], capture_output=True, text=True,
+                              timeout=COMPILE_TIMEOUT_S, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    macros = done.stdout
+    return done.returncode == 0 and "__GNUC__" in macros and not any(
+        name in macros for name in ("__clang__", "__INTEL_COMPILER", "__INTEL_LLVM_COMPILER", "__NVCOMPILER"))
+
+
 def _torch_openmp() -> bool:
     """Whether the torch in this process runs on GNU OpenMP (``libgomp``, as the PyPI Linux wheels do). Only then is
     the kernel built with ``-fopenmp``: it then shares torch's OpenMP runtime and its threads; against another
@@ -196,13 +209,23 @@ def load() -> Kernel | Unavailable:
     folder = cache_dir()
     for flags in dict.fromkeys([(NATIVE_FLAG, *openmp, *FLAGS), (NATIVE_FLAG, *FLAGS), FLAGS]):
         target = folder / f"stats_kernel-{_build_key(cc, flags, source)}.so"
+        failed = target.with_suffix(".failed")
         try:
+            folder.mkdir(parents=True, exist_ok=True)
             if target.exists():
                 with contextlib.suppress(OSError, AttributeError):  # unreadable: built again below
                     return _load(target)
-            problem = _build(cc, flags, target)
+            if failed.exists():  # refused before: not tried again in every process
+                problems.append(f"{' '.join(cc)} {' '.join(flags)}: {failed.read_text().strip()}")
+                continue
+            if OPENMP_FLAG in flags and not _gnu_compiler(cc):
+                problem = "not GCC: its OpenMP runtime would be a second one beside torch's"
+            else:
+                problem = _build(cc, flags, target)
             if problem is not None:
                 problems.append(f"{' '.join(cc)} {' '.join(flags)}: {problem}")
+                with contextlib.suppress(OSError):
+                    failed.write_text(problem + "\n")
                 continue
             return _load(target)
         except (OSError, AttributeError, subprocess.SubprocessError) as e:
