@@ -218,6 +218,7 @@ def load() -> Kernel | Unavailable:
             if failed.exists():  # refused before: not tried again in every process
                 problems.append(f"{' '.join(cc)} {' '.join(flags)}: {failed.read_text().strip()}")
                 continue
+            problem: str | None
             if OPENMP_FLAG in flags and not _gnu_compiler(cc):
                 problem = "not GCC: its OpenMP runtime would be a second one beside torch's"
             else:
