@@ -353,3 +353,26 @@ def test_an_unwritable_cache_falls_back_to_the_temporary_directory(monkeypatch: 
     assert native.cache_dir().parent == tmp_path / "tmp"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert native.cache_dir() == tmp_path / "cache" / "mpaudit"
+
+
+def test_dense_tensors_in_another_order_are_read_in_place(kernel: native.Kernel) -> None:
+    """A channels-last activation or a transposed gradient fills its memory in another order: read in place, same
+    statistics; a tensor with gaps or repeats is copied first."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(4, 6, 5, 3, generator=g) * 1e3
+    base[0, 1, 2, 0] = math.inf
+    last = base.to(memory_format=torch.channels_last)
+    assert not last.is_contiguous() and reduce._dense(last)
+    sliced, expanded = base[:, ::2], torch.randn(5, 1, generator=g).expand(5, 4)
+    assert not reduce._dense(sliced) and not reduce._dense(expanded) and reduce._dense(base.t() if base.dim() == 2
+                                                                                      else base.permute(3, 1, 0, 2))
+    cases = [last, last.bfloat16(), base.permute(3, 1, 0, 2), sliced, expanded, last.half()]
+    got, want = _rows(cases, True, True), _rows([c.contiguous() for c in cases], True, False)
+    assert reduce.same_statistics(got, want)
+    rows = reduce.StatsRows(2)
+    rows.start(torch.device("cpu"))
+    last_bf16 = last.bfloat16()
+    with _OpLog() as log:
+        rows.add(0, last)
+        rows.add(1, last_bf16)
+    assert not {"clone", "copy_", "_to_copy", "contiguous", "reshape", "view"} & set(log.ops), log.ops

@@ -332,10 +332,11 @@ def _row_address(rows: StatsRows, row: int) -> int:
 def _native_add(kernel: native.Kernel, rows: StatsRows, row: int, t: torch.Tensor, full: bool,
                 threads: int = 1) -> None:
     """Reduce the CPU tensor ``t`` into row ``row`` with ``kernel``: fp32, bf16 and fp16 read in place (the kernel
-    widens 16-bit values itself, exactly), a non-contiguous one first copied whole, other dtypes converted to fp32
-    chunk by chunk in the scratch buffer."""
+    widens 16-bit values itself, exactly), also when their values fill a block of memory in another order (a
+    channels-last activation, a transposed weight's gradient: the statistics do not depend on the order), a tensor
+    with gaps or repeats first copied whole, other dtypes converted to fp32 chunk by chunk in the scratch buffer."""
     address, flag = _row_address(rows, row), 1 if full else 0
-    flat = t if t.is_contiguous() else t.reshape(-1)
+    flat = t if t.is_contiguous() or _dense(t) else t.reshape(-1)
     if t.dtype == torch.float32:
         kernel.stats(flat.data_ptr(), t.numel(), address, flag, threads)
         return
@@ -348,6 +349,17 @@ def _native_add(kernel: native.Kernel, rows: StatsRows, row: int, t: torch.Tenso
         f = rows._scratch_f32(part.numel())
         f.copy_(part)
         kernel.stats(f.data_ptr(), f.numel(), address, flag, threads)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values fill ``t.numel()`` consecutive elements of memory from ``t.data_ptr()`` on, in some
+    order: no gaps, nothing seen twice (strides, sorted, are the running products of their sizes)."""
+    expect = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape, strict=True) if sz != 1):
+        if stride != expect:
+            return False
+        expect *= size
+    return True
 
 
 def _native_updates(kernel: native.Kernel, rows: StatsRows, before: torch.Tensor, after: torch.Tensor,
