@@ -376,3 +376,13 @@ def test_dense_tensors_in_another_order_are_read_in_place(kernel: native.Kernel)
         rows.add(0, last)
         rows.add(1, last_bf16)
     assert not {"clone", "copy_", "_to_copy", "contiguous", "reshape", "view"} & set(log.ops), log.ops
+
+
+def test_a_cache_others_can_write_is_not_used(fresh_loader: Path) -> None:
+    """A library is code this process runs: never from a folder another user could have put one in."""
+    fresh_loader.chmod(0o777)
+    got = native.load()
+    assert isinstance(got, native.Unavailable) and "is not this user's alone" in got.reason
+    fresh_loader.chmod(0o700)
+    native.load.cache_clear()
+    assert isinstance(native.load(), native.Kernel) or native._compiler() is None

@@ -90,13 +90,28 @@ def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     preferred = Path(base) / "mpaudit"
     try:
-        preferred.mkdir(parents=True, exist_ok=True)
+        preferred.mkdir(mode=0o700, parents=True, exist_ok=True)
         if os.access(preferred, os.W_OK | os.X_OK):
             return preferred
     except OSError:
         pass
     uid = os.getuid() if hasattr(os, "getuid") else 0
-    return Path(tempfile.gettempdir()) / f"mpaudit-{uid}"
+    fallback = Path(tempfile.gettempdir()) / f"mpaudit-{uid}"
+    with contextlib.suppress(OSError):
+        fallback.mkdir(mode=0o700, exist_ok=True)
+    return fallback
+
+
+def _private(folder: Path) -> bool:
+    """Whether ``folder`` is this user's and not writable by everyone (a library another user could put there, in
+    a shared temporary directory, say, would be code this process runs)."""
+    try:
+        info = folder.stat()
+    except OSError:
+        return False
+    if not hasattr(os, "getuid"):
+        return True
+    return info.st_uid == os.getuid() and not info.st_mode & 0o002
 
 
 def _cpu_identity() -> str:
@@ -207,6 +222,10 @@ def load() -> Kernel | Unavailable:
     problems = []
     openmp = (OPENMP_FLAG,) if _torch_openmp() else ()
     folder = cache_dir()
+    with contextlib.suppress(OSError):
+        folder.mkdir(parents=True, exist_ok=True)
+    if not _private(folder):
+        return Unavailable(f"the kernel cache {folder} is not this user's alone (set MPAUDIT_CACHE_DIR)")
     for flags in dict.fromkeys([(NATIVE_FLAG, *openmp, *FLAGS), (NATIVE_FLAG, *FLAGS), FLAGS]):
         target = folder / f"stats_kernel-{_build_key(cc, flags, source)}.so"
         failed = target.with_suffix(".failed")
