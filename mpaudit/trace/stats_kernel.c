@@ -41,6 +41,7 @@
 #define TWO_POW_MINUS_E 0x7f000000
 
 typedef int32_t vi __attribute__((vector_size(32)));
+typedef uint32_t vu __attribute__((vector_size(32)));
 typedef float vf __attribute__((vector_size(32)));
 
 typedef struct {
@@ -161,7 +162,7 @@ typedef uint16_t vh __attribute__((vector_size(16)));
 /* Eight fp16 values as fp32 patterns, exactly; NaNs quieted (top mantissa bit set), as the F16C conversion does. */
 static inline vi widen_fp16(vh h) {
     vi x = __builtin_convertvector(h, vi);
-    vi sign = (x & 0x8000) << 16;
+    vi sign = (vi)(((vu)x & 0x8000u) << 16);  /* (unsigned: a signed shift into the sign bit is undefined) */
     vi e = (x >> 10) & 0x1f;
     vi m = x & 0x3ff;
     vi normal = ((e + 112) << 23) | (m << 13);
