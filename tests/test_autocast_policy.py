@@ -633,3 +633,18 @@ def test_policy_overhead_per_listed_op_is_small() -> None:
                 timings[name] += time.perf_counter() - t0
     per_call_us = (timings["exp"] - timings["sin"]) / 1000 * 1e6
     assert per_call_us < 50  # measured ~2-4 us on an idle core; generous for a busy CI runner
+
+
+def test_an_audit_leaves_cpu_autocast_as_it_found_it(tiny_task: Any) -> None:
+    """The policy's kernels are registered for the audit's arms and removed when it ends (code the user runs next
+    in the same process, a ``torch.compile`` under ``torch.autocast("cpu")`` say, meets CPU autocast as shipped);
+    kernels the caller had installed stay."""
+    autocast_policy.uninstall()
+    try:
+        mpaudit.audit(tiny_task, arms=("fp32", "bf16"), steps=2, bench=False)
+        assert not autocast_policy.installed()
+        autocast_policy.install()
+        mpaudit.audit(tiny_task, arms=("fp32", "bf16"), steps=2, bench=False)
+        assert autocast_policy.installed()
+    finally:
+        autocast_policy.install()

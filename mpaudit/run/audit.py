@@ -31,6 +31,7 @@ from mpaudit.results.model import (
     Recommendation,
 )
 from mpaudit.results.perf import MemoryResult, SpeedResult, Speedup
+from mpaudit.run import autocast_policy
 from mpaudit.run.distributed import DEFAULT_DIST_TIMEOUT_S, Parallel, RankFailed, check_options
 from mpaudit.run.env import collect_env, resolve_device, tf32_setting
 from mpaudit.run.interrupt import Interrupted
@@ -193,7 +194,7 @@ def audit(
         raise UsageError(f"{given} cannot apply to {task.path.name}: its custom_step() owns clipping and "
                          "accumulation itself.")
 
-    with tf32_setting(cfg.tf32):
+    with tf32_setting(cfg.tf32), autocast_policy.process_restored():
         env = collect_env(device, cfg.seed, task.path, task.sha256, list(command or sys.argv))
         found: dict[str, Any] = {}
         metric_names = preflight(task, device, found)
@@ -249,7 +250,7 @@ def audit(
     flags = state.flags()
     if cfg.verify and state.failure is None:
         try:
-            with tf32_setting(cfg.tf32):
+            with tf32_setting(cfg.tf32), autocast_policy.process_restored():
                 state.recommendations, state.verification = _verify(
                     run, arms, cfg, state.results, state.replicates, flags, progress, state.layer_errors, directions,
                     saved, state)

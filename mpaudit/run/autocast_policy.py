@@ -182,6 +182,24 @@ def uninstall() -> None:
         _LIBRARY, _REGISTERED = None, ()
 
 
+def installed() -> bool:
+    """Whether the policy's kernels are registered in this process."""
+    return _LIBRARY is not None
+
+
+@contextlib.contextmanager
+def process_restored() -> Iterator[None]:
+    """Leave the process as this block found it: kernels the block installed are removed when it ends, so code
+    that runs after an audit in the same process (a notebook's own ``torch.compile`` under ``torch.autocast``,
+    which the Python kernels at ``AutocastCPU`` would trip) sees CPU autocast as shipped."""
+    before = installed()
+    try:
+        yield
+    finally:
+        if not before:
+            uninstall()
+
+
 def resolve(name: str) -> OpOverload | None:
     """The aten overload named ``name`` (``"sum"``, ``"sum.dim_IntList"``), None when this torch has none."""
     base, _, overload = name.partition(".")
