@@ -136,6 +136,8 @@ def reductions(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     if request.param == "torch":
         monkeypatch.setattr(reduce, "native_kernel", lambda: native.Unavailable("the torch reductions, for a test"))
     else:
+        if native._compiler() is None:
+            pytest.skip("no C compiler here: the one-pass kernel cannot be built")
         kernel = reduce.native_kernel()
-        assert isinstance(kernel, native.Kernel), kernel  # tests/test_native.py says why when it is not
+        assert isinstance(kernel, native.Kernel), kernel  # a compiler is there: the kernel must build and pass
     return str(request.param)

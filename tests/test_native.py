@@ -30,6 +30,9 @@ SPECIALS = [0.0, -0.0, math.nan, -math.nan, math.inf, -math.inf, 1e-45, -1e-40, 
 
 @pytest.fixture
 def kernel() -> native.Kernel:
+    """The kernel; a machine without a C compiler skips the test (the tracer then uses the torch reductions)."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler here: the one-pass kernel cannot be built")
     k = reduce.native_kernel()
     assert isinstance(k, native.Kernel), k
     return k
@@ -102,7 +105,7 @@ def test_the_kernel_gives_the_torch_reductions_statistics(kernel: native.Kernel,
     assert (got[:, reduce._POSINF_BIN] > 0).any() and (got[:, reduce._POSINF_BIN + 1] > 0).any()  # Inf, NaN seen
 
 
-def test_the_kernel_sums_more_accurately_than_fp32() -> None:
+def test_the_kernel_sums_more_accurately_than_fp32(kernel: native.Kernel) -> None:
     """2^24 + 3 ones: an fp32 running sum stalls at 2^24; the kernel's fp32 blocks added in double do not."""
     x = torch.ones(2**24 + 3)
     got = _rows([x], True, True)
@@ -380,9 +383,11 @@ def test_dense_tensors_in_another_order_are_read_in_place(kernel: native.Kernel)
 
 def test_a_cache_others_can_write_is_not_used(fresh_loader: Path) -> None:
     """A library is code this process runs: never from a folder another user could have put one in."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler here")
     fresh_loader.chmod(0o777)
     got = native.load()
     assert isinstance(got, native.Unavailable) and "is not this user's alone" in got.reason
     fresh_loader.chmod(0o700)
     native.load.cache_clear()
-    assert isinstance(native.load(), native.Kernel) or native._compiler() is None
+    assert isinstance(native.load(), native.Kernel)
