@@ -22,7 +22,7 @@ import contextlib
 import functools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,6 +99,15 @@ class BlockThreads:
         if len(options) > 1 and self._blocks % BLOCK_EXPLORE == 0:
             return options[0] if best != options[0] else options[1]
         return best
+
+    def run(self, work: Callable[[int], None], elements: int) -> None:
+        """``work(threads)`` on the thread count picked now (torch's intra-op threads limited to it), timed for
+        the next pick."""
+        threads = self.pick()
+        t0 = time.perf_counter()
+        with cpu_threads(threads):
+            work(threads)
+        self.record(threads, time.perf_counter() - t0, elements)
 
     def record(self, threads: int, seconds: float, elements: int) -> None:
         """A block of ``elements`` took ``seconds`` on ``threads`` threads."""
@@ -519,13 +528,6 @@ class StatsRows:
         overwritten."""
         if self.buf is None:
             return
-        if self.kernel is not None and _kernel_reads(x):
-            flat, start = x.view(-1), 0
-            for row, n in zip(rows, sizes, strict=True):
-                self._note(row, n, torch.float32, full)
-                self._native_add(row, flat[start : start + n], full)
-                start += rows_for(n) * ROW
-            return
         for row, n in zip(rows, sizes, strict=True):
             self._note(row, n, torch.float32, full, -n % ROW)
         self._reduce_block_timed(x, layout, full)
@@ -535,16 +537,12 @@ class StatsRows:
         count :class:`BlockThreads` picks, timed for the next pick."""
         assert self.kernel is not None
         n = t.numel()
-        if n < NATIVE_THREADED_MIN or not self.kernel.threaded:
+        kernel = self.kernel
+        if n < NATIVE_THREADED_MIN or not kernel.threaded:
             with cpu_threads(1):  # a copy or conversion first, on one thread as the torch path's
-                _native_add(self.kernel, self, row, t, full)
+                _native_add(kernel, self, row, t, full)
             return
-        choice = self.block_threads[full]
-        threads = choice.pick()
-        t0 = time.perf_counter()
-        with cpu_threads(threads):
-            _native_add(self.kernel, self, row, t, full, threads)
-        choice.record(threads, time.perf_counter() - t0, n)
+        self.block_threads[full].run(lambda threads: _native_add(kernel, self, row, t, full, threads), n)
 
     def add_updates(self, before: torch.Tensor, after: torch.Tensor, layout: Layout, rows: Sequence[int],
                     sizes: Sequence[int]) -> None:
@@ -562,15 +560,12 @@ class StatsRows:
             n = before.numel()
             for row, size in zip(rows, sizes, strict=True):
                 self._note(row, size, torch.float32, False)
-            if n < NATIVE_THREADED_MIN or not self.kernel.threaded:
-                _native_updates(self.kernel, self, before, after, rows, sizes)
-                return
-            choice = self.block_threads[False]
-            threads = choice.pick()
-            t0 = time.perf_counter()
-            with cpu_threads(threads):
-                _native_updates(self.kernel, self, before, after, rows, sizes, threads)
-            choice.record(threads, time.perf_counter() - t0, n)
+            kernel = self.kernel
+            if n < NATIVE_THREADED_MIN or not kernel.threaded:
+                _native_updates(kernel, self, before, after, rows, sizes)
+            else:
+                self.block_threads[False].run(
+                    lambda threads: _native_updates(kernel, self, before, after, rows, sizes, threads), n)
             return
         with self.threads():
             k = self._scratch_i32(before.numel()).view(before.shape)
@@ -610,14 +605,12 @@ class StatsRows:
             if zero:
                 x.zero_()
             return
-        choice = self.block_threads[full]
-        threads = choice.pick()
-        t0 = time.perf_counter()
-        with cpu_threads(threads):
+        def work(threads: int) -> None:
             self._reduce_block(x, layout, full)
             if zero:
                 x.zero_()
-        choice.record(threads, time.perf_counter() - t0, x.numel())
+
+        self.block_threads[full].run(work, x.numel())
 
     def _discard_staged(self) -> None:
         for staging in self._staging.values():
